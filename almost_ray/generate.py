@@ -1,0 +1,67 @@
+"""`almost-ray generate`: answer every prompt of a file with one model through a Ray Data actor pool.
+
+Input rows are Query records (`text`), or rows with `prompt` (raw text) or `messages` (a
+conversation). Output rows are Response records: `query_id`, `prompt`, `responses` (n samples),
+`generator`. The output is written in resumable shards and merged atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from almost_ray.cluster import init_ray
+from almost_ray.config import GenerateConfig, RayConfig
+from almost_ray.generation_pool import stream_generation
+from almost_ray.pipeline import is_done, write_manifest
+from almost_ray.records import RecordError, Response, load_queries, read_jsonl
+from almost_ray.shards import ShardedJsonl
+from almost_ray.templates import default_stop
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Rows `{"id", "messages"}` from a .txt of queries or a .jsonl of queries/prompts/conversations."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return [{"id": q.id, "messages": [{"role": "user", "content": q.text}]} for q in load_queries(path)]
+    rows = []
+    for lineno, obj in enumerate(read_jsonl(path), start=1):
+        rid = str(obj.get("id", obj.get("query_id", lineno)))
+        if "messages" in obj:
+            messages = obj["messages"]
+        elif "text" in obj or "prompt" in obj:
+            messages = [{"role": "user", "content": obj.get("text", obj.get("prompt"))}]
+        else:
+            raise RecordError(f"{path}:{lineno}: expected one of the fields 'messages', 'prompt', 'text'")
+        rows.append({"id": rid, "messages": messages})
+    return rows
+
+
+def run(cfg: GenerateConfig, ray_cfg: RayConfig, input_path: str | Path, output_path: str | Path) -> Path:
+    """Generate for every row of `input_path` into `output_path` (skipped when already up to date)."""
+    output_path = Path(output_path)
+    stage_dir = output_path.parent
+    inputs = {"prompts": input_path}
+    if is_done(stage_dir, cfg, inputs) and output_path.exists():
+        return output_path
+    started = time.time()
+    rows = read_prompts(input_path)
+    sampling = cfg.sampling
+    if not sampling.stop:
+        sampling = sampling.model_copy(update={"stop": default_stop(cfg.prompt_format)})
+    shards = ShardedJsonl(output_path, cfg.shard_size)
+    todo = shards.pending([{"id": r["id"], "messages": json.dumps(r["messages"])} for r in rows])
+    if todo:
+        init_ray(ray_cfg)
+        results = stream_generation(todo, cfg.model, sampling, cfg.resources, cfg.prompt_format)
+        shards.collect(
+            {**Response(query_id=r["id"], prompt=r["prompt"], responses=r["responses"],
+                        generator=cfg.model.ref).model_dump(),
+             "messages": json.loads(r["messages"]), "_shard": r["_shard"], "_row": r["_row"]}
+            for r in results
+        )
+    count = shards.finalize()
+    write_manifest(stage_dir, "generate", cfg, inputs, started, counts={"prompts": len(rows), "rows": count})
+    return output_path
+

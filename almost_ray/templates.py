@@ -1,0 +1,73 @@
+"""Prompt formats: the papers' `Human:`/`Assistant:` turns, Hewitt et al.'s Tulu format, chat templates.
+
+A conversation is a list of `{"role", "content"}` messages (TRL's conversational form); each
+renderer turns it into the text a model continues as the assistant.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from almost_ray.config import PromptFormat
+
+Messages = list[dict[str, str]]
+
+# ALMoST / HH-RLHF / BIG-bench turn prefixes. The prompt ends at "Assistant:" without a trailing
+# space: a trailing space would make the model start from an unusual token boundary.
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+STOP_HUMAN = "\nHuman:"
+# Hewitt et al. use the Tulu format; response tuning empties the user turn.
+TULU_USER, TULU_ASSISTANT = "<|user|>\n", "<|assistant|>\n"
+
+
+def human_assistant(messages: Messages, header: str = "", add_generation_prompt: bool = True) -> str:
+    """`{header}\\n\\nHuman: q\\n\\nAssistant: a ...\\n\\nAssistant:` as in ALMoST and HH-RLHF."""
+    parts = [header.rstrip("\n")] if header else []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        prefix = HUMAN if m["role"] == "user" else ASSISTANT
+        parts.append(f"{prefix} {m['content'].strip()}")
+    if add_generation_prompt:
+        parts.append(ASSISTANT)
+    return "".join(parts)
+
+
+def tulu(messages: Messages, add_generation_prompt: bool = True) -> str:
+    """`<|user|>\\n{q}\\n<|assistant|>\\n{a}\\n...` (Hewitt et al., Section 3)."""
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        prefix = TULU_USER if m["role"] == "user" else TULU_ASSISTANT
+        parts.append(f"{prefix}{m['content']}\n")
+    if add_generation_prompt:
+        parts.append(TULU_ASSISTANT)
+    return "".join(parts)
+
+
+def render_prompt(fmt: PromptFormat, messages: Messages, tokenizer=None, header: str = "") -> str:
+    """The text a model continues as the assistant's next turn."""
+    if fmt == "raw":
+        if len(messages) != 1:
+            raise ValueError("prompt_format 'raw' takes a single message")
+        return header + messages[0]["content"]
+    if fmt == "human_assistant":
+        return human_assistant(messages, header)
+    if fmt == "tulu":
+        return header + tulu(messages)
+    if fmt == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template")
+        return header + tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown prompt format {fmt!r}")
+
+
+def default_stop(fmt: PromptFormat) -> list[str]:
+    """Stop strings that keep a model from writing the other speaker's turn."""
+    return {"human_assistant": [STOP_HUMAN], "tulu": ["<|user|>"]}.get(fmt, [])
+
+
+def packaged_text(name: str) -> str:
+    """A text file shipped in `almost_ray/prompts/` (our own prompts and seed queries)."""
+    return resources.files("almost_ray.prompts").joinpath(name).read_text(encoding="utf-8")
