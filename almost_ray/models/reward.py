@@ -1,0 +1,82 @@
+"""Reward-model scoring: a sequence classifier with one output, r(conversation) -> float.
+
+The RM reads a conversation rendered in the papers' `Human:`/`Assistant:` format, ending with the
+assistant turn being judged, and its score is the head's output at the last non-pad token (how
+transformers' `*ForSequenceClassification` pools). `RewardReplica` is the Ray Data callable class
+that holds one RM per actor: the As-is filter of step 1 and the best-of-N of RMSP use the same pool.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import torch
+
+from almost_ray.models.loading import resolve_model_dir, torch_dtype
+from almost_ray.templates import human_assistant
+
+Messages = list[dict[str, str]]
+
+
+def rm_text(messages: Messages) -> str:
+    """The text an RM scores: the whole conversation, the judged assistant turn last."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("an RM scores a conversation that ends with an assistant turn")
+    return human_assistant(messages, add_generation_prompt=False)
+
+
+class RewardModel:
+    """One RM on one device. `ref` is any model reference (an RM trained by `train-rm`, or a base LM
+    whose fresh head is random, which is only useful in tests)."""
+
+    def __init__(
+        self, ref: str, dtype: str = "auto", device: str | None = None, max_length: int = 1024, batch_size: int = 8
+    ):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        path = resolve_model_dir(ref)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"  # keep the judged answer when a dialogue is too long
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch_dtype(dtype, self.device), trust_remote_code=False
+        )
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def score_texts(self, texts: list[str]) -> list[float]:
+        scores = [0.0] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                max_length=self.max_length, add_special_tokens=False,
+            ).to(self.device)
+            out = self.model(**enc).logits[:, 0].float().tolist()
+            for i, s in zip(idx, out):
+                scores[i] = s
+        return scores
+
+    def score(self, conversations: list[Messages]) -> list[float]:
+        """Scores of conversations that each end with the assistant turn being judged."""
+        return self.score_texts([rm_text(m) for m in conversations])
+
+
+class RewardReplica:
+    """Ray Data callable class: adds a `reward` column scoring the `conversation` column (JSON strings)."""
+
+    def __init__(self, ref: str, dtype: str = "auto", max_length: int = 1024, batch_size: int = 8):
+        self.rm = RewardModel(ref, dtype=dtype, max_length=max_length, batch_size=batch_size)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.copy()
+        batch["reward"] = self.rm.score([json.loads(c) for c in batch["conversation"]])
+        return batch
