@@ -63,9 +63,38 @@ def render_prompt(fmt: PromptFormat, messages: Messages, tokenizer=None, header:
     raise ValueError(f"unknown prompt format {fmt!r}")
 
 
+DIALOGUE_SEPARATOR = "\n\n-----"
+
+
 def default_stop(fmt: PromptFormat) -> list[str]:
-    """Stop strings that keep a model from writing the other speaker's turn."""
-    return {"human_assistant": [STOP_HUMAN], "tulu": ["<|user|>"]}.get(fmt, [])
+    """Stop strings that keep a model from writing the other speaker's turn (or a new dialogue)."""
+    return {"human_assistant": [STOP_HUMAN, DIALOGUE_SEPARATOR], "tulu": ["<|user|>"]}.get(fmt, [])
+
+
+def fewshot_header(text: str, shots: int) -> str:
+    """The instruction and the first `shots` dialogues of an ALMoST-style prompt file.
+
+    The files (ALMoST's `HHH_prompt.txt`, `Faithful_prompt.txt`, and ours in `almost_ray/prompts/`) are
+    blocks separated by `"\n\n-----"`: the first block is the instruction, each later one a dialogue.
+    The query is then appended as `"\n\nHuman: {query}\n\nAssistant:"` (see `human_assistant`).
+    """
+    blocks = text.split(DIALOGUE_SEPARATOR)
+    header, dialogues = blocks[0].strip("\n"), [b for b in blocks[1:] if b.strip()]
+    if shots > len(dialogues):
+        raise ValueError(f"asked for {shots} shots but the prompt has only {len(dialogues)} dialogues")
+    return DIALOGUE_SEPARATOR.join([header, *dialogues[:shots]]) + DIALOGUE_SEPARATOR
+
+
+def load_prompt_text(source: str) -> str:
+    """A prompt file by packaged name (`faithful` -> `almost_ray/prompts/faithful.txt`) or by path."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if path.suffix == ".txt" and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "/" in source or source.endswith(".txt"):
+        raise FileNotFoundError(f"prompt file not found: {source}")
+    return packaged_text(f"{source}.txt")
 
 
 def packaged_text(name: str) -> str:
