@@ -1,0 +1,128 @@
+"""Generation throughput on the embedded model: where does batching and Ray Data put us?
+
+Same prompts, same sampling (top-p 0.9, T 1.0, 64 new tokens), four ways:
+  (a) naive: one `model.generate` call per prompt;
+  (b) our HF backend, batched with left padding;
+  (c) the Ray Data actor pool, 2 replicas x 1 CPU (wall time includes actor start and model load);
+  (d) the limit: batched teacher-forced forward passes over the same token count (no decode loop).
+Prints a table with ratios to (a) and writes JSON to bench/results/generation.json.
+Run: `make bench` or `.venv/bin/python bench/generation.py [--prompts 32 --max-new-tokens 64]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from almost_ray.config import ModelConfig, ResourcesConfig, SamplingParams
+from almost_ray.generation_pool import stream_generation
+from almost_ray.models.hf_backend import HFGenerator
+from almost_ray.templates import packaged_text
+
+REF = "embedded:smollm2-135m-instruct"
+
+
+def count_tokens(tokenizer, texts: list[str]) -> int:
+    return sum(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
+
+
+def naive(gen: HFGenerator, prompts: list[str], params: SamplingParams) -> tuple[float, list[str]]:
+    tok, model = gen.tokenizer, gen.model
+    outs = []
+    start = time.perf_counter()
+    torch.manual_seed(params.seed)
+    for p in prompts:
+        enc = tok(p, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            ids = model.generate(
+                **enc, do_sample=True, top_p=params.top_p, temperature=params.temperature,
+                max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
+            )
+        outs.append(tok.decode(ids[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
+    return time.perf_counter() - start, outs
+
+
+def batched(gen: HFGenerator, prompts: list[str], params: SamplingParams) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    outs = gen.generate(prompts, params)
+    return time.perf_counter() - start, [o[0] for o in outs]
+
+
+def ray_pool(queries: list[str], params: SamplingParams, batch_size: int) -> tuple[float, list[str]]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rows = [{"id": str(i), "messages": json.dumps([{"role": "user", "content": q}])} for i, q in enumerate(queries)]
+    model = ModelConfig(ref=REF, dtype="float32", max_batch_size=batch_size)
+    start = time.perf_counter()
+    out = list(stream_generation(rows, model, params, ResourcesConfig(concurrency=2, num_cpus=1, batch_size=batch_size), "chat"))
+    wall = time.perf_counter() - start
+    ray.shutdown()
+    return wall, [r["responses"][0] for r in out]
+
+
+def forward_limit(gen: HFGenerator, prompts: list[str], outs: list[str], batch_size: int) -> tuple[float, int]:
+    """Teacher-forced forward passes over prompt+output: the time decode would take if every generated
+    token cost what it costs in a prefill. Counts the generated tokens only, as (a)-(c) do."""
+    texts = [p + o for p, o in zip(prompts, outs, strict=True)]
+    tok = gen.tokenizer
+    tok.padding_side = "right"
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            gen.model(**enc)
+    tok.padding_side = "left"
+    return time.perf_counter() - start, count_tokens(tok, outs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default="bench/results/generation.json")
+    args = ap.parse_args()
+
+    queries = [q for q in packaged_text("seed_queries.txt").splitlines() if q.strip()]
+    queries = (queries * (args.prompts // len(queries) + 1))[: args.prompts]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=args.max_new_tokens, seed=0)
+    gen = HFGenerator(ModelConfig(ref=REF, dtype="float32", max_batch_size=args.batch_size), device="cpu")
+    prompts = [gen.chat_prompt([{"role": "user", "content": q}]) for q in queries]
+
+    rows = {}
+    wall, outs = naive(gen, prompts, params)
+    rows["(a) naive, one prompt at a time"] = (wall, count_tokens(gen.tokenizer, outs))
+    wall, outs = batched(gen, prompts, params)
+    rows[f"(b) HF backend, batch {args.batch_size}"] = (wall, count_tokens(gen.tokenizer, outs))
+    wall, pool_outs = ray_pool(queries, params, batch_size=args.batch_size // 2)
+    rows["(c) Ray Data pool, 2 x 1 CPU (incl. load)"] = (wall, count_tokens(gen.tokenizer, pool_outs))
+    wall, tokens = forward_limit(gen, prompts, outs, args.batch_size)
+    rows["(d) limit: batched forward passes"] = (wall, tokens)
+
+    base = rows["(a) naive, one prompt at a time"]
+    base_tps = base[1] / base[0]
+    print(f"{'method':<44} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'vs (a)':>7}")
+    results = []
+    for name, (wall, tokens) in rows.items():
+        tps = tokens / wall
+        print(f"{name:<44} {tokens:>7} {wall:>8.1f} {tps:>8.1f} {tps / base_tps:>6.2f}x")
+        results.append({"method": name, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tps, 2),
+                        "ratio_vs_naive": round(tps / base_tps, 3)})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "model": REF, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "results": results,
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
