@@ -40,7 +40,7 @@ bench: $(VENV)/.bench
 	$(PY) bench/generation.py
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check almost_ray tests bench jobs
+	$(VENV)/bin/ruff check almost_ray tests bench
 
 clean-venv:
 	rm -rf $(VENV)
