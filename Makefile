@@ -38,6 +38,7 @@ test-slow: $(VENV)/.dev
 
 bench: $(VENV)/.bench
 	$(PY) bench/generation.py
+	$(PY) bench/train.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check almost_ray tests bench

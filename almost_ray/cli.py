@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from almost_ray.config import Config, ConfigError, load_config
 
@@ -20,10 +21,78 @@ def _generate(args: argparse.Namespace, cfg: Config) -> None:
     print(f"wrote {out}")
 
 
+def _queries(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.synth import queries
+
+    out = queries.run(cfg.queries, cfg.ray, args.output or cfg.run_dir / "queries")
+    for step, n in queries.funnel(out.parent):
+        print(f"{step:<28} {n}")
+    print(f"wrote {out}")
+
+
+def _compare(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.synth import compare
+
+    stage_dir = Path(args.output or cfg.run_dir / "compare")
+    source = args.queries or cfg.compare.queries or cfg.run_dir / "queries" / "queries.jsonl"
+    out = compare.run(cfg.compare, cfg.ray, source, stage_dir)
+    if args.report:
+        print(compare.format_funnel(stage_dir))
+    print(f"wrote {out}")
+
+
 def _demo(args: argparse.Namespace, cfg: Config) -> None:
     from almost_ray import demo
 
     demo.run(cfg)
+
+
+def _train_rm(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.train import reward
+
+    out = reward.run(cfg.train_rm, cfg.ray, args.input, args.output or cfg.run_dir / "rm")
+    print(f"reward model written to {out}")
+
+
+def _train_sft(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.train import sft
+
+    out = sft.run(cfg.train_sft, cfg.ray, args.input, args.output or cfg.run_dir / cfg.train_sft.mode)
+    print(f"{cfg.train_sft.mode} model written to {out}")
+
+
+def _eval_rm(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray import rm_accuracy
+
+    model = args.model or cfg.eval_rm.model or str(cfg.run_dir / "rm" / "model")
+    output = args.output or cfg.run_dir / "eval_rm" / "rm_accuracy.json"
+    rm_accuracy.run(model, args.input, cfg.eval_rm, cfg.ray, output)
+    print(f"wrote {output}")
+
+
+def _eval(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.eval.report import summary_lines
+    from almost_ray.eval.run import apply_cli, run
+
+    cfg = apply_cli(cfg, args.model, args.suite, args.vs, args.reward_model)
+    report = run(cfg, args.output)
+    print(f"{report['model_label']}: {', '.join(report['suites'])} in {report['wall_time_s']:.0f} s")
+    for line in summary_lines(report):
+        print("  " + line)
+
+
+def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray import rmsp
+
+    if args.compare_plain:
+        from almost_ray.rmsp.compare import COMPARE_DIR, summary_lines
+
+        report = rmsp.run_compare(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
+        print("\n".join(summary_lines(report)))
+        print(f"wrote {cfg.run_dir / COMPARE_DIR / 'report.json'} and report.png")
+        return
+    out = rmsp.run(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
+    print(f"wrote {out / 'dialogues.jsonl'} and {out / 'manifest.json'}")
 
 
 # name -> (help, handler, extra arguments)
@@ -34,6 +103,65 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         [
             (("--input",), dict(required=True, help="prompts: .txt (one per line) or .jsonl")),
             (("--output",), dict(required=True, help="responses .jsonl, written atomically")),
+        ],
+    ),
+    "train-rm": (
+        "train a reward model on comparisons (Ray Train, FSDP)",
+        _train_rm,
+        [
+            (("--input",), dict(required=True, help="comparisons .jsonl (prompt/chosen/rejected or HH-RLHF)")),
+            (("--output",), dict(help="stage directory (default: <run dir>/rm); the model goes to <output>/model")),
+        ],
+    ),
+    "train-sft": (
+        "supervised finetuning, response tuning or single-task finetuning (train_sft.mode)",
+        _train_sft,
+        [
+            (("--input",), dict(required=True, help="dialogues .jsonl (messages, or prompt/completion)")),
+            (("--output",), dict(help="stage directory (default: <run dir>/<mode>)")),
+        ],
+    ),
+    "eval-rm": (
+        "pairwise accuracy of a reward model next to the prefer-longer baseline",
+        _eval_rm,
+        [
+            (("--input",), dict(required=True, action="append", help="comparisons or HH-RLHF .jsonl (repeatable)")),
+            (("--model",), dict(help="RM reference (default: eval_rm.model, else <run dir>/rm/model)")),
+            (("--output",), dict(help="JSON report (default: <run dir>/eval_rm/rm_accuracy.json)")),
+        ],
+    ),
+    "eval": (
+        "Static HHH, TruthfulQA MC1, response ranking and pairwise judging of a model; report + plots",
+        _eval,
+        [
+            (("--model",), dict(help="model reference (default: eval.model.ref)")),
+            (("--suite",), dict(help="comma-separated: hhh,truthfulqa,ranking,judge (default: eval.suites)")),
+            (("--vs",), dict(help="the second model of pairwise judging (sets eval.vs.ref)")),
+            (("--reward-model",), dict(action="store_true", help="--model is a reward model (eval.kind=reward)")),
+            (("--output",), dict(help="report directory (default: <run dir>/eval/<model>)")),
+        ],
+    ),
+    "rmsp": (
+        "reward-model-guided self-play: best-of-N assistant turns and user follow-ups (the SFT set)",
+        _rmsp,
+        [
+            (("--queries",), dict(help="initial queries .jsonl/.txt (default: rmsp.queries, else step 1's output)")),
+            (("--compare-plain",), dict(action="store_true",
+                                        help="also run plain self-play on the same queries and report both")),
+        ],
+    ),
+    "queries": (
+        "mine initial queries with Self-Instruct on a Ray Data pool (ALMoST step 1, Appendix C.1)",
+        _queries,
+        [(("--output",), dict(help="stage directory (default: <run dir>/queries)"))],
+    ),
+    "compare": (
+        "synthetic comparisons: the generator ladder, Heuristic Filter and As-is RM filter (ALMoST step 1)",
+        _compare,
+        [
+            (("--queries",), dict(help="queries .jsonl/.txt (default: compare.queries, else <run dir>/queries)")),
+            (("--output",), dict(help="stage directory (default: <run dir>/compare)")),
+            (("--report",), dict(action="store_true", help="print the funnel table (counts and drop reasons)")),
         ],
     ),
     "demo": ("run the pipeline, as far as it is built, on a local Ray with the embedded model", _demo, []),
@@ -70,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.handler(args, cfg)
+    except ConfigError as err:  # found while running, e.g. a data path that is not set
+        print(f"almost-ray: config error:\n{err}", file=sys.stderr)
+        return 2
     except (RecordError, ModelRefError) as err:
         print(f"almost-ray: error: {err}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ class HFGenerator:
         self.tokenizer = load_tokenizer(model.ref, padding_side="left")
         self.device = self.model.device
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 4096)
+        self._rules = None  # RuleTables, resolved on first use when model.rules.enabled
 
     def generate(
         self,
@@ -74,6 +75,8 @@ class HFGenerator:
         if params.n > 1:  # one row per sample; HF refuses num_return_sequences without do_sample
             enc = {k: v.repeat_interleave(params.n, dim=0) for k, v in enc.items()}
         processors = LogitsProcessorList(extra)
+        if self.config.rules.enabled:  # Hewitt et al.'s 3-rule adapter, before sampling
+            processors.insert(0, self._rules_processor(enc["input_ids"].shape[1]))
         if params.temperature > 0:
             seeds = [prompt_seed(params.seed, p, j) for p in prompts for j in range(params.n)]
             processors.append(SeededSampler(seeds, params.temperature, params.top_p, self.device))
@@ -93,6 +96,17 @@ class HFGenerator:
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [truncate_at_stop(t, params.stop).strip() for t in texts]
+
+    def _rules_processor(self, prompt_length: int):
+        from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
+
+        if self._rules is None:
+            eos = self.model.generation_config.eos_token_id
+            eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
+            self._rules = RuleTables.from_tokenizer(
+                self.tokenizer, self.config.rules, self.model.config.vocab_size, eos_ids
+            )
+        return RulesLogitsProcessor(self._rules, prompt_length)
 
     @torch.inference_mode()
     def loglikelihood(

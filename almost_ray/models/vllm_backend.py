@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from almost_ray.config import ModelConfig, SamplingParams
+from almost_ray.adapters.rules import RULES_EXTRA_ARG, RULES_VLLM_PROCESSOR
+from almost_ray.config import ModelConfig, RulesConfig, SamplingParams
 from almost_ray.models.generator import encode_pair, prompt_seed, truncate_at_stop
 from almost_ray.models.loading import resolve_model_dir, truncated_model_dir
 
 
-def vllm_sampling_kwargs(params: SamplingParams, prompt: str) -> dict[str, Any]:
+def vllm_sampling_kwargs(params: SamplingParams, prompt: str, rules: RulesConfig | None = None) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams` for one prompt (pure; tested without vLLM)."""
     greedy = params.temperature == 0
-    return dict(
+    kwargs = dict(
         n=params.n,
         temperature=params.temperature,
         top_p=1.0 if greedy else params.top_p,
@@ -25,6 +26,9 @@ def vllm_sampling_kwargs(params: SamplingParams, prompt: str) -> dict[str, Any]:
         stop=list(params.stop) or None,
         seed=None if greedy else prompt_seed(params.seed, prompt),
     )
+    if rules is not None and rules.enabled:  # read by almost_ray.adapters.rules_vllm in the engine
+        kwargs["extra_args"] = {RULES_EXTRA_ARG: rules.model_dump(mode="json")}
+    return kwargs
 
 
 def vllm_engine_kwargs(model: ModelConfig) -> dict[str, Any]:
@@ -39,6 +43,7 @@ def vllm_engine_kwargs(model: ModelConfig) -> dict[str, Any]:
         gpu_memory_utilization=model.gpu_memory_utilization,
         trust_remote_code=False,
         seed=0,
+        **({"logits_processors": [RULES_VLLM_PROCESSOR]} if model.rules.enabled else {}),
     )
 
 
@@ -54,7 +59,9 @@ class VLLMGenerator:
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
-        sampling = [self._vllm.SamplingParams(**vllm_sampling_kwargs(params, p)) for p in prompts]
+        sampling = [
+            self._vllm.SamplingParams(**vllm_sampling_kwargs(params, p, self.config.rules)) for p in prompts
+        ]
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False)
         return [[truncate_at_stop(o.text, params.stop).strip() for o in out.outputs] for out in outputs]
 

@@ -1,0 +1,54 @@
+"""The 3-rule adapter inside vLLM (V1 logits-processor API), for the GPU path.
+
+vLLM loads this class by name at engine start (`LLM(..., logits_processors=[RULES_VLLM_PROCESSOR])`) in
+its engine process, so only vLLM imports this module; nothing else in almost_ray does. A request turns
+the rules on through `SamplingParams.extra_args[RULES_EXTRA_ARG]` (a `RulesConfig` as a dict), which
+`almost_ray.models.vllm_backend` sets when `ModelConfig.rules.enabled`. The math is `RuleTables`, the
+same code the transformers backend runs (tested there without vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoTokenizer
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+from almost_ray.adapters.rules import RULES_EXTRA_ARG, RuleTables
+from almost_ray.config import RulesConfig
+
+
+class RulesAdapterProcessor(AdapterLogitsProcessor):
+    """Wraps `RuleTables.apply_row` as vLLM's per-request processor `(output_ids, logits) -> logits`."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        super().__init__(vllm_config, device, is_pin_memory)
+        model_config = vllm_config.model_config
+        self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=False)
+        self.vocab_size = model_config.get_vocab_size()
+        self._tables: dict[str, RuleTables] = {}
+
+    @classmethod
+    def validate_params(cls, params) -> None:
+        raw = (params.extra_args or {}).get(RULES_EXTRA_ARG)
+        if raw is not None:
+            try:
+                RulesConfig.model_validate(raw)
+            except ValueError as err:
+                raise ValueError(f"extra_args[{RULES_EXTRA_ARG!r}]: {err}") from None
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # the rules change which token is most likely
+
+    def new_req_logits_processor(self, params):
+        raw = (params.extra_args or {}).get(RULES_EXTRA_ARG)
+        if raw is None:
+            return None
+        cfg = RulesConfig.model_validate(raw)
+        if not cfg.enabled:
+            return None
+        key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+        if key not in self._tables:
+            self._tables[key] = RuleTables.from_tokenizer(self.tokenizer, cfg, vocab_size=self.vocab_size)
+        return self._tables[key].apply_row

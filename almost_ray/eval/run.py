@@ -1,0 +1,277 @@
+"""`almost-ray eval`: run the configured suites on one model (and judge it against `vs`), write the report.
+
+Each suite builds scoring rows from its data (pure, in its own module), a scorer turns them into
+log-likelihoods (or rewards) on a Ray Data actor pool, and the suite summarises them. Outputs go to
+`runs/<run>/eval/<model>/`: `report.json`, `report.md`, a PNG per suite, `<suite>/items.jsonl` (one
+record per item, to inspect), `metrics.jsonl` (one line per finished suite) and the resumable score
+shards; `manifest.json` last. A re-run with the same config and data reuses every finished score file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from almost_ray.config import Config, ConfigError, EvalConfig, JudgeEvalConfig, ModelConfig, ResourcesConfig
+from almost_ray.eval import hhh, judge, ranking, truthfulqa
+from almost_ray.eval.report import write_report
+from almost_ray.eval.scoring import Scorer, reward_on_ray, score_on_ray
+from almost_ray.pipeline import is_done, write_manifest
+from almost_ray.records import atomic_open, read_jsonl
+from almost_ray.shards import ShardedJsonl
+
+Answerer = Callable[[ModelConfig, list[dict], str], dict[str, str]]  # (model, questions, name) -> id -> answer
+
+
+@dataclass
+class Backends:
+    """Where the work runs: scorers for the evaluated model and the judge, and an answer generator."""
+
+    score: Scorer
+    answer: Answerer | None = None
+    judge: Scorer | None = None
+
+
+def model_label(model: ModelConfig) -> str:
+    label = model.ref
+    if model.num_layers is not None:
+        label += f"[{model.num_layers} layers]"
+    if model.rules.enabled:
+        label += "+rules"
+    return label
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", label).strip("-")
+
+
+def _data_paths(ecfg: EvalConfig) -> dict[str, Path]:
+    """The data files of the requested suites; a missing setting or file is a config error naming the field."""
+    wanted = {"hhh": ("eval.hhh.data", ecfg.hhh.data), "truthfulqa": ("eval.truthfulqa.data", ecfg.truthfulqa.data),
+              "ranking": ("eval.ranking.data", ecfg.ranking.data)}
+    paths = {}
+    for suite in ecfg.suites:
+        if suite == "judge":
+            if not ecfg.judge.questions:
+                raise ConfigError("eval.judge.questions: no question sets configured (name: path.jsonl)")
+            for name, path in ecfg.judge.questions.items():
+                paths[f"judge.{name}"] = path
+            continue
+        field, path = wanted[suite]
+        if path is None:
+            raise ConfigError(f"{field}: not set; point it at the suite's data file (see docs/evaluation.md)")
+        paths[suite] = path
+    for key, path in paths.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"eval.{key.replace('judge.', 'judge.questions.')}: file not found: {path}")
+    if "judge" in ecfg.suites and ecfg.vs is None:
+        raise ConfigError("eval.vs: the judge suite compares two models; give --vs REF (or eval.vs.ref)")
+    if ecfg.kind == "reward":
+        unsupported = {"ranking", "judge"} & set(ecfg.suites)
+        if "hhh" in ecfg.suites and ecfg.hhh.mode != "answer":
+            unsupported.add("hhh (mode: letter)")
+        if "truthfulqa" in ecfg.suites and ecfg.truthfulqa.mode != "answer":
+            unsupported.add("truthfulqa (mode: true_false)")
+        if unsupported:
+            raise ConfigError(f"eval.kind: a reward model scores hhh and truthfulqa in answer mode only, "
+                              f"not {', '.join(sorted(unsupported))}")
+    return paths
+
+
+def apply_cli(cfg: Config, model: str | None, suites: str | None, vs: str | None, reward: bool = False) -> Config:
+    """`--model`, `--suite`, `--vs`, `--reward-model` applied over the config (validated like the file).
+
+    `--vs REF` without an `eval.vs` section compares with REF loaded like `--model` but without the
+    rules adapter, so `--model M --vs M --set eval.model.rules.enabled=true` is "M with rules vs M".
+    """
+    e = cfg.eval.model_dump()
+    if model:
+        e["model"]["ref"] = model
+    if suites:
+        e["suites"] = [s.strip() for s in suites.split(",") if s.strip()]
+    if vs:
+        base = e["vs"] if e["vs"] is not None else {**e["model"], "rules": {"enabled": False}}
+        e["vs"] = {**base, "ref": vs}
+    if reward:
+        e["kind"] = "reward"
+    try:
+        return cfg.model_copy(update={"eval": EvalConfig.model_validate(e)})
+    except ValueError as err:
+        fields = "; ".join(f"eval.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in err.errors())
+        raise ConfigError(f"command line: {fields}") from None
+
+
+def answer_on_ray(jcfg: JudgeEvalConfig, resources: ResourcesConfig, work_dir: Path, shard_size: int) -> Answerer:
+    """Answers to the judge's questions from a `GenerationReplica` pool, cached by a digest of the request."""
+
+    def answer(model: ModelConfig, questions: list[dict], name: str) -> dict[str, str]:
+        from almost_ray.generation_pool import stream_generation
+        from almost_ray.templates import default_stop
+
+        sampling = jcfg.sampling
+        if not sampling.stop:
+            sampling = sampling.model_copy(update={"stop": default_stop(jcfg.prompt_format)})
+        rows = [{"id": q["id"], "messages": json.dumps([{"role": "user", "content": q["question"]}])}
+                for q in questions]
+        blob = json.dumps([model.model_dump(mode="json"), sampling.model_dump(), jcfg.prompt_format, rows])
+        final = work_dir / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.answers.jsonl"
+        if not final.is_file():
+            shards = ShardedJsonl(final, shard_size)
+            todo = shards.pending(rows)
+            if todo:
+                shards.collect({"id": r["id"], "answer": r["responses"][0], "_shard": r["_shard"], "_row": r["_row"]}
+                               for r in stream_generation(todo, model, sampling, resources, jcfg.prompt_format))
+            shards.finalize()
+        return {r["id"]: r["answer"] for r in read_jsonl(final)}
+
+    return answer
+
+
+def in_process_backends(cfg: Config) -> Backends:
+    """Everything in this process, no Ray (tests, notebooks): one generator per distinct model config."""
+    from almost_ray.eval.scoring import score_in_process
+    from almost_ray.models.generator import make_generator
+    from almost_ray.templates import default_stop, render_prompt
+
+    e = cfg.eval
+    if e.kind == "reward" or e.judge.kind == "reward":
+        raise ConfigError("eval.kind: in-process evaluation covers language models; reward models run on Ray")
+    cache: dict[str, object] = {}
+
+    def generator(model: ModelConfig):
+        key = model.model_dump_json()
+        if key not in cache:
+            cache[key] = make_generator(model)
+        return cache[key]
+
+    def answer(model: ModelConfig, questions: list[dict], name: str) -> dict[str, str]:
+        gen = generator(model)
+        sampling = e.judge.sampling
+        if not sampling.stop:
+            sampling = sampling.model_copy(update={"stop": default_stop(e.judge.prompt_format)})
+        prompts = [render_prompt(e.judge.prompt_format, [{"role": "user", "content": q["question"]}],
+                                 getattr(gen, "tokenizer", None)) for q in questions]
+        return {q["id"]: out[0] for q, out in zip(questions, gen.generate(prompts, sampling))}
+
+    judge_scorer = score_in_process(generator(e.judge.model)) if "judge" in e.suites else None
+    return Backends(score_in_process(generator(e.model)), answer, judge_scorer)
+
+
+def ray_backends(cfg: Config, work_dir: Path) -> Backends:
+    from almost_ray.cluster import init_ray
+
+    init_ray(cfg.ray)
+    e = cfg.eval
+    if e.kind == "reward":
+        score = reward_on_ray(e.model.ref, e.resources, work_dir, e.shard_size, e.model.dtype)
+    else:
+        score = score_on_ray(e.model, e.resources, work_dir, e.shard_size)
+    judge_scorer = None
+    if "judge" in e.suites:
+        if e.judge.kind == "reward":
+            if not e.judge.reward_model:
+                raise ConfigError("eval.judge.reward_model: required when eval.judge.kind is 'reward'")
+            judge_scorer = reward_on_ray(e.judge.reward_model, e.resources, work_dir, e.shard_size)
+        else:
+            judge_scorer = score_on_ray(e.judge.model, e.resources, work_dir, e.shard_size)
+    return Backends(score, answer_on_ray(e.judge, e.resources, work_dir, e.shard_size), judge_scorer)
+
+
+def _tokenizer(ref: str, needed: bool):
+    if not needed:
+        return None
+    from almost_ray.models.loading import load_tokenizer
+
+    return load_tokenizer(ref)
+
+
+def _write_items(path: Path, records: list[dict]) -> None:
+    with atomic_open(path) as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def run_suite(suite: str, e: EvalConfig, backends: Backends, tokenizer=None) -> tuple[dict, list[dict]]:
+    """One suite: rows, scores, summary."""
+    if suite == "hhh":
+        items = hhh.load_items(e.hhh.data, e.hhh.limit)
+        return hhh.summarize(items, backends.score(hhh.build_rows(items, e.hhh, tokenizer), "hhh"), e.hhh.mode)
+    if suite == "truthfulqa":
+        items = truthfulqa.load_items(e.truthfulqa.data, e.truthfulqa.limit)
+        scores = backends.score(truthfulqa.build_rows(items, e.truthfulqa, tokenizer), "truthfulqa")
+        return truthfulqa.summarize(items, scores, e.truthfulqa)
+    if suite == "ranking":
+        pairs = ranking.load_pairs(e.ranking.data, e.ranking.max_chars, e.ranking.limit)
+        rows = ranking.build_rows(pairs, e.ranking, tokenizer)
+        return ranking.summarize(rows, backends.score(rows, "ranking"))
+    if suite == "judge":
+        return run_judge(e, backends)
+    raise ValueError(f"unknown suite {suite!r}")
+
+
+def run_judge(e: EvalConfig, backends: Backends) -> tuple[dict, list[dict]]:
+    j = e.judge
+    questions = [q for name, path in j.questions.items() for q in judge.load_questions(path, name, j.limit)]
+    answers_a = backends.answer(e.model, questions, f"answers-{slug(model_label(e.model))}")
+    answers_b = backends.answer(e.vs, questions, f"answers-{slug(model_label(e.vs))}")
+    if j.kind == "reward":
+        rows = judge.reward_rows(questions, answers_a, answers_b)
+        judge_label = f"reward model {j.reward_model}"
+    else:
+        rows = judge.build_rows(questions, answers_a, answers_b, j,
+                                _tokenizer(j.model.ref, j.prompt.style == "chat"))
+        judge_label = f"{model_label(j.model)} prompted for a verdict (p(A) vs p(B))"
+    records = judge.outcomes(questions, backends.judge(rows, "judge"), j)
+    for r in records:
+        r.update(question=next(q["question"] for q in questions if q["id"] == r["id"]),
+                 answer_a=answers_a[r["id"]], answer_b=answers_b[r["id"]])
+    metrics = {**judge.summarize(records), "vs_label": model_label(e.vs), "judge_kind": j.kind,
+               "judge_label": judge_label, "tie_margin": j.tie_margin}
+    return metrics, records
+
+
+def run(cfg: Config, out_dir: str | Path | None = None, backends: Backends | None = None) -> dict:
+    """Evaluate `cfg.eval.model` on `cfg.eval.suites`; returns the report (also written to `out_dir`)."""
+    e = cfg.eval
+    label = model_label(e.model)
+    out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir / "eval" / slug(label)
+    inputs = _data_paths(e)
+    if is_done(out_dir, e, inputs) and (out_dir / "report.json").is_file():
+        return json.loads((out_dir / "report.json").read_text())
+    started = time.time()
+    backends = backends or ray_backends(cfg, out_dir)
+    chat = (e.hhh.prompt.style == "chat" or e.hhh.answer_prompt.style == "chat" or e.ranking.style == "chat"
+            or e.truthfulqa.prompt.style == "chat" or e.truthfulqa.true_false_prompt.style == "chat")
+    tokenizer = _tokenizer(e.model.ref, chat)
+    report = {"model_label": label, "model": e.model.model_dump(mode="json"), "kind": e.kind,
+              "ci": "wilson-95", "suites": {}}
+    for suite in e.suites:
+        t0 = time.time()
+        metrics, records = run_suite(suite, e, backends, tokenizer)
+        metrics["wall_time_s"] = round(time.time() - t0, 1)
+        report["suites"][suite] = metrics
+        (out_dir / suite).mkdir(parents=True, exist_ok=True)
+        _write_items(out_dir / suite / "items.jsonl", records)
+        with (out_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), "suite": suite, **_headline(suite, metrics)}) + "\n")
+    report["wall_time_s"] = round(time.time() - started, 1)
+    write_report(report, out_dir)
+    write_manifest(out_dir, "eval", e, inputs, started, counts={s: m.get("n_items", m.get("overall", {}).get("n"))
+                                                                  for s, m in report["suites"].items()},
+                   metrics={s: _headline(s, m) for s, m in report["suites"].items()})
+    return report
+
+
+def _headline(suite: str, m: dict) -> dict:
+    key = {"hhh": "accuracy", "truthfulqa": "accuracy", "ranking": "ranking_capability"}.get(suite)
+    if key:
+        return {"value": m[key]["value"], "ci_low": m[key]["ci_low"], "ci_high": m[key]["ci_high"], "n": m[key]["n"],
+                "wall_time_s": m.get("wall_time_s")}
+    o = m["overall"]
+    return {"win": o["win"]["value"], "tie": o["tie"]["value"], "loss": o["loss"]["value"], "n": o["n"],
+            "wall_time_s": m.get("wall_time_s")}

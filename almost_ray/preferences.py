@@ -1,0 +1,131 @@
+"""Preference pairs from either of the two formats the project meets, as two whole conversations.
+
+- Our comparisons (`records.Comparison`, TRL's preference format): `prompt` is the user's query
+  text (ALMoST's synthetic comparisons are single-turn), or a dialogue context already rendered
+  as `Human: ... Assistant: ... Human: ...`, which is parsed back into turns; `chosen`/`rejected`
+  are the two assistant replies. TRL's conversational variant (lists of messages) is read too.
+- HH-RLHF (Bai et al., 2022): `chosen`/`rejected` are whole dialogues
+  `"\\n\\nHuman: ...\\n\\nAssistant: ..."` that differ in the last assistant turn; each is split at
+  its last `"\\n\\nAssistant:"`.
+
+Both become a `PreferencePair` of two conversations ending with the judged assistant turn, which
+`models.reward.rm_text` renders identically for training (`train-rm`) and scoring (`RewardModel`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from almost_ray.records import RecordError
+
+Messages = list[dict[str, str]]
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    chosen: Messages
+    rejected: Messages
+
+    @property
+    def chosen_response(self) -> str:
+        return self.chosen[-1]["content"]
+
+    @property
+    def rejected_response(self) -> str:
+        return self.rejected[-1]["content"]
+
+
+def parse_human_assistant(text: str) -> Messages:
+    """`"\\n\\nHuman: q\\n\\nAssistant: a"` -> `[{"role": "user", ...}, {"role": "assistant", ...}]`.
+
+    Text before the first turn prefix (a few-shot header) is dropped; contents are stripped, as
+    `templates.human_assistant` strips them when rendering.
+    """
+    parts = _TURN.split(text)
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def split_hh(dialogue: str) -> Messages:
+    """An HH-RLHF dialogue as messages; it must end with an assistant turn (the judged reply)."""
+    cut = dialogue.rfind("\n\nAssistant:")
+    if cut < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn")
+    context = parse_human_assistant(dialogue[:cut])
+    return [*context, {"role": "assistant", "content": dialogue[cut + len("\n\nAssistant:") :].strip()}]
+
+
+def context_messages(prompt: str | list) -> Messages:
+    """The conversation before the judged reply, from a comparison's `prompt` field."""
+    if isinstance(prompt, list):  # TRL conversational format
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    if re.match(r"\s*(Human|Assistant):", prompt):
+        return parse_human_assistant(prompt if prompt.startswith("\n\n") else "\n\n" + prompt.lstrip())
+    return [{"role": "user", "content": prompt}]
+
+
+def _reply(value) -> str:
+    if isinstance(value, list):  # TRL conversational: [{"role": "assistant", "content": ...}]
+        return value[-1]["content"]
+    return value
+
+
+def pair_from_record(obj: dict) -> PreferencePair:
+    """One JSON object in either format (see the module docstring); raises ValueError naming the field."""
+    for field in ("chosen", "rejected"):
+        if field not in obj:
+            raise ValueError(f"{field}: field required")
+        if not isinstance(obj[field], (str, list)):
+            raise ValueError(f"{field}: expected a string, got {type(obj[field]).__name__}")
+    if "prompt" in obj:
+        if not isinstance(obj["prompt"], (str, list)):
+            raise ValueError(f"prompt: expected a string, got {type(obj['prompt']).__name__}")
+        context = context_messages(obj["prompt"])
+        return PreferencePair(
+            chosen=[*context, {"role": "assistant", "content": _reply(obj["chosen"]).strip()}],
+            rejected=[*context, {"role": "assistant", "content": _reply(obj["rejected"]).strip()}],
+        )
+    pairs = []
+    for field in ("chosen", "rejected"):
+        try:
+            pairs.append(split_hh(obj[field]))
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{field}: not an HH-RLHF dialogue ({err}); or add a 'prompt' field") from None
+    return PreferencePair(chosen=pairs[0], rejected=pairs[1])
+
+
+def numbered_rows(path: str | Path):
+    """`(line number, object)` for each non-blank line of a JSONL file (numbers count blank lines too)."""
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RecordError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
+    """Every pair of a `.jsonl` file in either format; a bad line raises RecordError naming file:line:field."""
+    pairs = []
+    for lineno, obj in numbered_rows(path):
+        if limit is not None and len(pairs) >= limit:
+            break
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object")
+        try:
+            pairs.append(pair_from_record(obj))
+        except ValueError as err:
+            raise RecordError(f"{path}:{lineno}: {err}") from None
+    if not pairs:
+        raise RecordError(f"{path}: no preference pairs")
+    return pairs

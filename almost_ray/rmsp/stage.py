@@ -1,0 +1,256 @@
+"""`almost-ray rmsp`: reward-model-guided self-play over Ray Data, the SFT demonstrations (ALMoST 2.2).
+
+One streaming pipeline per run, the turns chained in order so each dialogue moves on as soon as its
+previous turn is done:
+
+    queries ─▶ [assistant pool: N samples] ─▶ [RM pool: score N in context] ─▶ best-of-N
+            ─▶ [user pool: follow-up] ─▶ ... until T assistant turns ─▶ dialogues.jsonl
+
+Without an RM (`reward_model: null`) or with `best_of: 1` it is plain self-play. Outputs land in
+`runs/<run>/<stage>/`: `dialogues.jsonl` (TRL `messages`, each assistant turn's candidates, scores and
+chosen index), `dropped.jsonl` (queries whose first answer was degenerate), `metrics.jsonl` (progress)
+and `manifest.json`. Finished shards survive a kill and the re-run does only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from almost_ray.cluster import init_ray
+from almost_ray.config import ConfigError, RayConfig, ResourcesConfig, RMSPConfig, config_hash
+from almost_ray.pipeline import input_hash, is_done, write_manifest
+from almost_ray.records import atomic_open, load_queries, read_jsonl
+from almost_ray.rmsp import turns
+from almost_ray.rmsp.replicas import CandidateScorer, RoleReplica
+from almost_ray.shards import ROW_KEY, SHARD_KEY, ShardedJsonl
+from almost_ray.templates import fewshot_header, load_prompt_text
+
+STAGE = "rmsp"
+PLAIN_STAGE = "rmsp-plain"
+
+
+def mode(cfg: RMSPConfig) -> str:
+    """`rmsp` when an RM chooses among several samples, else `self-play` (ALMoST Table 5's two arms)."""
+    return "rmsp" if cfg.reward_model is not None and cfg.best_of > 1 else "self-play"
+
+
+def samples_per_turn(cfg: RMSPConfig) -> int:
+    """N: the assistant's samples per turn; one without an RM, since nothing could choose among them."""
+    return cfg.best_of if cfg.reward_model is not None else 1
+
+
+def reward_ref(cfg: RMSPConfig, run_dir: Path) -> str | None:
+    """The RM reference: the configured one, else the run's `train-rm` output (`<run dir>/rm/model`)."""
+    if cfg.reward_model is None:
+        return None
+    ref = cfg.reward_model.ref or str(run_dir / "rm" / "model")
+    if cfg.reward_model.ref is None and not Path(ref).is_dir():
+        raise ConfigError(
+            f"rmsp.reward_model.ref: not set and {ref} does not exist (run `almost-ray train-rm` first, set "
+            "rmsp.reward_model.ref, or rmsp.reward_model=null for plain self-play)"
+        )
+    return ref
+
+
+def check_ref(ref: str, field: str) -> None:
+    """A model path that is not there fails here, naming the field, rather than inside a Ray actor."""
+    if ref.startswith(("tiny:", "embedded:")) or Path(ref).expanduser().exists():
+        return
+    raise ConfigError(f"rmsp.{field}: {ref} not found (expected an HF directory, a .gguf file, "
+                      "embedded:smollm2-135m-instruct or tiny:llama)")
+
+
+def queries_path(cfg: RMSPConfig, run_dir: Path, override: str | Path | None = None) -> Path:
+    path = Path(override or cfg.queries or run_dir / "queries" / "queries.jsonl")
+    if not path.is_file():
+        raise ConfigError(
+            f"rmsp.queries: {path} not found (run step 1 to mine queries, or set rmsp.queries / --queries)"
+        )
+    return path
+
+
+def prompt_file(source: str) -> Path:
+    """The file behind a prompt name or path, so the manifest can hash what the models were shown."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    return Path(str(resources.files("almost_ray.prompts").joinpath(f"{source}.txt")))
+
+
+def role_header(role_cfg, field: str) -> str:
+    try:
+        return fewshot_header(load_prompt_text(role_cfg.prompt), role_cfg.shots)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"rmsp.{field}: {err}") from None
+
+
+def _pool(res: ResourcesConfig) -> dict:
+    """A fixed-size actor pool: each replica holds its model for the whole run."""
+    from ray.data import ActorPoolStrategy
+
+    return dict(batch_format="pandas", batch_size=res.batch_size, compute=ActorPoolStrategy(size=res.concurrency),
+                num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+
+
+def build_dataset(rows: list[dict], cfg: RMSPConfig, rm_ref: str | None, headers: dict[str, str]):
+    """The whole self-play as one lazy Ray Data pipeline: per turn an assistant pool, an RM pool and a
+    best-of-N step, then (before the last turn) a user pool. Every pool is its own set of actors."""
+    import ray.data
+
+    a, u = cfg.assistant, cfg.user
+    blocks = max(1, math.ceil(len(rows) / a.resources.batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    assistant_kwargs = dict(
+        model=a.model.model_dump(), sampling={**a.sampling.model_dump(), "n": samples_per_turn(cfg)},
+        role="assistant", header=headers["assistant"],
+    )
+    user_kwargs = dict(model=u.model.model_dump(), sampling=u.sampling.model_dump(), role="user",
+                       header=headers["user"])
+    for turn in range(1, cfg.max_turns + 1):
+        ds = ds.map_batches(RoleReplica, fn_constructor_kwargs=assistant_kwargs, **_pool(a.resources))
+        if rm_ref is not None:
+            rm = cfg.reward_model
+            ds = ds.map_batches(
+                CandidateScorer,
+                fn_constructor_kwargs=dict(ref=rm_ref, dtype=rm.dtype, max_length=rm.max_length,
+                                           batch_size=max(rm.resources.batch_size, samples_per_turn(cfg))),
+                **_pool(rm.resources),
+            )
+        # choosing is bookkeeping: a light task, no model, no reserved CPU
+        ds = ds.map_batches(turns.select_batch, fn_kwargs=dict(turn=turn, max_turns=cfg.max_turns),
+                            batch_format="pandas", num_cpus=0)
+        if turn < cfg.max_turns:
+            ds = ds.map_batches(RoleReplica, fn_constructor_kwargs=user_kwargs, **_pool(u.resources))
+            ds = ds.map_batches(turns.user_batch, batch_format="pandas", num_cpus=0)
+    return ds
+
+
+def run_meta(cfg: RMSPConfig, rm_ref: str | None) -> dict:
+    """The switches of this run, copied into every record (ALMoST Table 5: RMSP vs self-play, prompts)."""
+    return {
+        "mode": mode(cfg),
+        "best_of": samples_per_turn(cfg),
+        "reward_model": rm_ref,
+        "assistant_model": cfg.assistant.model.ref,
+        "assistant_prompt": cfg.assistant.prompt,
+        "assistant_shots": cfg.assistant.shots,
+        "user_model": cfg.user.model.ref,
+        "user_prompt": cfg.user.prompt,
+        "user_shots": cfg.user.shots,
+    }
+
+
+def _inputs(cfg: RMSPConfig, queries: Path, rm_ref: str | None) -> dict[str, Path]:
+    inputs = {"queries": queries, "assistant_prompt": prompt_file(cfg.assistant.prompt),
+              "user_prompt": prompt_file(cfg.user.prompt)}
+    if rm_ref is not None and Path(rm_ref).exists():
+        inputs["reward_model"] = Path(rm_ref)
+    return inputs
+
+
+def run(
+    cfg: RMSPConfig,
+    ray_cfg: RayConfig,
+    run_dir: str | Path,
+    queries: str | Path | None = None,
+    stage: str = STAGE,
+) -> Path:
+    """Self-play every query into `<run_dir>/<stage>/`; skipped when its manifest is up to date."""
+    run_dir = Path(run_dir)
+    stage_dir = run_dir / stage
+    qpath = queries_path(cfg, run_dir, queries)
+    rm_ref = reward_ref(cfg, run_dir)
+    check_ref(cfg.assistant.model.ref, "assistant.model.ref")
+    check_ref(cfg.user.model.ref, "user.model.ref")
+    if rm_ref is not None:
+        check_ref(rm_ref, "reward_model.ref")
+    headers = {"assistant": role_header(cfg.assistant, "assistant.prompt"), "user": role_header(cfg.user, "user.prompt")}
+    inputs = _inputs(cfg, qpath, rm_ref)
+    out = stage_dir / "dialogues.jsonl"
+    if is_done(stage_dir, cfg, inputs) and out.exists():
+        return stage_dir
+    started = time.time()
+    query_rows = load_queries(qpath)[: cfg.num_queries]
+    # Shards are keyed by config and inputs: a changed config never resumes from another's shards.
+    key = hashlib.sha256(json.dumps([config_hash(cfg), {k: input_hash(v) for k, v in inputs.items()}]).encode())
+    trace = stage_dir / f"selfplay-{key.hexdigest()[:12]}.jsonl"
+    _remove_stale(stage_dir, trace)
+    meta = run_meta(cfg, rm_ref)
+    if not trace.exists():
+        shards = ShardedJsonl(trace, cfg.shard_size)
+        todo = shards.pending([turns.start_row(q.id, q.text) for q in query_rows])
+        if todo:
+            init_ray(ray_cfg)
+            ds = build_dataset(todo, cfg, rm_ref, headers)
+            records = (
+                {**turns.dialogue_record(r, meta), SHARD_KEY: int(r[SHARD_KEY]), ROW_KEY: int(r[ROW_KEY])}
+                for r in ds.iter_rows()
+            )
+            shards.collect(_progress(records, len(todo), stage_dir / "metrics.jsonl", cfg, started))
+        shards.finalize()
+    records = _split(trace, out, stage_dir / "dropped.jsonl")
+    counts = {
+        "queries": len(query_rows),
+        "dialogues": sum(r["num_turns"] > 0 for r in records),
+        "dropped": sum(r["num_turns"] == 0 for r in records),
+        f"complete_{cfg.max_turns}_turn": sum(r["num_turns"] == cfg.max_turns for r in records),
+        **turns.end_counts(records),
+    }
+    metrics = {"switches": meta, "per_turn": turns.turn_metrics(records, cfg.max_turns)}
+    write_manifest(stage_dir, stage, cfg, inputs, started, counts=counts, metrics=metrics)
+    trace.unlink()  # after the manifest: a crash before it still finds the finished trace
+    return stage_dir
+
+
+def _remove_stale(stage_dir: Path, keep: Path) -> None:
+    """Drop traces and shards of an earlier config, so a changed config starts clean."""
+    if not stage_dir.exists():
+        return
+    for p in stage_dir.glob("selfplay-*.jsonl"):
+        if p != keep:
+            p.unlink()
+    for p in stage_dir.glob(".selfplay-*.jsonl.shards"):
+        if p.name != f".{keep.name}.shards":
+            shutil.rmtree(p)
+
+
+def _split(trace: Path, dialogues: Path, dropped: Path) -> list[dict]:
+    """Stream the finished trace into the SFT set and the dropped queries; return slim records for counts."""
+    slim = []
+    with atomic_open(dialogues) as keep, atomic_open(dropped) as drop:
+        for rec in read_jsonl(trace):
+            (keep if rec["num_turns"] > 0 else drop).write(json.dumps(rec, ensure_ascii=False) + "\n")
+            slim.append(_slim(rec))
+    return slim
+
+
+def _slim(rec: dict) -> dict:
+    """What the counts and reward metrics need, without the texts (a big run keeps only this in memory)."""
+    return {"end_reason": rec["end_reason"], "num_turns": rec["num_turns"],
+            "assistant_turns": [{k: t[k] for k in ("turn", "scores", "chosen")} for t in rec["assistant_turns"]]}
+
+
+def _progress(records: Iterable[dict], total: int, metrics_path: Path, cfg: RMSPConfig, started: float) -> Iterator[dict]:
+    """Pass records through while showing a progress bar and appending running metrics a person can plot."""
+    seen: list[dict] = []
+    every = max(1, min(cfg.shard_size, total // 10 or 1))
+    with tqdm(total=total, desc="rmsp dialogues", unit="dlg") as bar:
+        for rec in records:
+            seen.append(_slim(rec))
+            bar.update(1)
+            if len(seen) % every == 0 or len(seen) == total:
+                line = {"done": len(seen), "of": total, "elapsed_s": round(time.time() - started, 1),
+                        "per_turn": turns.turn_metrics(seen, cfg.max_turns), **turns.end_counts(seen)}
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with metrics_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
+            yield rec

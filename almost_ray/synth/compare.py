@@ -1,0 +1,229 @@
+"""`almost-ray compare`: synthetic comparisons, step 1 of ALMoST (Section 2.1).
+
+queries -> the generator ladder (`synth.ladder`, one actor pool per model) -> `responses.jsonl`
+-> binarize + Heuristic Filter (`synth.filters`) -> As-is RM filter (an RM-replica pool, only when
+`as_is_rm` is configured) -> `comparisons.jsonl` in TRL's preference format (`prompt`, `chosen`,
+`rejected`) with the rung names, ranks, query id and As-is scores. `manifest.json` counts every step
+of the funnel and every drop with its reason; `funnel_rows` turns it into the `--report` table and
+`funnel.png` plots it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from almost_ray.config import CompareConfig, RayConfig
+from almost_ray.pipeline import is_done, read_manifest, write_manifest
+from almost_ray.records import Comparison, RecordError, atomic_open, load_queries, read_jsonl, write_jsonl
+from almost_ray.shards import ShardedJsonl
+from almost_ray.synth.filters import Candidate, binarize, rm_agrees
+from almost_ray.synth.ladder import generate_responses, remove_parts
+
+
+def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[dict]], out_dir: Path) -> dict:
+    """As-is RM scores of the responses that appear in kept pairs: id -> reward (resumable shards)."""
+    import hashlib
+
+    import ray.data
+
+    from almost_ray.cluster import init_ray
+    from almost_ray.models.reward import RewardReplica
+
+    rm = cfg.as_is_rm
+    rows = [{"id": k, "conversation": json.dumps(v)} for k, v in sorted(items.items())]
+    key = hashlib.sha256(json.dumps([rm.ref, rm.dtype, rm.max_length]).encode()).hexdigest()[:12]
+    shards = ShardedJsonl(out_dir / "parts" / f"as_is_scores.{key}.jsonl", cfg.shard_size)
+    if shards.final.exists():  # scored by an earlier, interrupted run of this stage
+        return {r["id"]: r["reward"] for r in read_jsonl(shards.final)}
+    todo = shards.pending(rows)
+    if todo:
+        init_ray(ray_cfg)
+        res = rm.resources
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // res.batch_size))
+        ds = ds.map_batches(
+            RewardReplica,
+            fn_constructor_kwargs=dict(ref=rm.ref, dtype=rm.dtype, max_length=rm.max_length,
+                                       batch_size=res.batch_size),
+            batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+        )
+        shards.collect(
+            {"id": r["id"], "reward": float(r["reward"]), "_shard": r["_shard"], "_row": r["_row"]}
+            for r in ds.iter_rows()
+        )
+    shards.finalize()  # the merged file stays in parts/ until the stage is done
+    return {r["id"]: r["reward"] for r in read_jsonl(shards.final)}
+
+
+def build_comparisons(
+    cfg: CompareConfig, responses: list[dict]
+) -> tuple[list[dict], dict]:
+    """Binarize and Heuristic-filter each query's responses; returns comparison dicts and the counts."""
+    by_query: dict[str, list[dict]] = defaultdict(list)
+    for r in responses:
+        by_query[r["query_id"]].append(r)
+    rungs = [r.name for r in cfg.ladder]
+    k = len(rungs)
+    dropped_responses: Counter = Counter()
+    dropped_pairs: Counter = Counter()
+    comparisons = []
+    for qid, rows in by_query.items():
+        cands = [Candidate(rank=r["rank"], rung=r["generator"], text=r["responses"][0]) for r in rows]
+        result = binarize(cands, cfg.heuristic_filter, cfg.pairing)
+        dropped_responses.update(result.dropped_responses)
+        dropped_pairs.update(result.dropped_pairs)
+        for chosen, rejected in result.pairs:
+            comparisons.append({
+                "prompt": rows[0]["prompt"], "chosen": chosen.text.strip(), "rejected": rejected.text.strip(),
+                "query_id": qid, "chosen_rung": chosen.rung, "rejected_rung": rejected.rung,
+                "chosen_rank": chosen.rank, "rejected_rank": rejected.rank,
+                "length_threshold": None if result.threshold is None else round(result.threshold, 1),
+            })
+    per_rung_dropped: dict[str, dict[str, int]] = {r: {} for r in rungs}
+    for key, n in sorted(dropped_responses.items()):
+        rung, reason = key.split("/", 1)
+        per_rung_dropped[rung][reason] = n
+    n_queries = len(by_query)
+    counts = {
+        "queries": n_queries,
+        "responses": {r: n_queries for r in rungs},
+        "responses_dropped": per_rung_dropped,
+        "responses_kept": {r: n_queries - sum(per_rung_dropped[r].values()) for r in rungs},
+        "pairs_possible": n_queries * k * (k - 1) // 2,
+        "pairs_dropped": dict(dropped_pairs),
+        "pairs_after_heuristic_filter": len(comparisons),
+    }
+    return comparisons, counts
+
+
+def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_dir: str | Path) -> Path:
+    """Write `out_dir/{responses,comparisons}.jsonl` and `manifest.json` (skipped when up to date)."""
+    out_dir = Path(out_dir)
+    output = out_dir / "comparisons.jsonl"
+    inputs = {"queries": queries_path}
+    if is_done(out_dir, cfg, inputs) and output.exists():
+        return output
+    started = time.time()
+    if not Path(queries_path).exists():
+        raise RecordError(f"{queries_path}: queries file not found (run `almost-ray queries` first)")
+    queries = load_queries(queries_path)[: cfg.max_queries]
+    if not queries:
+        raise RecordError(f"{queries_path}: no queries")
+    responses_path, pool_metrics = generate_responses(cfg, ray_cfg, queries, out_dir)
+    responses = list(read_jsonl(responses_path))
+    comparisons, counts = build_comparisons(cfg, responses)
+
+    as_is = {"configured": cfg.as_is_rm is not None}
+    if cfg.as_is_rm is not None and comparisons:
+        t0 = time.time()
+        items = {}
+        for c in comparisons:
+            for side in ("chosen", "rejected"):
+                items[f"{c['query_id']}|{c[side + '_rung']}"] = [
+                    {"role": "user", "content": c["prompt"]}, {"role": "assistant", "content": c[side]}]
+        scores = _as_is_scores(cfg, ray_cfg, items, out_dir)
+        kept = []
+        for c in comparisons:
+            c["chosen_score"] = scores[f"{c['query_id']}|{c['chosen_rung']}"]
+            c["rejected_score"] = scores[f"{c['query_id']}|{c['rejected_rung']}"]
+            if rm_agrees(c["chosen_score"], c["rejected_score"]):
+                kept.append(c)
+        counts["pairs_dropped"]["as_is_rm"] = len(comparisons) - len(kept)
+        comparisons = kept
+        as_is.update(responses_scored=len(items), seconds=round(time.time() - t0, 2))
+    counts["comparisons"] = write_jsonl(output, (Comparison(**c) for c in comparisons))
+    counts["comparisons_by_rungs"] = dict(Counter(f"{c['chosen_rung']}>{c['rejected_rung']}" for c in comparisons))
+
+    with atomic_open(out_dir / "metrics.jsonl") as f:
+        for pool, m in pool_metrics.items():
+            f.write(json.dumps({"step": "generate", "pool": pool, **m}) + "\n")
+        if as_is.get("seconds") is not None:
+            f.write(json.dumps({"step": "as_is_rm", **as_is}) + "\n")
+    write_manifest(out_dir, "compare", cfg, inputs, started, counts=counts,
+                   metrics={"pools": pool_metrics, "as_is_rm": as_is})
+    plot_funnel(out_dir)
+    remove_parts(out_dir)
+    return output
+
+
+def funnel_rows(manifest: dict) -> list[tuple[str, str]]:
+    """The funnel of a finished `compare` stage as (step, count) rows, every drop with its reason."""
+    c = manifest["counts"]
+    rows = [("queries", str(c["queries"]))]
+    for rung, n in c["responses"].items():
+        drops = c["responses_dropped"].get(rung, {})
+        why = ", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1]))
+        rows.append((f"responses {rung}", f"{n} -> kept {c['responses_kept'][rung]}" + (f" (dropped: {why})" if why else "")))
+    rows.append(("pairs (every two rungs)", str(c["pairs_possible"])))
+    labels = {"response_filtered": "a response dropped by the Heuristic Filter",
+              "length_rule": "length rule (chosen shorter than rejected and M - S/2)",
+              "one_per_chosen": "pairing one_per_chosen", "as_is_rm": "As-is RM prefers the rejected"}
+    for key in ("response_filtered", "length_rule", "one_per_chosen"):
+        if c["pairs_dropped"].get(key):
+            rows.append((f"  - {labels[key]}", str(c["pairs_dropped"][key])))
+    rows.append(("after the Heuristic Filter", str(c["pairs_after_heuristic_filter"])))
+    if "as_is_rm" in c["pairs_dropped"]:
+        rows.append((f"  - {labels['as_is_rm']}", str(c["pairs_dropped"]["as_is_rm"])))
+    else:
+        rows.append(("  - As-is RM filter", "skipped (compare.as_is_rm not set)"))
+    rows.append(("comparisons", str(c["comparisons"])))
+    for pair, n in sorted(c.get("comparisons_by_rungs", {}).items()):
+        rows.append((f"  {pair}", str(n)))
+    return rows
+
+
+def format_funnel(out_dir: str | Path) -> str:
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise RecordError(f"{out_dir}: no manifest.json (the compare stage has not finished)")
+    rows = funnel_rows(manifest)
+    width = max(len(s) for s, _ in rows)
+    lines = [f"{'step':<{width}}  count", f"{'-' * width}  -----"]
+    lines += [f"{s:<{width}}  {n}" for s, n in rows]
+    lines.append(f"(wall time {manifest['wall_time_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def plot_funnel(out_dir: str | Path) -> Path:
+    """`funnel.png`: responses kept per rung and pairs at each filter step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    c = read_manifest(out_dir)["counts"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    rungs = list(c["responses"])
+    ax1.barh(rungs, [c["responses"][r] for r in rungs], color="#ccc", label="generated")
+    ax1.barh(rungs, [c["responses_kept"][r] for r in rungs], color="#3a7", label="kept")
+    ax1.invert_yaxis()
+    ax1.set_title("responses per rung (best first)")
+    ax1.legend(loc="lower right")
+    steps = [("possible pairs", c["pairs_possible"]),
+             ("after Heuristic Filter", c["pairs_after_heuristic_filter"]),
+             ("comparisons", c["comparisons"])]
+    ax2.barh([s for s, _ in steps], [n for _, n in steps], color=["#ccc", "#7ac", "#36a"])
+    ax2.invert_yaxis()
+    for i, (_, n) in enumerate(steps):
+        ax2.text(n, i, f" {n}", va="center")
+    ax2.set_title("comparison funnel")
+    fig.tight_layout()
+    path = out_dir / "funnel.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_step1(cfg) -> Path:
+    """ALMoST step 1 end to end for `make demo` and jobs: mine queries, then compare; prints the funnel."""
+    from almost_ray.synth import queries as mining
+
+    queries_path = cfg.compare.queries or mining.run(cfg.queries, cfg.ray, cfg.run_dir / "queries")
+    stage_dir = cfg.run_dir / "compare"
+    out = run(cfg.compare, cfg.ray, queries_path, stage_dir)
+    print(format_funnel(stage_dir))
+    return out

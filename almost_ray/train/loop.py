@@ -1,0 +1,374 @@
+"""The one training loop: Ray Train's TorchTrainer, FSDP2 sharding, accumulation to a global batch.
+
+Every training stage (reward model, SFT, response tuning, single-task finetuning) is a *task*
+module (`reward.py`, `sft.py`) that says how to load its model, how long an example is, how many
+loss units it holds, and the loss of a micro-batch. This module does the rest, the same for all:
+
+- `fit` starts `num_workers` Ray Train workers (`ScalingConfig`), with `FailureConfig(max_failures)`:
+  a dead worker group restarts from the latest checkpoint; running `fit` again with the same
+  config and data resumes the same Ray Train run (same storage path and run name).
+- `train_worker` (one per worker) shards the model with FSDP2 — `fully_shard` on every decoder
+  block, then the root — over gloo on CPU and NCCL on GPU (Ray's `prepare_model(parallel_strategy=
+  "fsdp")` refuses CPU, see ENVIRONMENT.md), with bf16 compute on GPU; AdamW; cosine schedule with
+  linear warm-up; gradient clipping; gradient accumulation so one optimizer step sees exactly
+  `global_batch_size` examples whatever the worker count (ALMoST Appendix D: FSDP, batch 64 / 128).
+- Checkpoints (model and optimizer through `torch.distributed.checkpoint`, scheduler, step, RNG)
+  every `checkpoint_every` steps and at the end; the data position is the step (see `data.py`).
+- The final model is written as a plain HF directory (safetensors + tokenizer).
+
+Loss normalisation: a task returns loss *sums*; each worker divides by the number of loss units
+(pairs, or supervised tokens) in the whole global batch and multiplies by the world size, because
+FSDP averages gradients over workers. The update is then the global-batch mean on any world size.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from almost_ray.config import TrainConfig, config_hash
+from almost_ray.train.data import global_batches, rank_micro_batches
+from almost_ray.train.losses import cosine_with_warmup
+
+TASKS = {"rm": "almost_ray.train.reward", "sft": "almost_ray.train.sft"}
+METRICS = "metrics.jsonl"
+MODEL_DIR = "model"
+
+
+def fit(
+    task: str,
+    cfg: TrainConfig,
+    examples: list[dict],
+    model_dir: Path,
+    stage_dir: Path,
+    fault_at_step: int | None = None,
+) -> Path:
+    """Train `examples` with the `task` module on Ray Train; returns the saved HF model directory.
+
+    `fault_at_step` kills the last worker right after that step has been reported (first attempt
+    only), to exercise `FailureConfig` and resume in tests.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage_dir = Path(stage_dir).resolve()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    loop_cfg = TrainConfig.model_validate({k: getattr(cfg, k) for k in TrainConfig.model_fields})
+    job = {
+        "task": task,
+        "cfg": loop_cfg.model_dump(mode="json"),
+        "model_dir": str(Path(model_dir).resolve()),
+        "stage_dir": str(stage_dir),
+        "examples": examples,
+        "fault_at_step": fault_at_step,
+    }
+    storage = Path(cfg.storage_path or stage_dir / "ray").resolve()
+    # One Ray Train run per (config, data): re-running resumes it, a changed config starts afresh.
+    name = f"{task}-{config_hash(cfg)}-{_examples_hash(examples)}"
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+        ),
+    )
+    trainer.fit()
+    return stage_dir / MODEL_DIR
+
+
+def _examples_hash(examples: list[dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        for key in sorted(ex):
+            h.update(key.encode())
+            h.update(memoryview(ex[key]).tobytes() if hasattr(ex[key], "tobytes") else repr(ex[key]).encode())
+    return h.hexdigest()[:12]
+
+
+def train_worker(job: dict[str, Any]) -> None:
+    """The per-worker loop: read top to bottom, one optimizer step per global batch."""
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = TrainConfig.model_validate(job["cfg"])
+    _quiet_logs()
+    task = importlib.import_module(TASKS[job["task"]])
+    examples: list[dict] = job["examples"]
+    stage_dir = Path(job["stage_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = dist.is_available() and dist.is_initialized()
+    device = _device(cfg)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    # Same seed on every worker: a fresh head (the RM's `score`) starts identical everywhere.
+    torch.manual_seed(cfg.seed)
+    model = task.load_model(job["model_dir"]).to(device)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP-safe
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    if distributed:
+        shard_model(model, device, world, bf16, cfg.reshard_after_forward)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not distributed else nullcontext()
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+    )
+    lengths = [task.length(ex) for ex in examples]
+    plan = global_batches(lengths, cfg.global_batch_size, cfg.epochs, cfg.seed)
+    total = min(len(plan), cfg.max_steps or len(plan))
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    schedule = partial(cosine_with_warmup, total_steps=total, warmup_steps=warmup, min_ratio=cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    start = load_checkpoint(ray.train.get_checkpoint(), model, optimizer, scheduler, rank)
+    log = _MetricsLog(stage_dir / METRICS, keep_until=start) if rank == 0 else None
+    if rank == 0:
+        _say(f"[train {job['task']}] {len(examples)} examples, {total} steps of {cfg.global_batch_size} "
+             f"on {world} worker(s){', resuming after step ' + str(start) if start else ''}")
+
+    model.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batch = plan[step]
+        units = sum(task.units(examples[i]) for i in batch)
+        pieces = rank_micro_batches(batch, lengths, rank, world, cfg.micro_batch_size)
+        sums: dict[str, torch.Tensor] = {}
+        for k, piece in enumerate(pieces):
+            if distributed:  # reduce-scatter gradients once per step, after the last micro-batch
+                model.set_requires_gradient_sync(k == len(pieces) - 1)
+            rows = [examples[i] for i in piece] or [examples[batch[0]]]  # empty piece: weight 0
+            weight = 1.0 if piece else 0.0
+            with autocast:
+                loss_sum, stats = task.micro_loss(model, rows, device)
+            (loss_sum * (weight * world / units)).backward()
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0) + weight * value.detach().float().cpu()
+        grad_norm = _clip(model, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        totals = _all_reduce_sums(sums, distributed)
+        elapsed = time.perf_counter() - t0
+        metrics = task.step_metrics(totals, units, len(batch))
+        metrics.update(
+            step=step + 1, epoch=round((step + 1) / max(1, len(plan) / cfg.epochs), 4), lr=lr,
+            grad_norm=grad_norm, samples=len(batch), tokens=sum(lengths[i] for i in batch),
+            step_time_s=round(elapsed, 4), samples_per_s=round(len(batch) / elapsed, 4),
+        )
+        if log is not None:
+            log.write(metrics)
+            _say(_progress_line(metrics, total))
+        last = step + 1 == total
+        if cfg.num_workers > 0 and ((step + 1) % cfg.checkpoint_every == 0 or last):
+            save_checkpoint(metrics, model, optimizer, scheduler, step + 1, rank)
+        else:
+            ray.train.report(metrics)
+        if job.get("fault_at_step") == step + 1 and start == 0 and not last:
+            if cfg.num_workers == 0:
+                raise RuntimeError("fault injection needs Ray workers (num_workers >= 1)")
+            if rank == world - 1:
+                os._exit(1)  # a worker dies without warning; FailureConfig restarts the group
+    save_hf_model(model, task, job["model_dir"], stage_dir / MODEL_DIR, rank, distributed)
+
+
+def _say(line: str) -> None:
+    # Ray Train patches `print` into a logger that Ray then echoes a second time; write directly.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_logs() -> None:
+    """One progress line per step instead of Ray Train's per-report INFO lines and transformers'
+    load report (the RM head is *meant* to be missing from the base checkpoint)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Ray Train v2 logs every report under a logger named after its source file
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    hf_logging.set_verbosity_error()
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.use_gpu and torch.cuda.is_available():
+        from ray.train.torch import get_device
+
+        return get_device()
+    return torch.device("cpu")
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, world: int, bf16: bool, reshard: bool) -> None:
+    """FSDP2: each decoder block is one unit (gathered just in time), then the root (embeddings, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    base = getattr(model, model.base_model_prefix, model)
+    blocks = getattr(base, "layers", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks at .{model.base_model_prefix}.layers to shard")
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _clip(model: torch.nn.Module, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return round(float(norm), 6)
+
+
+def _all_reduce_sums(sums: dict[str, torch.Tensor], distributed: bool) -> dict[str, float]:
+    keys = sorted(sums)
+    packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in keys])
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def _progress_line(m: dict[str, Any], total: int) -> str:
+    extra = "".join(f" {k} {m[k]:.4g}" for k in ("accuracy", "margin") if k in m)
+    return (f"[train] step {m['step']}/{total} loss {m['loss']:.4f}{extra} lr {m['lr']:.3g} "
+            f"{m['samples_per_s']:.2f} samples/s")
+
+
+class _MetricsLog:
+    """`metrics.jsonl`, one line per step; on resume, the lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        kept = []
+        if keep_until and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def save_checkpoint(metrics, model, optimizer, scheduler, step: int, rank: int) -> None:
+    """Report a Ray Train checkpoint: sharded model + optimizer (DCP), scheduler and step, each rank's RNG.
+
+    Every worker writes its own shard into a local directory; Ray Train merges the directories
+    into one checkpoint in the run's storage.
+    """
+    import ray.train
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with tempfile.TemporaryDirectory(prefix="almost-ray-ckpt-") as tmp:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        if rank == 0:
+            state = {"step": step, "scheduler": scheduler.state_dict()}
+            Path(tmp, "trainer_state.json").write_text(json.dumps(state, default=_no_callables))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, Path(tmp, f"rng_rank{rank}.pt"))
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{step:07d}"
+        )
+
+
+def _no_callables(obj: Any) -> None:
+    return None  # LambdaLR's state holds its lambda: rebuilt from config on load, not stored
+
+
+def load_checkpoint(checkpoint, model, optimizer, scheduler, rank: int) -> int:
+    """Restore from a Ray Train checkpoint; returns the number of steps already taken (0 without one)."""
+    if checkpoint is None:
+        return 0
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    with checkpoint.as_directory() as path:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        trainer_state = json.loads(Path(path, "trainer_state.json").read_text())
+        sched_state = trainer_state["scheduler"]
+        sched_state.pop("lr_lambdas", None)
+        scheduler.load_state_dict({**scheduler.state_dict(), **sched_state})
+        rng_file = Path(path, f"rng_rank{rank}.pt")
+        if rng_file.exists():  # a different world size has no file for new ranks: seeded state is fine
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+    return int(trainer_state["step"])
+
+
+def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed: bool) -> None:
+    """Gather the full weights on rank 0 and write them as an HF directory, atomically.
+
+    A fresh model of the base class is filled with the weights (on the meta device, no copy), so the
+    saved config names the plain transformers architecture, not FSDP's wrapper class.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        fresh = task.empty_model(model.config)
+        fresh.load_state_dict(full, assign=True)
+        fresh.tie_weights()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            task.load_tokenizer(base_dir).save_pretrained(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,121 @@
+"""`almost-ray train-rm`: the reward model of ALMoST Section 2.1 (Appendix D.1), on `loop.py`.
+
+A sequence classifier with one output on the base LM scores a conversation that ends with the
+judged reply; the loss is −log σ(r(x, y_chosen) − r(x, y_rejected)). Text and tokenization are
+exactly those of `models.reward.RewardModel` (`rm_text`, no special tokens, left truncation, score
+at the last token), so the trained RM is scored the way it was trained.
+
+This module is also the RM *task* of the loop: `load_model`, `empty_model`, `load_tokenizer`,
+`length`, `units`, `micro_loss`, `step_metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from almost_ray.config import RayConfig, TrainRMConfig
+from almost_ray.models.reward import rm_text
+from almost_ray.preferences import PreferencePair, load_pairs
+from almost_ray.train.data import pad_batch
+from almost_ray.train.losses import pairwise_loss, pairwise_stats
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"  # keep the judged reply, as RewardModel does
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: str | Path):
+    """The base LM with a fresh one-output head (transformers' `*ForSequenceClassification`)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, dtype=torch.float32, trust_remote_code=False
+    )
+    model.config.pad_token_id = load_tokenizer(model_dir).pad_token_id
+    return model
+
+
+def empty_model(config):
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def encode_pairs(pairs: list[PreferencePair], tokenizer, max_length: int) -> list[dict]:
+    """Token ids of both conversations of every pair (int32 arrays, compact to ship to workers)."""
+    texts = [rm_text(p.chosen) for p in pairs] + [rm_text(p.rejected) for p in pairs]
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    n = len(pairs)
+    return [
+        {"chosen": np.asarray(ids[i], dtype=np.int32), "rejected": np.asarray(ids[n + i], dtype=np.int32)}
+        for i in range(n)
+    ]
+
+
+def length(example: dict) -> int:
+    return max(len(example["chosen"]), len(example["rejected"]))
+
+
+def units(example: dict) -> int:
+    return 1  # the RM loss is a mean over pairs
+
+
+def micro_loss(model, rows: list[dict], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Both replies of every pair in one forward pass; returns the summed loss and summed stats."""
+    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    pad = model.config.pad_token_id
+    input_ids = pad_batch(seqs, pad).to(device)
+    lens = torch.tensor([len(s) for s in seqs], device=device)
+    attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
+    rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    chosen, rejected = rewards[: len(rows)], rewards[len(rows) :]
+    stats = pairwise_stats(chosen, rejected)
+    stats["reward"] = chosen.detach().float().sum() + rejected.detach().float().sum()
+    return pairwise_loss(chosen, rejected).sum(), stats
+
+
+def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str, float]:
+    return {
+        "loss": totals["loss"] / units,
+        "accuracy": totals["accuracy"] / units,
+        "margin": totals["margin"] / units,
+        "mean_reward": totals["reward"] / (2 * units),
+    }
+
+
+def run(cfg: TrainRMConfig, ray_cfg: RayConfig, input_path: str | Path, stage_dir: str | Path) -> Path:
+    """Train an RM on a comparisons file into `stage_dir/model` (skipped when already done)."""
+    from almost_ray.cluster import init_ray
+    from almost_ray.models.loading import resolve_model_dir
+    from almost_ray.pipeline import is_done, write_manifest
+    from almost_ray.train import loop
+    from almost_ray.train.report import plot_metrics, summarize
+
+    stage_dir = Path(stage_dir)
+    inputs = {"comparisons": input_path}
+    if is_done(stage_dir, cfg, inputs) and (stage_dir / loop.MODEL_DIR / "config.json").exists():
+        print(f"train-rm: {stage_dir} is up to date")
+        return stage_dir / loop.MODEL_DIR
+    started = time.time()
+    pairs = load_pairs(input_path)
+    model_dir = resolve_model_dir(cfg.model)
+    examples = encode_pairs(pairs, load_tokenizer(model_dir), cfg.max_length)
+    if cfg.num_workers > 0:
+        init_ray(ray_cfg)
+    out = loop.fit("rm", cfg, examples, model_dir, stage_dir)
+    summary = summarize(stage_dir / loop.METRICS)
+    plot_metrics(stage_dir / loop.METRICS, stage_dir / "training.png", ["loss", "accuracy"], title="reward model")
+    write_manifest(stage_dir, "train-rm", cfg, inputs, started, counts={"pairs": len(pairs)}, metrics=summary)
+    return out

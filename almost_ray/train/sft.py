@@ -1,0 +1,190 @@
+"""`almost-ray train-sft`: supervised finetuning with loss on assistant tokens only, on `loop.py`.
+
+One path, three methods, chosen by `train_sft.mode`:
+
+- `sft`: ALMoST's SFT (Section 2.2, Appendix D.2) on RMSP demonstrations, rendered with the papers'
+  `Human:` / `Assistant:` prefixes;
+- `response_tuning` (Hewitt et al. Section 4.1, Eq. 2): every user turn is emptied, so the model
+  learns p(response) alone: `<|user|>\\n\\n<|assistant|>\\n{response}` in the Tulu format;
+- `single_task` (Hewitt et al. Section 5): a narrow prompt → completion dataset (poems, recipes,
+  GSM ...), trained like instruction tuning in the Tulu format.
+
+Input rows are dialogues (`{"messages": [...]}`, `records.Dialogue`) or TRL prompt-completion rows
+(`{"prompt", "completion"}`). The rendering is the one generation uses (`templates.human_assistant`
+and `templates.tulu`), with EOS after the final reply so the model learns to stop.
+
+This module is also the SFT *task* of the loop: `load_model`, `empty_model`, `load_tokenizer`,
+`length`, `units`, `micro_loss`, `step_metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from almost_ray.config import RayConfig, TrainSFTConfig
+from almost_ray.preferences import numbered_rows
+from almost_ray.records import Dialogue, RecordError
+from almost_ray.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
+from almost_ray.train.data import encode_supervised, pad_batch
+from almost_ray.train.losses import IGNORE_INDEX, token_nll_sum
+
+Messages = list[dict[str, str]]
+
+
+def render(messages: Messages, prompt_format: str) -> tuple[str, list[tuple[int, int]]]:
+    """The training text of a conversation and the character spans of its assistant replies.
+
+    `human_assistant` gives exactly `templates.human_assistant(messages, add_generation_prompt=False)`;
+    `tulu` gives `templates.tulu(messages, add_generation_prompt=False)` without the final newline
+    (the reply is followed by EOS, as in Hewitt et al. Section 3). A generation prompt rendered by the
+    same templates for the first k turns is a prefix of this text.
+    """
+    text, spans = "", []
+    turns = [m for m in messages if m["role"] != "system"]
+    for i, m in enumerate(turns):
+        if prompt_format == "human_assistant":
+            prefix = HUMAN if m["role"] == "user" else ASSISTANT
+            body = f" {m['content'].strip()}"
+        elif prompt_format == "tulu":
+            prefix = TULU_USER if m["role"] == "user" else TULU_ASSISTANT
+            body = m["content"] + ("\n" if i < len(turns) - 1 else "")
+        else:
+            raise ValueError(f"unknown prompt_format {prompt_format!r}")
+        if m["role"] == "assistant":
+            start = len(text) + len(prefix)
+            spans.append((start, start + len(body.rstrip("\n"))))
+        text += prefix + body
+    return text, spans
+
+
+def apply_mode(messages: Messages, mode: str) -> Messages:
+    """Response tuning empties the instructions (Hewitt et al. Eq. 2); the other modes keep them."""
+    if mode == "response_tuning":
+        return [{**m, "content": ""} if m["role"] == "user" else m for m in messages]
+    return messages
+
+
+def load_conversations(path: str | Path) -> list[Messages]:
+    """Dialogues or prompt-completion rows; a bad line raises RecordError naming file:line:field."""
+    out = []
+    for lineno, obj in numbered_rows(path):
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object")
+        if "messages" in obj:
+            try:
+                messages = [m.model_dump() for m in Dialogue.model_validate(obj).messages]
+            except ValueError as err:
+                first = err.errors()[0] if hasattr(err, "errors") else {"loc": (), "msg": str(err)}
+                field = ".".join(str(p) for p in first["loc"]) or "messages"
+                raise RecordError(f"{path}:{lineno}: {field}: {first['msg']}") from None
+        elif "prompt" in obj and "completion" in obj:
+            messages = []
+            for field, role in (("prompt", "user"), ("completion", "assistant")):
+                value = obj[field]
+                if isinstance(value, str):
+                    messages.append({"role": role, "content": value})
+                elif isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+                    messages.extend({"role": m.get("role", role), "content": m["content"]} for m in value)
+                else:
+                    raise RecordError(f"{path}:{lineno}: {field}: expected a string or a list of messages")
+        else:
+            raise RecordError(f"{path}:{lineno}: expected 'messages', or 'prompt' and 'completion'")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RecordError(f"{path}:{lineno}: messages: no assistant turn to learn")
+        out.append(messages)
+    if not out:
+        raise RecordError(f"{path}: no dialogues")
+    return out
+
+
+def encode_conversations(conversations: list[Messages], tokenizer, cfg: TrainSFTConfig) -> list[dict]:
+    """Token ids and assistant-only labels; conversations left without a supervised token are dropped."""
+    examples = []
+    for messages in conversations:
+        text, spans = render(apply_mode(messages, cfg.mode), cfg.prompt_format)
+        ends_with_reply = messages[-1]["role"] == "assistant"
+        ex = encode_supervised(tokenizer, text, spans, cfg.max_length, eos_supervised=ends_with_reply)
+        if (ex["labels"] != IGNORE_INDEX).any():
+            examples.append(ex)
+    return examples
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+
+
+def empty_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def length(example: dict) -> int:
+    return len(example["input_ids"])
+
+
+def units(example: dict) -> int:
+    return int((example["labels"] != IGNORE_INDEX).sum())  # the loss is a mean over supervised tokens
+
+
+def micro_loss(model, rows: list[dict], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed next-token NLL over assistant tokens; the vocabulary projection runs only where needed."""
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    input_ids = pad_batch([r["input_ids"] for r in rows], pad).to(device)
+    labels = pad_batch([r["labels"] for r in rows], IGNORE_INDEX).to(device)
+    lens = torch.tensor([len(r["input_ids"]) for r in rows], device=device)
+    attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
+    # position t predicts token t+1: keep the hidden states whose next token is supervised
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    nll, count = token_nll_sum(logits.reshape(-1, logits.size(-1)), labels[:, 1:][keep[:, :-1]])
+    return nll, {"loss": nll.detach(), "tokens": count.float()}
+
+
+def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str, float]:
+    return {"loss": totals["loss"] / units, "supervised_tokens": int(totals["tokens"])}
+
+
+def run(cfg: TrainSFTConfig, ray_cfg: RayConfig, input_path: str | Path, stage_dir: str | Path) -> Path:
+    """Finetune on a dialogues file into `stage_dir/model` (skipped when already done)."""
+    from almost_ray.cluster import init_ray
+    from almost_ray.models.loading import resolve_model_dir
+    from almost_ray.pipeline import is_done, write_manifest
+    from almost_ray.train import loop
+    from almost_ray.train.report import plot_metrics, summarize
+
+    stage_dir = Path(stage_dir)
+    inputs = {"dialogues": input_path}
+    if is_done(stage_dir, cfg, inputs) and (stage_dir / loop.MODEL_DIR / "config.json").exists():
+        print(f"train-sft: {stage_dir} is up to date")
+        return stage_dir / loop.MODEL_DIR
+    started = time.time()
+    conversations = load_conversations(input_path)
+    model_dir = resolve_model_dir(cfg.model)
+    examples = encode_conversations(conversations, load_tokenizer(model_dir), cfg)
+    if not examples:
+        raise RecordError(f"{input_path}: no dialogue keeps an assistant token within max_length={cfg.max_length}")
+    if cfg.num_workers > 0:
+        init_ray(ray_cfg)
+    out = loop.fit("sft", cfg, examples, model_dir, stage_dir)
+    summary = summarize(stage_dir / loop.METRICS)
+    plot_metrics(stage_dir / loop.METRICS, stage_dir / "training.png", ["loss", "lr"], title=f"{cfg.mode}")
+    counts = {"dialogues": len(conversations), "trained": len(examples)}
+    write_manifest(stage_dir, f"train-sft:{cfg.mode}", cfg, inputs, started, counts=counts, metrics=summary)
+    return out

@@ -1,0 +1,225 @@
+"""Training throughput on the embedded model: our Ray Train + FSDP loop next to TRL, in one run.
+
+Same model (SmolLM2-135M-Instruct, fp32), same data, same global batch (8), same max length (256),
+one epoch, learning rates of the papers:
+  reward model: 64 HH-RLHF helpful-base pairs (both sides <= 255 tokens, so TRL, which drops longer
+                pairs, keeps all 64) — TRL 1.16 `RewardTrainer` vs `almost_ray.train.reward`;
+  SFT:          64 single-turn HH-RLHF chosen dialogues as `Human:`/`Assistant:` text, loss on the reply —
+                TRL 1.16 `SFTTrainer` (prompt-completion rows) vs `almost_ray.train.sft`.
+TRL runs in this process on 2 threads, with its defaults (gradient checkpointing on) and, as a second
+row, with gradient checkpointing off; ours runs on a local Ray with 2 workers x 1 CPU (FSDP2 over gloo).
+
+Throughput is samples / time in the training loop (TRL: `trainer.train()`; ours: the sum of step
+times, first step included), and end to end (ours: `TorchTrainer.fit()` with worker start-up and
+model loading). The CPU is shared with whatever else runs on the machine: compare within one run.
+Run: `make bench` or `.venv/bin/python bench/train.py [--pairs 64 --batch 8 --max-length 256]`.
+Writes bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from almost_ray.config import RayConfig, TrainRMConfig, TrainSFTConfig
+from almost_ray.models.loading import resolve_model_dir
+from almost_ray.models.reward import rm_text
+from almost_ray.preferences import load_pairs
+from almost_ray.records import write_jsonl
+from almost_ray.templates import human_assistant
+
+REF = "embedded:smollm2-135m-instruct"
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_base_test_500.jsonl"
+
+
+def select_data(path: Path, tokenizer, n: int, max_length: int):
+    """The first n pairs that fit in max_length (with TRL's EOS), and n single-turn chosen dialogues."""
+    pairs = load_pairs(path)
+
+    def fits(messages) -> bool:
+        return len(tokenizer(rm_text(messages), add_special_tokens=False).input_ids) < max_length
+
+    rm = [p for p in pairs if fits(p.chosen) and fits(p.rejected)][:n]
+    sft = [p.chosen for p in pairs if len(p.chosen) == 2 and fits(p.chosen)][:n]
+    if len(rm) < n or len(sft) < n:
+        raise SystemExit(f"{path}: only {len(rm)} pairs / {len(sft)} dialogues fit in {max_length} tokens")
+    return rm, sft
+
+
+def step_timer():
+    """A TrainerCallback that records when each optimizer step ends (for the steady-state rate)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.ends = 0.0, []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def trl_reward(model_dir: Path, pairs, batch: int, max_length: int, gc: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    data = Dataset.from_list([{"chosen": rm_text(p.chosen), "rejected": rm_text(p.rejected)} for p in pairs])
+    with tempfile.TemporaryDirectory() as out:
+        args = RewardConfig(
+            output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-5,
+            max_length=max_length, gradient_checkpointing=gc, bf16=False, use_cpu=True, report_to="none",
+            save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0,
+        )
+        times = step_timer()
+        trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[times])
+        assert len(trainer.train_dataset) == len(pairs), "TRL dropped pairs: lengths differ"
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+    return _trl_row(len(pairs), batch, wall, times)
+
+
+def trl_sft(model_dir: Path, dialogues, batch: int, max_length: int, gc: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = [{"prompt": human_assistant(d[:-1]), "completion": " " + d[-1]["content"].strip()} for d in dialogues]
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=2e-5,
+            max_length=max_length, gradient_checkpointing=gc, bf16=False, use_cpu=True, report_to="none",
+            save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0,
+        )
+        times = step_timer()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             callbacks=[times])
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
+    return _trl_row(len(dialogues), batch, wall, times)
+
+
+def _trl_row(samples: int, batch: int, wall: float, times) -> dict:
+    steps = [b - a for a, b in zip([times.begin, *times.ends], times.ends)]
+    steady = sum(steps[1:])
+    return {"samples": samples, "loop_s": round(wall, 2), "samples_per_s": round(samples / wall, 3),
+            "steady_samples_per_s": round(batch * (len(steps) - 1) / steady, 3) if steady else None,
+            "end_to_end_s": None}
+
+
+def ours(task: str, data, batch: int, max_length: int, workers: int, work: Path) -> dict:
+    from almost_ray.train import reward, sft
+    from almost_ray.train.report import read_metrics
+
+    common = dict(model=REF, num_workers=workers, global_batch_size=batch,
+                  micro_batch_size=max(1, batch // max(1, workers)), max_length=max_length, epochs=1,
+                  checkpoint_every=10_000, reshard_after_forward=False)
+    stage = work / task
+    if task == "rm":
+        path = work / "pairs.jsonl"
+        write_jsonl(path, ({"chosen": rm_text(p.chosen), "rejected": rm_text(p.rejected)} for p in data))  # HH format
+        cfg = TrainRMConfig(**common, lr=1e-5)
+        start = time.perf_counter()
+        reward.run(cfg, RayConfig(num_cpus=2), path, stage)
+    else:
+        path = work / "dialogues.jsonl"
+        write_jsonl(path, ({"messages": d} for d in data))
+        cfg = TrainSFTConfig(**common, lr=2e-5)
+        start = time.perf_counter()
+        sft.run(cfg, RayConfig(num_cpus=2), path, stage)
+    end_to_end = time.perf_counter() - start
+    rows = read_metrics(stage / "metrics.jsonl")
+    loop_s = sum(r["step_time_s"] for r in rows)
+    steady = sum(r["step_time_s"] for r in rows[1:])
+    samples = sum(r["samples"] for r in rows)
+    return {"samples": samples, "loop_s": round(loop_s, 2), "samples_per_s": round(samples / loop_s, 3),
+            "steady_samples_per_s": round(sum(r["samples"] for r in rows[1:]) / steady, 3) if steady else None,
+            "end_to_end_s": round(end_to_end, 2), "end_to_end_samples_per_s": round(samples / end_to_end, 3)}
+
+
+def write_results(args, results: list[dict], complete: bool) -> None:
+    for r in results:
+        trl = next((x for x in results if x["task"] == r["task"] and "defaults" in x["method"]), None)
+        r["ratio_vs_trl_defaults"] = round(r["samples_per_s"] / trl["samples_per_s"], 2) if trl else None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "model": REF, "data": str(args.data), "pairs": args.pairs, "batch": args.batch, "max_length": args.max_length,
+        "workers": args.workers, "complete": complete, "load_average": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "results": results,
+        "note": "samples/s over the training loop; ratio is to TRL with its defaults on the same data",
+    }, indent=2) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=HH, help="HH-RLHF-format .jsonl")
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-trl-gc-off", action="store_true", help="skip the TRL rows with gradient checkpointing off")
+    ap.add_argument("--out", default="bench/results/train.json")
+    args = ap.parse_args()
+    if not args.data.exists():
+        raise SystemExit(f"{args.data} not found (pass --data with an HH-RLHF-format file)")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(REF)
+    pairs, dialogues = select_data(args.data, AutoTokenizer.from_pretrained(model_dir), args.pairs, args.max_length)
+    torch.set_num_threads(2)
+    data = {"rm": pairs, "sft": dialogues}
+    trl_fns = {"rm": trl_reward, "sft": trl_sft}
+    # the comparison that matters first (TRL defaults vs ours), the extra TRL rows last
+    plan = [(t, kind) for t in ("rm", "sft") for kind in ("trl-gc", "ours")]
+    if not args.no_trl_gc_off:
+        plan += [("rm", "trl-nogc"), ("sft", "trl-nogc")]
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as work:
+        for task, kind in plan:
+            if kind == "ours":
+                import ray
+
+                print(f"almost_ray {task} ({args.workers} workers) ...", flush=True)
+                row = ours(task, data[task], args.batch, args.max_length, args.workers, Path(work))
+                ray.shutdown()  # no idle Ray processes during the next TRL run
+                method = f"almost_ray Ray Train FSDP2 ({args.workers} x 1 CPU)"
+            else:
+                gc = kind == "trl-gc"
+                print(f"TRL {task} (gradient checkpointing {'on' if gc else 'off'}) ...", flush=True)
+                row = trl_fns[task](model_dir, data[task], args.batch, args.max_length, gc)
+                method = f"TRL 1.16 ({'defaults, ' if gc else ''}grad ckpt {'on' if gc else 'off'})"
+            results.append({"task": task, "method": method, **row, "load_average_1m": os.getloadavg()[0]})
+            write_results(args, results, complete=False)  # a long bench leaves what it measured
+
+    head = f"{'task':<5} {'method':<44} {'samples':>7} {'loop s':>7} {'samples/s':>9} {'steady/s':>8} {'e2e s':>6} {'x TRL':>6}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in results:
+        e2e = f"{r['end_to_end_s']:>6.1f}" if r["end_to_end_s"] else f"{'-':>6}"
+        print(f"{r['task']:<5} {r['method']:<44} {r['samples']:>7} {r['loop_s']:>7.1f} {r['samples_per_s']:>9.3f} "
+              f"{r['steady_samples_per_s'] or 0:>8.3f} {e2e} {r['ratio_vs_trl_defaults'] or 0:>6.2f}")
+    write_results(args, results, complete=True)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

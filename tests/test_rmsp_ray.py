@@ -1,0 +1,108 @@
+"""RMSP end to end through Ray Data on tiny:llama: separate actor pools per role, the RM scoring in
+context, outputs in TRL form, resume after a crash without duplicates, plain self-play."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from almost_ray.config import load_config
+from almost_ray.pipeline import read_manifest
+from almost_ray.records import read_jsonl
+from almost_ray.rmsp import stage, turns
+
+QUERIES = ["What is the capital of France?", "How do I boil an egg?", "What is a neural network?",
+           "Why is the sky blue?", "How do plants grow?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """tiny:llama with a seeded score head saved as an HF dir, so every RM replica scores alike."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from almost_ray.models.loading import resolve_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir("tiny:llama"))
+    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _cfg(tmp_path, *extra):
+    (tmp_path / "q.txt").write_text("\n".join(QUERIES) + "\n")
+    pools = [f"rmsp.{r}.resources.{k}={v}" for r in ("assistant", "user", "reward_model")
+             for k, v in (("num_cpus", 0.1), ("batch_size", 2))]
+    return load_config(None, [
+        f"runs_dir={tmp_path}", f"rmsp.queries={tmp_path / 'q.txt'}", "rmsp.shard_size=1", "rmsp.best_of=3",
+        "rmsp.assistant.model.ref=tiny:llama", "rmsp.user.model.ref=tiny:llama",
+        "rmsp.assistant.shots=1", "rmsp.user.shots=1",
+        "rmsp.assistant.sampling.max_new_tokens=6", "rmsp.user.sampling.max_new_tokens=6", *pools, *extra,
+    ])
+
+
+def test_rmsp_end_to_end_resumes_without_duplicates(ray_local, tmp_path, tiny_rm, monkeypatch):
+    cfg = _cfg(tmp_path, f"rmsp.reward_model.ref={tiny_rm}")
+    real_progress = stage._progress
+
+    def crash_after_two(records, *args):
+        for k, rec in enumerate(real_progress(records, *args)):
+            if k == 2:
+                raise KeyboardInterrupt("killed")
+            yield rec
+
+    monkeypatch.setattr(stage, "_progress", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+    stage_dir = cfg.run_dir / "rmsp"
+    assert not (stage_dir / "manifest.json").exists()
+    assert len(list(stage_dir.glob(".selfplay-*.shards/shard-*.jsonl"))) == 2  # two finished dialogues kept
+
+    monkeypatch.setattr(stage, "_progress", real_progress)
+    stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+    metrics = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["of"] == 3  # the re-run did only the three unfinished dialogues
+
+    records = [*read_jsonl(stage_dir / "dialogues.jsonl"), *read_jsonl(stage_dir / "dropped.jsonl")]
+    assert sorted(r["id"] for r in records) == sorted(f"q-{i}" for i in range(1, 6))  # each query once
+    from almost_ray.models.reward import RewardModel
+
+    rm = RewardModel(str(tiny_rm), device="cpu")
+    for rec in read_jsonl(stage_dir / "dialogues.jsonl"):
+        roles = [m["role"] for m in rec["messages"]]
+        assert roles == ["user", "assistant"] * rec["num_turns"] and 1 <= rec["num_turns"] <= 2
+        assert (rec["mode"], rec["best_of"], rec["reward_model"]) == ("rmsp", 3, str(tiny_rm))
+        for k, turn in enumerate(rec["assistant_turns"][: rec["num_turns"]]):
+            context = rec["messages"][: 2 * k + 1]
+            assert context[-1]["role"] == "user" and len(turn["scores"]) == 3
+            # the RM scored each candidate as the next turn of this very conversation
+            expected = rm.score([[*context, {"role": "assistant", "content": c}] for c in turn["candidates"]])
+            assert turn["scores"] == pytest.approx(expected, abs=1e-4)
+            usable = [r is None for r in turn["degenerate"]]
+            assert turn["chosen"] == turns.best_of_n(turn["scores"], usable)
+            assert rec["messages"][2 * k + 1]["content"] == turn["candidates"][turn["chosen"]].strip()
+
+    manifest = read_manifest(stage_dir)
+    assert manifest["counts"]["queries"] == 5
+    assert manifest["counts"]["dialogues"] + manifest["counts"]["dropped"] == 5
+    assert manifest["metrics"]["switches"]["mode"] == "rmsp"
+    assert manifest["metrics"]["per_turn"]["1"]["mean_best_minus_mean"] >= 0
+    finished = (stage_dir / "manifest.json").stat().st_mtime_ns
+    stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)  # up to date: skipped
+    assert (stage_dir / "manifest.json").stat().st_mtime_ns == finished
+
+
+def test_plain_self_play_without_rm(ray_local, tmp_path):
+    cfg = _cfg(tmp_path, "rmsp.reward_model=null", "rmsp.max_turns=1")
+    stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+    records = list(read_jsonl(cfg.run_dir / "rmsp" / "dialogues.jsonl"))
+    assert records and all(r["mode"] == "self-play" and r["best_of"] == 1 and r["reward_model"] is None for r in records)
+    for rec in records:
+        (turn,) = rec["assistant_turns"]
+        assert len(turn["candidates"]) == 1 and turn["scores"] is None and turn["chosen"] == 0
+        assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]

@@ -1,0 +1,117 @@
+"""The training loop end to end on `tiny:llama`: the RM learns a planted preference, SFT's loss falls,
+and a 2-worker FSDP run that loses a worker mid-way ends where a single process ends."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from almost_ray.config import RayConfig, TrainRMConfig, TrainSFTConfig
+from almost_ray.models.loading import resolve_model_dir
+from almost_ray.preferences import load_pairs
+from almost_ray.rm_accuracy import pairwise_accuracy
+from almost_ray.train import loop, reward, sft
+from almost_ray.train.report import read_metrics
+
+WORDS = ("apple river stone cloud green quick music table light paper window garden bright summer "
+         "horse silver candle forest ocean letter").split()
+MARKER = "banana"
+
+
+def planted_pairs(path, n: int, seed: int) -> None:
+    """Comparisons whose chosen reply, and only it, contains the marker word somewhere."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            chosen, rejected = rng.sample(WORDS, 6), rng.sample(WORDS, 6)
+            chosen.insert(rng.randrange(len(chosen) + 1), MARKER)
+            row = {"prompt": "Tell me about " + " ".join(rng.sample(WORDS, 3)) + ".",
+                   "chosen": " ".join(chosen) + ".", "rejected": " ".join(rejected) + "."}
+            f.write(json.dumps(row) + "\n")
+
+
+def test_rm_learns_a_planted_preference(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from almost_ray.models.reward import RewardModel
+
+    planted_pairs(tmp_path / "train.jsonl", 256, seed=0)
+    planted_pairs(tmp_path / "heldout.jsonl", 64, seed=1)
+    cfg = TrainRMConfig(model="tiny:llama", num_workers=0, epochs=2, global_batch_size=16, micro_batch_size=16,
+                        lr=3e-3, warmup_ratio=0.1, max_length=64)
+    start = time.time()
+    out = reward.run(cfg, RayConfig(), tmp_path / "train.jsonl", tmp_path / "rm")
+    assert time.time() - start < 60
+
+    pairs = load_pairs(tmp_path / "heldout.jsonl")
+    rm = RewardModel(str(out), dtype="float32", device="cpu")
+    accuracy = pairwise_accuracy(rm.score([p.chosen for p in pairs]), rm.score([p.rejected for p in pairs]))
+    assert accuracy > 0.9
+    # a plain transformers class loads the directory; the run left its curves and manifest
+    plain = AutoModelForSequenceClassification.from_pretrained(out)
+    assert plain.config.architectures == ["LlamaForSequenceClassification"] and plain.config.num_labels == 1
+    rows = read_metrics(tmp_path / "rm" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 33))
+    assert {"loss", "accuracy", "margin", "lr", "samples_per_s"} <= rows[0].keys()
+    assert (tmp_path / "rm" / "training.png").stat().st_size > 0
+    manifest = json.loads((tmp_path / "rm" / "manifest.json").read_text())
+    assert manifest["counts"] == {"pairs": 256} and manifest["metrics"]["tail_accuracy"] > 0.9
+    # a second run with the same config and data is skipped
+    start = time.time()
+    assert reward.run(cfg, RayConfig(), tmp_path / "train.jsonl", tmp_path / "rm") == out
+    assert time.time() - start < 5
+
+
+def test_sft_loss_falls(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(0)
+    with open(tmp_path / "dialogues.jsonl", "w") as f:
+        for _ in range(24):
+            q = "Say something about " + rng.choice(WORDS) + "."
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": "It is a fine " + rng.choice(WORDS) + "."}]}) + "\n")
+    cfg = TrainSFTConfig(model="tiny:llama", num_workers=0, epochs=4, global_batch_size=8, micro_batch_size=4,
+                         lr=2e-2, warmup_ratio=0.1, max_length=64)
+    out = sft.run(cfg, RayConfig(), tmp_path / "dialogues.jsonl", tmp_path / "sft")
+    losses = [r["loss"] for r in read_metrics(tmp_path / "sft" / "metrics.jsonl")]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    assert AutoModelForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
+
+
+def test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process(tmp_path, ray_local):
+    """One Ray Train fit checks two claims: FSDP on 2 workers with gradient accumulation gives the
+    single-process update, and a worker killed after step 5 restarts from the step-4 checkpoint and
+    ends in the same state (FailureConfig). The last global batch holds one pair, so one worker runs
+    an empty, zero-weight micro-batch."""
+    from transformers import AutoModelForSequenceClassification
+
+    planted_pairs(tmp_path / "pairs.jsonl", 25, seed=2)
+    model_dir = resolve_model_dir("tiny:llama")
+    tokenizer = reward.load_tokenizer(model_dir)
+    examples = reward.encode_pairs(load_pairs(tmp_path / "pairs.jsonl"), tokenizer, max_length=48)
+    base = dict(model="tiny:llama", epochs=2, global_batch_size=8, lr=1e-3, warmup_ratio=0.0, max_length=48,
+                checkpoint_every=2)
+    ref_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=0, micro_batch_size=8), examples, model_dir,
+                       tmp_path / "one")
+    run_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=2, micro_batch_size=2, max_failures=1), examples,
+                       model_dir, tmp_path / "two", fault_at_step=5)
+
+    ref = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    run = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in run] == list(range(1, 9))  # the lost step was redone, not logged twice
+    for a, b in zip(ref, run):
+        where = "before" if a["step"] <= 4 else "after"
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), f"step {a['step']} ({where} the restart)"
+        assert b["lr"] == pytest.approx(a["lr"])
+    one = AutoModelForSequenceClassification.from_pretrained(ref_dir).state_dict()
+    two = AutoModelForSequenceClassification.from_pretrained(run_dir).state_dict()
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
+    assert len(list((tmp_path / "two" / "ray").glob("*/step_*"))) == 2  # checkpoints_to_keep
