@@ -144,7 +144,7 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
     assert (stage / "funnel.png").stat().st_size > 0 and not (stage / "parts").exists()
 
     # the same run, killed after the first shard of the first pool, then resumed
-    raw2 = {**raw, "run_name": "resumed"}
+    raw2 = {**raw, "run_name": "resumed", "compare": {**raw["compare"], "as_is_rm": None}}
     cfg = Config.model_validate(raw2)
     stage2 = cfg.run_dir / "compare"
     real_pool = ladder._run_pool
@@ -167,12 +167,14 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
 
     monkeypatch.setattr(ladder, "_run_pool", recording_pool)
     compare.run(cfg.compare, RayConfig(), cfg.compare.queries, stage2)
-    first_pool_rows = [f"q{i}|{r}" for i in range(len(QUERIES)) for r in ("faithful-2", "hhh-1")]
+    first_pool_rows = [f"q{i}|{r}" for r in ("faithful-2", "hhh-1") for i in range(len(QUERIES))]
     assert not set(first_pool_rows[:4]) & set(seen)  # shard 0 (4 rows) was not generated again
     assert set(first_pool_rows[4:]) <= set(seen)
     # generation is seeded per prompt: the resumed run has the same responses as the uninterrupted one
-    # (the comparisons may differ: this test's As-is RM is a fresh random head each time it is loaded)
     assert (stage2 / "responses.jsonl").read_text() == (stage / "responses.jsonl").read_text()
+    resumed = json.loads((stage2 / "manifest.json").read_text())["counts"]
+    assert resumed["pairs_after_heuristic_filter"] == counts["pairs_after_heuristic_filter"]
+    assert "as_is_rm" not in resumed["pairs_dropped"]
 
     # a finished stage is skipped
     monkeypatch.setattr(ladder, "_run_pool", None)

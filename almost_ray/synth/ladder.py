@@ -129,8 +129,9 @@ def generate_responses(
             continue
         t0 = time.time()
         shards = ShardedJsonl(path, cfg.shard_size)
+        # rung-major: a batch then holds one rung's prompts, answered in one full-size generate call
         rows = [{"id": f"{q.id}|{r.name}", "query_id": q.id, "query": q.text, "rung": r.name}
-                for q in queries for r in group]
+                for r in group for q in queries]
         todo = shards.pending(rows)
         if todo:
             from almost_ray.cluster import init_ray
