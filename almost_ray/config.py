@@ -240,6 +240,11 @@ class JudgeEvalConfig(StrictModel):
     prompt: EvalPrompt = Field(default_factory=EvalPrompt, description="the verdict prompt (default JUDGE_TEMPLATE)")
     letters: tuple[str, str] = (" A", " B")
     tie_margin: float = Field(default=0.0, ge=0, description="verdict margins within this are ties")
+    decision: Literal["both_orders", "margin_sum"] = Field(
+        default="both_orders",
+        description="both_orders: the paper's protocol, a tie when the orders disagree; margin_sum: decide on "
+        "the sum of both orders' log-odds (cancels a judge's fixed position bias, as for HHH)",
+    )
 
 
 class EvalConfig(StrictModel):

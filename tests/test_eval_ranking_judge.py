@@ -105,6 +105,15 @@ def test_a_position_biased_judge_gives_ties_and_a_fair_one_gives_wins():
     assert judge.rates(biased)["win_rate_ties_half"] == 0.5
     assert judge.summarize(biased)["judge_rate_answer_a"]["value"] == 1.0
     assert judge.summarize(fair)["judge_rate_answer_a"]["value"] == 0.5
+    # deciding on the sum of both orders' margins cancels the position bias: the fair outcomes again
+    summed = judge.outcomes(QUESTIONS, letter_judge(prefers, 2.0)(rows), JudgeEvalConfig(decision="margin_sum"))
+    assert [r["outcome"] for r in summed] == ["win", "win", "win", "loss"]
+
+
+def test_answer_stats():
+    stats = judge.answer_stats({"1": "a b a b", "2": "one two three", "3": ""})
+    assert stats["mean_words"] == pytest.approx(7 / 3) and stats["empty"] == 1
+    assert stats["mean_repeated_word_fraction"] == pytest.approx(0.5 / 3)
 
 
 def test_reward_model_judge_with_tie_margin():

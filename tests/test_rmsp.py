@@ -80,6 +80,19 @@ def test_real_tiny_rm_picks_its_own_argmax(tmp_path):
     assert out["status"] == turns.MAX_TURNS
 
 
+def test_a_base_lm_as_rm_scores_the_same_in_every_replica():
+    """An As-is RM built from a base LM has a fresh head; every replica and every run must agree on it,
+    or the As-is filter keeps different pairs on different workers."""
+    from almost_ray.models.reward import RewardModel
+
+    texts = ["Human: Hi\n\nAssistant: Hello there.", "Human: Hi\n\nAssistant: Go away."]
+    torch.manual_seed(1)
+    first = RewardModel("tiny:llama", dtype="float32", device="cpu").score_texts(texts)
+    torch.manual_seed(2)
+    second = RewardModel("tiny:llama", dtype="float32", device="cpu").score_texts(texts)
+    assert first == second and first[0] != first[1]
+
+
 def test_plain_self_play_keeps_the_single_sample_without_scores():
     row = _with_candidates(turns.start_row("q1", "Hi there, how are you?"), ["Fine, thanks for asking."])
     out = turns.select_batch(_batch([row]), turn=1, max_turns=2).to_dict("records")[0]

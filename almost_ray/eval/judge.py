@@ -7,6 +7,8 @@ each pair of answers:
   verdict is p(" A") vs p(" B"). Judges favour a position (ALMoST footnote 9 on GPT-4), so each pair
   is judged twice, once in each order. Model A **wins** when both verdicts prefer its answer, **loses**
   when both prefer B's, and the pair is a **tie** when the two orders disagree (the paper's protocol).
+  A judge with a strong position bias makes nearly every pair a tie; `decision: margin_sum` instead
+  decides on the sum of the two orders' log-odds, in which a fixed position preference cancels.
 - `reward`: a reward model scores each answer on its own, so order cannot matter; A wins when its
   reward is higher by more than `tie_margin`, and the pair is a tie within it.
 """
@@ -92,8 +94,13 @@ def outcomes(questions: list[dict], scores: Scores, cfg: JudgeEvalConfig) -> lis
         ab, ba = scores[q["id"] + ":ab"]["logprobs"], scores[q["id"] + ":ba"]["logprobs"]
         m_first, m_swapped = ab[0] - ab[1], ba[1] - ba[0]  # both: log-odds in favour of model A's answer
         first, swapped = order_verdict(m_first, cfg.tie_margin), order_verdict(m_swapped, cfg.tie_margin)
+        if cfg.decision == "margin_sum":  # a fixed preference b for position A adds +b and -b: it cancels
+            both = order_verdict(m_first + m_swapped, cfg.tie_margin)
+            outcome = combine(both, both)
+        else:
+            outcome = combine(first, swapped)
         records.append({"id": q["id"], "set": q["set"], "margin_first": m_first, "margin_swapped": m_swapped,
-                        "verdict_first": first, "verdict_swapped": swapped, "outcome": combine(first, swapped),
+                        "verdict_first": first, "verdict_swapped": swapped, "outcome": outcome,
                         "picks_position_a": int(first == "a") + int(swapped == "b")})
     return records
 
@@ -106,6 +113,19 @@ def rates(records: list[dict]) -> dict:
     out["win_rate_ties_half"] = (c["win"] + 0.5 * c["tie"]) / n if n else None
     out["n"] = n
     return out
+
+
+def answer_stats(answers: dict[str, str]) -> dict:
+    """Length and repetition of one model's answers, the two things the 3-rule adapter targets
+    (Hewitt et al. Section 6.1: rule 1 ends responses sooner, rule 3 discourages reusing words)."""
+    words = [a.split() for a in answers.values()]
+    n = len(words) or 1
+    return {
+        "mean_words": sum(len(w) for w in words) / n,
+        "mean_repeated_word_fraction": sum(1 - len(set(w)) / len(w) for w in words if w) / n,
+        "empty": sum(not w for w in words),
+        "n": len(words),
+    }
 
 
 def summarize(records: list[dict]) -> dict:

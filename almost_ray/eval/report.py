@@ -62,13 +62,22 @@ def markdown(report: dict) -> str:
     if "judge" in suites:
         s = suites["judge"]
         lines += [f"## {SUITE_TITLES['judge']}: `{report['model_label']}` vs `{s['vs_label']}`", "",
-                  f"Judge: {s['judge_label']}. " + ("Each pair judged in both orders; a tie when they disagree."
-                                                   if s["judge_kind"] == "model" else
-                                                   f"Reward difference within {s['tie_margin']} is a tie."),
+                  f"Judge: {s['judge_label']}. " + (
+                      "Each pair judged in both orders; a tie when they disagree."
+                      if s["judge_kind"] == "model" and s.get("decision", "both_orders") == "both_orders" else
+                      "Each pair judged in both orders; decided on the sum of the two orders' log-odds."
+                      if s["judge_kind"] == "model" else f"Reward difference within {s['tie_margin']} is a tie."),
                   "", "| questions | win % | tie % | loss % | win, ties half % | n |", "|---|---:|---:|---:|---:|---:|"]
         for name, r in [*s["sets"].items(), ("all", s["overall"])]:
             lines.append(f"| {name} | {pct(r['win'])} ({ci(r['win'])}) | {pct(r['tie'])} ({ci(r['tie'])}) | "
                          f"{pct(r['loss'])} ({ci(r['loss'])}) | {100 * r['win_rate_ties_half']:.1f} | {r['n']} |")
+        if "answers" in s:
+            a, b = s["answers"]["a"], s["answers"]["b"]
+            lines += ["", "| answers of | mean words | repeated-word fraction | empty | n |", "|---|---:|---:|---:|---:|",
+                      f"| `{report['model_label']}` | {a['mean_words']:.1f} | {a['mean_repeated_word_fraction']:.3f} "
+                      f"| {a['empty']} | {a['n']} |",
+                      f"| `{s['vs_label']}` | {b['mean_words']:.1f} | {b['mean_repeated_word_fraction']:.3f} "
+                      f"| {b['empty']} | {b['n']} |"]
         if "judge_rate_answer_a" in s:
             p = s["judge_rate_answer_a"]
             lines.append(f"\nThe judge answered 'A' in {pct(p)} % of its {p['n']} verdicts ({ci(p)}; 50 = no position bias).")

@@ -231,7 +231,8 @@ def run_judge(e: EvalConfig, backends: Backends) -> tuple[dict, list[dict]]:
         r.update(question=next(q["question"] for q in questions if q["id"] == r["id"]),
                  answer_a=answers_a[r["id"]], answer_b=answers_b[r["id"]])
     metrics = {**judge.summarize(records), "vs_label": model_label(e.vs), "judge_kind": j.kind,
-               "judge_label": judge_label, "tie_margin": j.tie_margin}
+               "judge_label": judge_label, "tie_margin": j.tie_margin, "decision": j.decision,
+               "answers": {"a": judge.answer_stats(answers_a), "b": judge.answer_stats(answers_b)}}
     return metrics, records
 
 

@@ -42,9 +42,11 @@ class RewardModel:
         self.tokenizer.truncation_side = "left"  # keep the judged answer when a dialogue is too long
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch_dtype(dtype, self.device), trust_remote_code=False
-        )
+        with torch.random.fork_rng(devices=[]):  # a base LM's fresh head is the same in every replica and run
+            torch.manual_seed(0)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch_dtype(dtype, self.device), trust_remote_code=False
+            )
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(self.device).eval()
         self.max_length = max_length
