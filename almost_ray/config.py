@@ -123,12 +123,16 @@ class GenerateConfig(StrictModel):
 
 
 class DemoConfig(StrictModel):
-    """`make demo`: which queries the demo answers."""
+    """`make demo`: which stages run and which queries the final model answers."""
 
     seed_queries: Path | None = Field(
         default=None, description="one query per line; null uses the project's own seed queries"
     )
-    num_queries: int = Field(default=10, ge=1)
+    num_queries: int = Field(default=10, ge=1, description="seed queries the final model answers")
+    stages: list[Literal["queries", "compare", "train_rm", "rmsp", "train_sft", "answers"]] = Field(
+        default=["queries", "compare", "train_rm", "rmsp", "train_sft", "answers"],
+        description="which stages `make demo` runs, always in pipeline order; finished ones are skipped",
+    )
 
 
 # Default evaluation prompts: our own wording in the papers' Human/Assistant form. The text after the

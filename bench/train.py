@@ -70,6 +70,15 @@ def step_timer():
     return StepTimer()
 
 
+def _trl_args(config_cls, out: str, batch: int, max_length: int, gc: bool, learning_rate: float):
+    """One epoch on the CPU in float32, no saving or logging: the same settings for both trainers."""
+    return config_cls(
+        output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=learning_rate,
+        max_length=max_length, gradient_checkpointing=gc, bf16=False, use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0,
+    )
+
+
 def trl_reward(model_dir: Path, pairs, batch: int, max_length: int, gc: bool) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -80,11 +89,7 @@ def trl_reward(model_dir: Path, pairs, batch: int, max_length: int, gc: bool) ->
     model.config.pad_token_id = tok.pad_token_id
     data = Dataset.from_list([{"chosen": rm_text(p.chosen), "rejected": rm_text(p.rejected)} for p in pairs])
     with tempfile.TemporaryDirectory() as out:
-        args = RewardConfig(
-            output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-5,
-            max_length=max_length, gradient_checkpointing=gc, bf16=False, use_cpu=True, report_to="none",
-            save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0,
-        )
+        args = _trl_args(RewardConfig, out, batch, max_length, gc, learning_rate=1e-5)
         times = step_timer()
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[times])
         assert len(trainer.train_dataset) == len(pairs), "TRL dropped pairs: lengths differ"
@@ -103,11 +108,7 @@ def trl_sft(model_dir: Path, dialogues, batch: int, max_length: int, gc: bool) -
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = [{"prompt": human_assistant(d[:-1]), "completion": " " + d[-1]["content"].strip()} for d in dialogues]
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=2e-5,
-            max_length=max_length, gradient_checkpointing=gc, bf16=False, use_cpu=True, report_to="none",
-            save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0,
-        )
+        args = _trl_args(SFTConfig, out, batch, max_length, gc, learning_rate=2e-5)
         times = step_timer()
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                              callbacks=[times])

@@ -83,19 +83,17 @@ def win_rate(wins: int, losses: int, ties: int) -> dict:
             "ci95": [round(lo, 3), round(hi, 3)]}
 
 
-def ladder_order(responses: list[dict], comparisons: list[dict], judge: PMIJudge) -> dict:
-    """How often each rung beats the next one (and every lower one), and the kept pairs' agreement."""
-    by_query: dict[str, dict[str, str]] = defaultdict(dict)
-    prompts: dict[str, str] = {}
-    rungs: list[str] = []
-    for r in responses:
-        by_query[r["query_id"]][r["generator"]] = r["responses"][0]
-        prompts[r["query_id"]] = r["prompt"]
-        if r["generator"] not in rungs:
-            rungs.append(r["generator"])
-    items = [(qid, rung) for qid in by_query for rung in rungs]
-    scored = judge.scores([(prompts[q], by_query[q][rung]) for q, rung in items])
-    score = dict(zip(items, scored))
+# Pointwise judges computed from the same (log p(y|x), log p(y|no query), tokens) components.
+JUDGES = {
+    "pmi_per_token": pmi,
+    "mean_logprob": lambda c: -math.inf if c is None else c[0] / c[2],
+    "sum_logprob": lambda c: -math.inf if c is None else c[0],
+}
+LADDER_JUDGES = ("pmi_per_token", "mean_logprob")  # sum_logprob only measures shortness
+
+
+def order_stats(rungs: list[str], by_query: dict[str, dict[str, str]], score: dict, comparisons: list[dict]) -> dict:
+    """One judge's verdicts: every rung pair's win rate, the mean score per rung, the kept pairs' agreement."""
     matrix = {}
     for i, hi in enumerate(rungs):
         for lo in rungs[i + 1:]:
@@ -109,8 +107,32 @@ def ladder_order(responses: list[dict], comparisons: list[dict], judge: PMIJudge
     kept = [(c["query_id"], c["chosen_rung"], c["rejected_rung"]) for c in comparisons]
     w = sum(score[(q, a)] > score[(q, b)] for q, a, b in kept)
     lose = sum(score[(q, a)] < score[(q, b)] for q, a, b in kept)
-    return {"rungs": rungs, "queries": len(by_query), "adjacent": adjacent, "all_pairs": matrix,
-            "mean_pmi": mean_score, "kept_comparisons": win_rate(w, lose, len(kept) - w - lose)}
+    return {"adjacent": adjacent, "all_pairs": matrix, "mean_score": mean_score,
+            "kept_comparisons": win_rate(w, lose, len(kept) - w - lose)}
+
+
+def ladder_order(responses: list[dict], comparisons: list[dict], judge: PMIJudge) -> dict:
+    """How often each rung beats the next one (and every lower one), and the kept pairs' agreement.
+
+    The PMI judge's verdicts are the report's top level; `by_judge` holds every judge in LADDER_JUDGES.
+    """
+    by_query: dict[str, dict[str, str]] = defaultdict(dict)
+    prompts: dict[str, str] = {}
+    rungs: list[str] = []
+    for r in responses:
+        by_query[r["query_id"]][r["generator"]] = r["responses"][0]
+        prompts[r["query_id"]] = r["prompt"]
+        if r["generator"] not in rungs:
+            rungs.append(r["generator"])
+    items = [(qid, rung) for qid in by_query for rung in rungs]
+    components = judge.components([(prompts[q], by_query[q][rung]) for q, rung in items])
+    by_judge = {name: order_stats(rungs, by_query, {it: JUDGES[name](c) for it, c in zip(items, components)},
+                                  comparisons)
+                for name in LADDER_JUDGES}
+    pmi_stats = by_judge["pmi_per_token"]
+    return {"rungs": rungs, "queries": len(by_query), "adjacent": pmi_stats["adjacent"],
+            "all_pairs": pmi_stats["all_pairs"], "mean_pmi": pmi_stats["mean_score"],
+            "kept_comparisons": pmi_stats["kept_comparisons"], "by_judge": by_judge}
 
 
 def calibrate(judge: PMIJudge, data_dir: Path, hh_limit: int = 150) -> dict:
@@ -132,13 +154,11 @@ def calibrate(judge: PMIJudge, data_dir: Path, hh_limit: int = 150) -> dict:
         if chosen.strip() and rejected.strip() and chosen.strip() != rejected.strip():
             sets["hh_helpful_base_test"].append((query.replace("\n\nHuman:", "").strip(), chosen, rejected))
     out = {}
-    judges = {"pmi_per_token": pmi, "mean_logprob": lambda c: -math.inf if c is None else c[0] / c[2],
-              "sum_logprob": lambda c: -math.inf if c is None else c[0]}
     for name, triples in sets.items():
         comps = judge.components([(q, y) for q, a, b in triples for y in (a, b)])
         out[name] = {"pairs": len(triples), "always_longer_baseline": round(
             sum(len(a.strip()) > len(b.strip()) for _, a, b in triples) / max(1, len(triples)), 3)}
-        for jname, fn in judges.items():
+        for jname, fn in JUDGES.items():
             scores = [fn(c) for c in comps]
             w = sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(triples)))
             lose = sum(scores[2 * i] < scores[2 * i + 1] for i in range(len(triples)))

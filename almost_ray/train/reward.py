@@ -11,7 +11,6 @@ This module is also the RM *task* of the loop: `load_model`, `empty_model`, `loa
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -97,25 +96,11 @@ def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str
 
 def run(cfg: TrainRMConfig, ray_cfg: RayConfig, input_path: str | Path, stage_dir: str | Path) -> Path:
     """Train an RM on a comparisons file into `stage_dir/model` (skipped when already done)."""
-    from almost_ray.cluster import init_ray
-    from almost_ray.models.loading import resolve_model_dir
-    from almost_ray.pipeline import is_done, write_manifest
-    from almost_ray.train import loop
-    from almost_ray.train.report import plot_metrics, summarize
+    from almost_ray.train.stage import run_stage
 
-    stage_dir = Path(stage_dir)
-    inputs = {"comparisons": input_path}
-    if is_done(stage_dir, cfg, inputs) and (stage_dir / loop.MODEL_DIR / "config.json").exists():
-        print(f"train-rm: {stage_dir} is up to date")
-        return stage_dir / loop.MODEL_DIR
-    started = time.time()
-    pairs = load_pairs(input_path)
-    model_dir = resolve_model_dir(cfg.model)
-    examples = encode_pairs(pairs, load_tokenizer(model_dir), cfg.max_length)
-    if cfg.num_workers > 0:
-        init_ray(ray_cfg)
-    out = loop.fit("rm", cfg, examples, model_dir, stage_dir)
-    summary = summarize(stage_dir / loop.METRICS)
-    plot_metrics(stage_dir / loop.METRICS, stage_dir / "training.png", ["loss", "accuracy"], title="reward model")
-    write_manifest(stage_dir, "train-rm", cfg, inputs, started, counts={"pairs": len(pairs)}, metrics=summary)
-    return out
+    def prepare(model_dir: Path):
+        pairs = load_pairs(input_path)
+        return encode_pairs(pairs, load_tokenizer(model_dir), cfg.max_length), {"pairs": len(pairs)}
+
+    return run_stage("train-rm", "rm", cfg, ray_cfg, {"comparisons": input_path}, stage_dir, prepare,
+                     (["loss", "accuracy"], "reward model"))

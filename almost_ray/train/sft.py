@@ -19,7 +19,6 @@ This module is also the SFT *task* of the loop: `load_model`, `empty_model`, `lo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -163,28 +162,14 @@ def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str
 
 def run(cfg: TrainSFTConfig, ray_cfg: RayConfig, input_path: str | Path, stage_dir: str | Path) -> Path:
     """Finetune on a dialogues file into `stage_dir/model` (skipped when already done)."""
-    from almost_ray.cluster import init_ray
-    from almost_ray.models.loading import resolve_model_dir
-    from almost_ray.pipeline import is_done, write_manifest
-    from almost_ray.train import loop
-    from almost_ray.train.report import plot_metrics, summarize
+    from almost_ray.train.stage import run_stage
 
-    stage_dir = Path(stage_dir)
-    inputs = {"dialogues": input_path}
-    if is_done(stage_dir, cfg, inputs) and (stage_dir / loop.MODEL_DIR / "config.json").exists():
-        print(f"train-sft: {stage_dir} is up to date")
-        return stage_dir / loop.MODEL_DIR
-    started = time.time()
-    conversations = load_conversations(input_path)
-    model_dir = resolve_model_dir(cfg.model)
-    examples = encode_conversations(conversations, load_tokenizer(model_dir), cfg)
-    if not examples:
-        raise RecordError(f"{input_path}: no dialogue keeps an assistant token within max_length={cfg.max_length}")
-    if cfg.num_workers > 0:
-        init_ray(ray_cfg)
-    out = loop.fit("sft", cfg, examples, model_dir, stage_dir)
-    summary = summarize(stage_dir / loop.METRICS)
-    plot_metrics(stage_dir / loop.METRICS, stage_dir / "training.png", ["loss", "lr"], title=f"{cfg.mode}")
-    counts = {"dialogues": len(conversations), "trained": len(examples)}
-    write_manifest(stage_dir, f"train-sft:{cfg.mode}", cfg, inputs, started, counts=counts, metrics=summary)
-    return out
+    def prepare(model_dir: Path):
+        conversations = load_conversations(input_path)
+        examples = encode_conversations(conversations, load_tokenizer(model_dir), cfg)
+        if not examples:
+            raise RecordError(f"{input_path}: no dialogue keeps an assistant token within max_length={cfg.max_length}")
+        return examples, {"dialogues": len(conversations), "trained": len(examples)}
+
+    return run_stage(f"train-sft:{cfg.mode}", "sft", cfg, ray_cfg, {"dialogues": input_path}, stage_dir, prepare,
+                     (["loss", "lr"], cfg.mode))
