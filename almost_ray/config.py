@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -122,6 +122,9 @@ class GenerateConfig(StrictModel):
     shard_size: int = Field(default=64, ge=1, description="rows per resumable output shard")
 
 
+DemoStage = Literal["queries", "compare", "train_rm", "rmsp", "train_sft", "answers"]
+
+
 class DemoConfig(StrictModel):
     """`make demo`: which stages run and which queries the final model answers."""
 
@@ -129,8 +132,8 @@ class DemoConfig(StrictModel):
         default=None, description="one query per line; null uses the project's own seed queries"
     )
     num_queries: int = Field(default=10, ge=1, description="seed queries the final model answers")
-    stages: list[Literal["queries", "compare", "train_rm", "rmsp", "train_sft", "answers"]] = Field(
-        default=["queries", "compare", "train_rm", "rmsp", "train_sft", "answers"],
+    stages: list[DemoStage] = Field(
+        default_factory=lambda: list(get_args(DemoStage)),
         description="which stages `make demo` runs, always in pipeline order; finished ones are skipped",
     )
 

@@ -27,6 +27,15 @@ def ci(p: dict) -> str:
     return f"{100 * p['ci_low']:.1f}–{100 * p['ci_high']:.1f}"
 
 
+def _judge_protocol(s: dict) -> str:
+    """One sentence on how a judge suite decided its pairs."""
+    if s["judge_kind"] != "model":
+        return f"Reward difference within {s['tie_margin']} is a tie."
+    if s.get("decision", "both_orders") == "margin_sum":
+        return "Each pair judged in both orders; decided on the sum of the two orders' log-odds."
+    return "Each pair judged in both orders; a tie when they disagree."
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Evaluation of `{report['model_label']}`", "", CI_NOTE, ""]
     suites = report["suites"]
@@ -62,11 +71,7 @@ def markdown(report: dict) -> str:
     if "judge" in suites:
         s = suites["judge"]
         lines += [f"## {SUITE_TITLES['judge']}: `{report['model_label']}` vs `{s['vs_label']}`", "",
-                  f"Judge: {s['judge_label']}. " + (
-                      "Each pair judged in both orders; a tie when they disagree."
-                      if s["judge_kind"] == "model" and s.get("decision", "both_orders") == "both_orders" else
-                      "Each pair judged in both orders; decided on the sum of the two orders' log-odds."
-                      if s["judge_kind"] == "model" else f"Reward difference within {s['tie_margin']} is a tie."),
+                  f"Judge: {s['judge_label']}. {_judge_protocol(s)}",
                   "", "| questions | win % | tie % | loss % | win, ties half % | n |", "|---|---:|---:|---:|---:|---:|"]
         for name, r in [*s["sets"].items(), ("all", s["overall"])]:
             lines.append(f"| {name} | {pct(r['win'])} ({ci(r['win'])}) | {pct(r['tie'])} ({ci(r['tie'])}) | "
