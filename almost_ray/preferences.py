@@ -14,12 +14,11 @@ Both become a `PreferencePair` of two conversations ending with the judged assis
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.records import RecordError
+from almost_ray.records import RecordError, numbered_rows
 
 Messages = list[dict[str, str]]
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
@@ -98,20 +97,6 @@ def pair_from_record(obj: dict) -> PreferencePair:
         except (ValueError, TypeError, AttributeError) as err:
             raise ValueError(f"{field}: not an HH-RLHF dialogue ({err}); or add a 'prompt' field") from None
     return PreferencePair(chosen=pairs[0], rejected=pairs[1])
-
-
-def numbered_rows(path: str | Path):
-    """`(line number, object)` for each non-blank line of a JSONL file (numbers count blank lines too)."""
-    path = Path(path)
-    if not path.exists():
-        raise RecordError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise RecordError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:

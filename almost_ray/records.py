@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -103,30 +103,34 @@ def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
     return count
 
 
-def read_jsonl(path: str | Path, record_type: type[R] | None = None) -> Iterator[R | dict]:
-    """Yield records from a JSONL file; blank lines are skipped, bad lines raise `RecordError`."""
+def numbered_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """`(line number, object)` for each non-blank line of a JSONL file (numbers count blank lines too)."""
     path = Path(path)
     if not path.exists():
         raise RecordError(f"{path}: file not found")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            if record_type is None:
-                yield obj
-                continue
-            try:
-                yield record_type.model_validate(obj)
-            except ValidationError as err:
-                first = err.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "<record>"
-                raise RecordError(
-                    f"{path}:{lineno}: {field}: {first['msg']} (in a {record_type.__name__} record)"
-                ) from None
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise RecordError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def read_jsonl(path: str | Path, record_type: type[R] | None = None) -> Iterator[R | dict]:
+    """Yield records from a JSONL file; blank lines are skipped, bad lines raise `RecordError`."""
+    for lineno, obj in numbered_rows(path):
+        if record_type is None:
+            yield obj
+            continue
+        try:
+            yield record_type.model_validate(obj)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "<record>"
+            raise RecordError(
+                f"{path}:{lineno}: {field}: {first['msg']} (in a {record_type.__name__} record)"
+            ) from None
 
 
 def load_queries(path: str | Path) -> list[Query]:

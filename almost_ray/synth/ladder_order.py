@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from almost_ray.config import ModelConfig, load_config
+from almost_ray.eval.stats import wilson_interval
 from almost_ray.records import read_jsonl, write_json
 
 
@@ -69,16 +70,10 @@ def pmi(c: tuple[float, float, int] | None) -> float:
 
 
 def win_rate(wins: int, losses: int, ties: int) -> dict:
-    """Share of decided comparisons won, with a 95% Wilson interval."""
+    """Share of decided comparisons won, with a 95% Wilson interval (`eval.stats`)."""
     n = wins + losses
     p = wins / n if n else float("nan")
-    z = 1.96
-    if n:
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        lo, hi = centre - half, centre + half
-    else:
-        lo = hi = float("nan")
+    lo, hi = wilson_interval(wins, n) if n else (float("nan"), float("nan"))
     return {"wins": wins, "losses": losses, "ties": ties, "win_rate": round(p, 3),
             "ci95": [round(lo, 3), round(hi, 3)]}
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from almost_ray.config import RayConfig, TrainSFTConfig
-from almost_ray.preferences import numbered_rows
-from almost_ray.records import Dialogue, RecordError
+from almost_ray.records import Dialogue, RecordError, numbered_rows
 from almost_ray.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
 from almost_ray.train.data import encode_supervised, pad_batch
 from almost_ray.train.losses import IGNORE_INDEX, token_nll_sum
