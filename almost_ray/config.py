@@ -13,17 +13,12 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from almost_ray.config_base import ConfigError, StrictModel
+from almost_ray.rl.config import PPOConfig
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file, line and field."""
-
-
-class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+__all__ = ["Config", "ConfigError", "StrictModel", "load_config", "config_hash"]
 
 
 class TokenBias(StrictModel):
@@ -580,6 +575,7 @@ class Config(StrictModel):
     eval_rm: EvalRMConfig = Field(default_factory=EvalRMConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rmsp: RMSPConfig = Field(default_factory=RMSPConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     @property
     def run_dir(self) -> Path:

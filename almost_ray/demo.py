@@ -23,7 +23,7 @@ from pathlib import Path
 
 from almost_ray import generate
 from almost_ray.config import Config
-from almost_ray.pipeline import read_manifest
+from almost_ray.manifest import read_manifest
 from almost_ray.records import RecordError, Response, load_queries, read_jsonl, write_jsonl
 from almost_ray.templates import packaged_text
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from almost_ray.cluster import init_ray
 from almost_ray.config import GenerateConfig, RayConfig
 from almost_ray.generation_pool import stream_generation
-from almost_ray.pipeline import is_done, write_manifest
+from almost_ray.manifest import is_done, write_manifest
 from almost_ray.records import RecordError, Response, load_queries, read_jsonl
 from almost_ray.shards import ShardedJsonl
 from almost_ray.templates import default_stop

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
-from almost_ray.pipeline import read_manifest
+from almost_ray.manifest import read_manifest
 from almost_ray.records import read_jsonl
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from almost_ray.config import load_config
-from almost_ray.pipeline import read_manifest
+from almost_ray.manifest import read_manifest
 from almost_ray.records import read_jsonl
 from almost_ray.rmsp import stage, turns
 

@@ -21,7 +21,7 @@ from almost_ray.config import Config, ConfigError, EvalConfig, JudgeEvalConfig, 
 from almost_ray.eval import hhh, judge, ranking, truthfulqa
 from almost_ray.eval.report import write_report
 from almost_ray.eval.scoring import Scorer, reward_on_ray, score_on_ray
-from almost_ray.pipeline import is_done, write_manifest
+from almost_ray.manifest import is_done, write_manifest
 from almost_ray.records import atomic_open, read_jsonl
 from almost_ray.shards import ShardedJsonl
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from almost_ray.config import ConfigError, RayConfig, RMSPConfig
-from almost_ray.pipeline import read_manifest
+from almost_ray.manifest import read_manifest
 from almost_ray.records import read_jsonl, write_json
 from almost_ray.rmsp import stage, turns
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from almost_ray.cluster import init_ray
 from almost_ray.config import ConfigError, RayConfig, ResourcesConfig, RMSPConfig, config_hash
-from almost_ray.pipeline import input_hash, is_done, write_manifest
+from almost_ray.manifest import input_hash, is_done, write_manifest
 from almost_ray.records import atomic_open, load_queries, read_jsonl
 from almost_ray.rmsp import turns
 from almost_ray.rmsp.replicas import CandidateScorer, RoleReplica

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from almost_ray.config import CompareConfig, RayConfig
-from almost_ray.pipeline import is_done, read_manifest, write_manifest
+from almost_ray.manifest import is_done, read_manifest, write_manifest
 from almost_ray.records import Comparison, RecordError, atomic_open, load_queries, read_jsonl, write_jsonl
 from almost_ray.shards import ShardedJsonl
 from almost_ray.synth.filters import Candidate, binarize, rm_agrees

@@ -26,7 +26,7 @@ from pathlib import Path
 from rouge_score import rouge_scorer, tokenizers
 
 from almost_ray.config import QueriesConfig, RayConfig, config_hash
-from almost_ray.pipeline import is_done, read_manifest, write_manifest
+from almost_ray.manifest import is_done, read_manifest, write_manifest
 from almost_ray.records import Query, RecordError, atomic_open, read_jsonl, write_json, write_jsonl
 from almost_ray.shards import ShardedJsonl
 from almost_ray.templates import packaged_text

@@ -1,0 +1,137 @@
+"""Settings of `almost-ray ppo` (ALMoST step 3, RLSF): PPO against the synthetic RM.
+
+The defaults are the paper's (Section 2.3, Appendix D.3): policy from the SFT model, prompts the first
+user turns of the RMSP dialogues, reward = RM score at the last response token minus lambda * KL to the
+SFT policy (lambda 0.05), 512 episodes per iteration in minibatches of 32, 4 inner epochs, at most 128 new
+tokens, temperature 1, clip 0.2, gamma 1, AdamW lr 1e-6 with betas (0.9, 0.95) and cosine decay to 8e-7,
+no reward normalisation, 80k episodes. `configs/demo.yaml` shrinks the sizes for 2 CPUs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from almost_ray.config_base import StrictModel
+
+Role = Literal["policy", "critic", "reference", "reward"]
+ROLES: tuple[Role, ...] = ("policy", "critic", "reference", "reward")
+
+
+class RoleResources(StrictModel):
+    """One role's actor group: `replicas` actors, each reserving `num_cpus`/`num_gpus`.
+
+    Trainable roles (policy, critic) are data-parallel across their replicas; frozen roles split the
+    rollout batch between theirs. Colocated roles share bundles, so their fractions must add up to at
+    most one bundle (OpenRLHF places colocated roles with fractional `num_gpus` the same way).
+    """
+
+    replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+
+
+class RolloutConfig(StrictModel):
+    """The rollout engines: actors that only generate, refreshed with the policy's weights each iteration.
+
+    `backend: hf` is the HF generator (CPU, or one GPU); `vllm` is vLLM engines (`[gpu]` extra) whose
+    weights are refreshed by NCCL broadcast, or CUDA IPC when colocated with the policy.
+    """
+
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    engines: int = Field(default=1, ge=1, description="rollout engine actors")
+    num_cpus: float = Field(default=1, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM")
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="vLLM, shared with training")
+    max_batch_size: int = Field(default=16, ge=1, description="HF backend: prompts per forward pass")
+
+
+class PPOConfig(StrictModel):
+    """`almost-ray ppo`: one iteration = rollout of `rollout_batch_size` episodes (one prompt, one
+    sampled response each), scoring by reference/reward/critic, then `ppo_epochs` passes over the
+    episodes in minibatches of `minibatch_size` (one optimizer step per minibatch)."""
+
+    policy: str | None = Field(default=None, description="SFT model reference; null: <run dir>/sft/model")
+    reward_model: str | None = Field(default=None, description="RM reference; null: <run dir>/rm/model")
+    critic_init: Literal["reward", "policy"] = Field(
+        default="reward", description="critic starts from the RM (OpenRLHF's default) or from the SFT model"
+    )
+    prompts: Path | None = Field(
+        default=None,
+        description="prompts .jsonl/.txt; null: first user turns of <run dir>/rmsp/dialogues.jsonl",
+    )
+    prompt_format: Literal["human_assistant", "tulu", "chat"] = Field(
+        default="human_assistant", description="the format the SFT model was trained on"
+    )
+    max_prompt_tokens: int = Field(default=512, ge=8, description="longer prompts are dropped and counted")
+    # ALMoST Appendix D.3
+    total_episodes: int = Field(default=80_000, ge=1, description="paper: 80k episodes over 20k prompts")
+    rollout_batch_size: int = Field(default=512, ge=1, description="episodes per iteration (paper: 512)")
+    minibatch_size: int = Field(default=32, ge=1, description="episodes per optimizer step (paper: 32)")
+    micro_batch_size: int = Field(default=8, ge=1, description="episodes per forward pass on one replica")
+    ppo_epochs: int = Field(default=4, ge=1, description="passes over each rollout batch (paper: 4)")
+    max_new_tokens: int = Field(default=128, ge=1, description="paper: 128")
+    temperature: float = Field(default=1.0, gt=0, description="paper: 1")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    kl_coef: float = Field(default=0.05, ge=0, description="lambda of r - lambda * KL (paper: 0.05)")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gamma: float = Field(default=1.0, ge=0, le=1, description="paper: 1")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
+    clip_range: float = Field(default=0.2, gt=0, description="policy ratio clip (paper: 0.2)")
+    clip_range_value: float = Field(default=0.2, gt=0, description="value clip")
+    value_loss_coef: float = Field(default=0.1, ge=0)
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = Field(
+        default=None, description="added to the RM score of a response cut at max_new_tokens without EOS"
+    )
+    lr: float = Field(default=1e-6, gt=0, description="policy AdamW lr (paper: 1e-6)")
+    min_lr: float = Field(default=8e-7, ge=0, description="cosine decays to this (paper: 8e-7)")
+    critic_lr: float = Field(default=1e-6, gt=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Placement (OpenRLHF-style): role actor groups in placement groups
+    policy_resources: RoleResources = Field(default_factory=RoleResources)
+    critic_resources: RoleResources = Field(default_factory=RoleResources)
+    reference_resources: RoleResources = Field(default_factory=RoleResources)
+    reward_resources: RoleResources = Field(default_factory=RoleResources)
+    colocate: list[list[Role]] = Field(
+        default_factory=list,
+        description="groups of roles sharing bundles, e.g. [[policy, reference], [critic, reward]]",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    # Durability
+    checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    engine: Literal["almost_ray", "openrlhf"] = Field(
+        default="almost_ray", description="openrlhf: map this config onto OpenRLHF's train_ppo_ray and submit it"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size "
+                f"({self.minibatch_size})"
+            )
+        seen: list[str] = []
+        for group in self.colocate:
+            for role in group:
+                if role in seen:
+                    raise ValueError(f"colocate: role {role!r} is in more than one group")
+                seen.append(role)
+        return self
+
+    def resources(self, role: Role) -> RoleResources:
+        return getattr(self, f"{role}_resources")
+
+    @property
+    def iterations(self) -> int:
+        """Iterations to run: total_episodes / rollout_batch_size, rounded up."""
+        return -(-self.total_episodes // self.rollout_batch_size)
