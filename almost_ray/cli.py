@@ -95,13 +95,21 @@ def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
     print(f"wrote {out / 'dialogues.jsonl'} and {out / 'manifest.json'}")
 
 
+def _export(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.export import export
+
+    stage_dir = Path(args.stage_dir) if args.stage_dir else cfg.run_dir / args.stage
+    out = export(stage_dir, args.stage, args.to, args.format)
+    print(f"wrote {out} ({args.format}; load with datasets.{'load_dataset' if args.format == 'parquet' else 'load_from_disk'})")
+
+
 # name -> (help, handler, extra arguments)
 SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
     "generate": (
         "answer prompts with one model through a Ray Data actor pool",
         _generate,
         [
-            (("--input",), dict(required=True, help="prompts: .txt (one per line) or .jsonl")),
+            (("--input",), dict(required=True, help="prompts: .txt (one per line), .jsonl, Parquet, a save_to_disk dir or a hub id")),
             (("--output",), dict(required=True, help="responses .jsonl, written atomically")),
         ],
     ),
@@ -109,7 +117,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         "train a reward model on comparisons (Ray Train, FSDP)",
         _train_rm,
         [
-            (("--input",), dict(required=True, help="comparisons .jsonl (prompt/chosen/rejected or HH-RLHF)")),
+            (("--input",), dict(required=True, help="comparisons (prompt/chosen/rejected or HH-RLHF): .jsonl, Parquet, save_to_disk dir or hub id")),
             (("--output",), dict(help="stage directory (default: <run dir>/rm); the model goes to <output>/model")),
         ],
     ),
@@ -117,7 +125,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         "supervised finetuning, response tuning or single-task finetuning (train_sft.mode)",
         _train_sft,
         [
-            (("--input",), dict(required=True, help="dialogues .jsonl (messages, or prompt/completion)")),
+            (("--input",), dict(required=True, help="dialogues (messages, or prompt/completion): .jsonl, Parquet, save_to_disk dir or hub id")),
             (("--output",), dict(help="stage directory (default: <run dir>/<mode>)")),
         ],
     ),
@@ -125,7 +133,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         "pairwise accuracy of a reward model next to the prefer-longer baseline",
         _eval_rm,
         [
-            (("--input",), dict(required=True, action="append", help="comparisons or HH-RLHF .jsonl (repeatable)")),
+            (("--input",), dict(required=True, action="append", help="comparisons or HH-RLHF: .jsonl, Parquet, save_to_disk dir or hub id (repeatable)")),
             (("--model",), dict(help="RM reference (default: eval_rm.model, else <run dir>/rm/model)")),
             (("--output",), dict(help="JSON report (default: <run dir>/eval_rm/rm_accuracy.json)")),
         ],
@@ -162,6 +170,17 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
             (("--queries",), dict(help="queries .jsonl/.txt (default: compare.queries, else <run dir>/queries)")),
             (("--output",), dict(help="stage directory (default: <run dir>/compare)")),
             (("--report",), dict(action="store_true", help="print the funnel table (counts and drop reasons)")),
+        ],
+    ),
+    "export": (
+        "write a stage's generated data (queries, compare, rmsp) as a Hugging Face dataset with its card",
+        _export,
+        [
+            (("--stage",), dict(required=True, choices=["queries", "compare", "rmsp", "rmsp-plain"])),
+            (("--to",), dict(required=True, help="output folder (replaced)")),
+            (("--format",), dict(default="parquet", choices=["parquet", "disk"],
+                                 help="parquet: load_dataset(DIR); disk: Dataset.save_to_disk")),
+            (("--stage-dir",), dict(help="the stage's folder (default: <run dir>/<stage>)")),
         ],
     ),
     "demo": ("run the pipeline, as far as it is built, on a local Ray with the embedded model", _demo, []),

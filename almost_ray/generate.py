@@ -15,25 +15,25 @@ from almost_ray.cluster import init_ray
 from almost_ray.config import GenerateConfig, RayConfig
 from almost_ray.generation_pool import stream_generation
 from almost_ray.manifest import is_done, write_manifest
-from almost_ray.records import RecordError, Response, load_queries, read_jsonl
+from almost_ray.records import RecordError, Response, numbered_rows
 from almost_ray.shards import ShardedJsonl
 from almost_ray.templates import default_stop
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """Rows `{"id", "messages"}` from a .txt of queries or a .jsonl of queries/prompts/conversations."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return [{"id": q.id, "messages": [{"role": "user", "content": q.text}]} for q in load_queries(path)]
+    """Rows `{"id", "messages"}` from any source (`sources.py`): a .txt of queries, or rows with
+    `messages` (a conversation), `prompt` or `text` (one user turn)."""
     rows = []
-    for lineno, obj in enumerate(read_jsonl(path), start=1):
-        rid = str(obj.get("id", obj.get("query_id", lineno)))
+    for number, obj in numbered_rows(path):
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path}:{number}: expected a JSON object")
+        rid = str(obj.get("id", obj.get("query_id", number)))
         if "messages" in obj:
             messages = obj["messages"]
         elif "text" in obj or "prompt" in obj:
             messages = [{"role": "user", "content": obj.get("text", obj.get("prompt"))}]
         else:
-            raise RecordError(f"{path}:{lineno}: expected one of the fields 'messages', 'prompt', 'text'")
+            raise RecordError(f"{path}:{number}: expected one of the fields 'messages', 'prompt', 'text'")
         rows.append({"id": rid, "messages": messages})
     return rows
 

@@ -7,7 +7,6 @@ inputs is skipped on re-run, so a crashed pipeline resumes; anything else is red
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from importlib import metadata
@@ -16,26 +15,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from almost_ray.cards import write_card
 from almost_ray.config import config_hash
 from almost_ray.records import write_json
+from almost_ray.sources import source_hash
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("almost-ray", "torch", "transformers", "ray", "vllm")
 
 
 def input_hash(path: str | Path) -> str:
-    """Content hash of a file; for a directory (a model) the hash of its file names, sizes and mtimes."""
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            st = f.stat()
-            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    else:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    """Content hash of an input source (a file, a model or dataset directory, a hub id): `sources.source_hash`."""
+    return source_hash(path)
 
 
 def versions() -> dict[str, str]:
@@ -72,7 +63,9 @@ def write_manifest(
     counts: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the manifest last: its presence means the stage's outputs are complete."""
+    """Write the manifest last: its presence means the stage's outputs are complete.
+
+    A data stage's dataset card (`cards.py`) is written just before it, from the same record."""
     manifest = {
         "stage": stage,
         "config": section.model_dump(mode="json"),
@@ -84,5 +77,6 @@ def write_manifest(
         "wall_time_s": round(time.time() - started, 2),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    write_card(stage_dir, stage, manifest)
     write_json(Path(stage_dir) / MANIFEST, manifest)
     return manifest

@@ -104,17 +104,12 @@ def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
 
 
 def numbered_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """`(line number, object)` for each non-blank line of a JSONL file (numbers count blank lines too)."""
-    path = Path(path)
-    if not path.exists():
-        raise RecordError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise RecordError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    """`(row number, object)` for each row of an input: a JSONL file's non-blank lines (numbered by line,
+    blank lines counted), or a Parquet file, `save_to_disk` directory or hub dataset (numbered by row
+    index). `path` is a source spec with optional `?split=...&columns=...` (see `sources.py`)."""
+    from almost_ray.sources import iter_rows
+
+    yield from iter_rows(path)
 
 
 def read_jsonl(path: str | Path, record_type: type[R] | None = None) -> Iterator[R | dict]:
@@ -134,11 +129,20 @@ def read_jsonl(path: str | Path, record_type: type[R] | None = None) -> Iterator
 
 
 def load_queries(path: str | Path) -> list[Query]:
-    """Queries from `.jsonl` (Query records) or `.txt` (one query per line, ids are line numbers)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        return list(read_jsonl(path, Query))
-    if not path.exists():
-        raise RecordError(f"{path}: file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [Query(id=f"{path.stem}-{i}", text=t.strip()) for i, t in enumerate(lines, 1) if t.strip()]
+    """Queries from any source (`sources.py`): Query rows, or one query per line of a `.txt`.
+
+    A row without an `id` gets `<file stem>-<row number>`, so a plain prompts dataset (a `text`
+    column, or another column renamed with `?columns=prompt:text`) needs no ids.
+    """
+    stem = Path(str(path).split("?", 1)[0]).stem
+    queries = []
+    for number, obj in numbered_rows(path):
+        if isinstance(obj, dict) and "id" not in obj:
+            obj = {**obj, "id": f"{stem}-{number}"}
+        try:
+            queries.append(Query.model_validate(obj))
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "<record>"
+            raise RecordError(f"{path}:{number}: {field}: {first['msg']} (in a Query record)") from None
+    return queries

@@ -19,6 +19,7 @@ from almost_ray.config import CompareConfig, RayConfig
 from almost_ray.manifest import is_done, read_manifest, write_manifest
 from almost_ray.records import Comparison, RecordError, atomic_open, load_queries, read_jsonl, write_jsonl
 from almost_ray.shards import ShardedJsonl
+from almost_ray.sources import parse_source
 from almost_ray.synth.filters import Candidate, binarize, rm_agrees
 from almost_ray.synth.ladder import generate_responses, remove_parts
 
@@ -107,7 +108,7 @@ def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_di
     if is_done(out_dir, cfg, inputs) and output.exists():
         return output
     started = time.time()
-    if not Path(queries_path).exists():
+    if parse_source(queries_path).kind in ("jsonl", "text") and not parse_source(queries_path).path.exists():
         raise RecordError(f"{queries_path}: queries file not found (run `almost-ray queries` first)")
     queries = load_queries(queries_path)[: cfg.max_queries]
     if not queries:

@@ -29,8 +29,8 @@ def run_stage(
 ) -> Path:
     """Train `kind` ("rm" | "sft") into `stage_dir/model`; returns it. Skipped when already done."""
     from almost_ray.cluster import init_ray
-    from almost_ray.models.loading import resolve_model_dir
     from almost_ray.manifest import is_done, write_manifest
+    from almost_ray.models.loading import resolve_model_dir
     from almost_ray.train import loop
     from almost_ray.train.report import plot_metrics, summarize
 

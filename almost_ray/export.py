@@ -1,0 +1,54 @@
+"""`almost-ray export`: a stage's generated data as a Hugging Face dataset that TRL reads directly.
+
+`--format parquet` (the default) writes `data/train-00000-of-00001.parquet` and the dataset card, a folder
+`datasets.load_dataset(DIR)` loads and `push_to_hub` could publish as is; `--format disk` writes
+`Dataset.save_to_disk` (for `datasets.load_from_disk`) with the card beside it. Comparisons keep TRL's
+preference columns (`prompt`, `chosen`, `rejected`) for `RewardTrainer`/`DPOTrainer`; dialogues keep
+`messages` for `SFTTrainer`. The metadata columns (rungs, scores, ids) travel with them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from almost_ray.cards import DATA_STAGES, card_text
+from almost_ray.manifest import read_manifest
+from almost_ray.records import RecordError
+
+ExportFormat = Literal["parquet", "disk"]
+PARQUET_FILE = "data/train-00000-of-00001.parquet"
+
+
+def export(stage_dir: str | Path, stage: str, to: str | Path, fmt: ExportFormat = "parquet") -> Path:
+    """Write the data of the finished stage in `stage_dir` into the folder `to` (replaced atomically)."""
+    import datasets
+
+    if stage not in DATA_STAGES:
+        raise RecordError(f"export: stage {stage!r} writes no dataset; choose one of {', '.join(DATA_STAGES)}")
+    stage_dir, to = Path(stage_dir), Path(to)
+    manifest = read_manifest(stage_dir)
+    data = stage_dir / DATA_STAGES[stage][0]
+    if manifest is None or not data.is_file():
+        raise RecordError(f"{stage_dir}: no finished {stage} stage here (run it first: its manifest.json is missing)")
+    datasets.utils.logging.disable_progress_bar()
+    dataset = datasets.Dataset.from_json(str(data), split="train")
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    try:
+        if fmt == "parquet":
+            (tmp / PARQUET_FILE).parent.mkdir(parents=True)
+            dataset.to_parquet(str(tmp / PARQUET_FILE))
+            files = PARQUET_FILE.replace("train-00000-of-00001", "train-*")
+        else:
+            dataset.save_to_disk(str(tmp))
+            files = "data-*.arrow"
+        (tmp / "README.md").write_text(card_text(stage, manifest, len(dataset), files), encoding="utf-8")
+        if to.exists():
+            shutil.rmtree(to)
+        tmp.rename(to)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return to
