@@ -99,6 +99,14 @@ def pair_from_record(obj: dict) -> PreferencePair:
     return PreferencePair(chosen=pairs[0], rejected=pairs[1])
 
 
+def usable(pair: PreferencePair) -> PreferencePair:
+    """A pair an RM can learn from: two replies that differ (a degenerate pair only adds noise). One empty
+    reply is a real preference (HH-RLHF's test set has an assistant that said nothing), so it is kept."""
+    if pair.chosen_response.strip() == pair.rejected_response.strip():
+        raise ValueError("chosen: identical to rejected (a degenerate pair)")
+    return pair
+
+
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
     """Every pair of a `.jsonl` file in either format; a bad line raises RecordError naming file:line:field."""
     pairs = []
@@ -108,7 +116,7 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePai
         if not isinstance(obj, dict):
             raise RecordError(f"{path}:{lineno}: expected a JSON object")
         try:
-            pairs.append(pair_from_record(obj))
+            pairs.append(usable(pair_from_record(obj)))
         except ValueError as err:
             raise RecordError(f"{path}:{lineno}: {err}") from None
     if not pairs:

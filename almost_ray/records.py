@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RecordError(ValueError):
@@ -58,9 +58,20 @@ class Message(BaseModel):
 
 
 class Dialogue(Record):
-    """A conversation in TRL's conversational format."""
+    """A conversation in TRL's conversational format: an optional system turn, then user and assistant
+    turns alternating (two turns of one speaker in a row are a broken record, not a conversation)."""
 
     messages: list[Message] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _roles_alternate(self) -> Dialogue:
+        for i in range(1, len(self.messages)):
+            role, before = self.messages[i].role, self.messages[i - 1].role
+            if role == "system":
+                raise ValueError(f"messages.{i}.role: a system turn may only come first")
+            if role == before:
+                raise ValueError(f"messages.{i}.role: two {role!r} turns in a row (roles must alternate)")
+        return self
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -112,6 +123,15 @@ def numbered_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     yield from iter_rows(path)
 
 
+def field_error(err: ValidationError) -> str:
+    """`field: message` of a record's first validation error. A record-level check (a model validator)
+    names its own field at the start of its message (`messages.1.role: ...`), which is kept as is."""
+    first = err.errors()[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    field = ".".join(str(p) for p in first["loc"])
+    return f"{field}: {msg}" if field else msg
+
+
 def read_jsonl(path: str | Path, record_type: type[R] | None = None) -> Iterator[R | dict]:
     """Yield records from a JSONL file; blank lines are skipped, bad lines raise `RecordError`."""
     for lineno, obj in numbered_rows(path):
@@ -121,11 +141,7 @@ def read_jsonl(path: str | Path, record_type: type[R] | None = None) -> Iterator
         try:
             yield record_type.model_validate(obj)
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "<record>"
-            raise RecordError(
-                f"{path}:{lineno}: {field}: {first['msg']} (in a {record_type.__name__} record)"
-            ) from None
+            raise RecordError(f"{path}:{lineno}: {field_error(err)} (in a {record_type.__name__} record)") from None
 
 
 def load_queries(path: str | Path) -> list[Query]:
@@ -135,14 +151,17 @@ def load_queries(path: str | Path) -> list[Query]:
     column, or another column renamed with `?columns=prompt:text`) needs no ids.
     """
     stem = Path(str(path).split("?", 1)[0]).stem
-    queries = []
+    queries: list[Query] = []
+    first_seen: dict[str, int] = {}
     for number, obj in numbered_rows(path):
         if isinstance(obj, dict) and "id" not in obj:
             obj = {**obj, "id": f"{stem}-{number}"}
         try:
             queries.append(Query.model_validate(obj))
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "<record>"
-            raise RecordError(f"{path}:{number}: {field}: {first['msg']} (in a Query record)") from None
+            raise RecordError(f"{path}:{number}: {field_error(err)} (in a Query record)") from None
+        query_id = queries[-1].id
+        if query_id in first_seen:
+            raise RecordError(f"{path}:{number}: id: duplicate id {query_id!r} (first at {first_seen[query_id]})")
+        first_seen[query_id] = number
     return queries

@@ -22,9 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from almost_ray.config import RayConfig, TrainSFTConfig
-from almost_ray.records import Dialogue, RecordError, numbered_rows
+from almost_ray.records import Dialogue, RecordError, field_error, numbered_rows
 from almost_ray.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
 from almost_ray.train.data import encode_supervised, pad_batch
 from almost_ray.train.losses import IGNORE_INDEX, token_nll_sum
@@ -74,10 +75,8 @@ def load_conversations(path: str | Path) -> list[Messages]:
         if "messages" in obj:
             try:
                 messages = [m.model_dump() for m in Dialogue.model_validate(obj).messages]
-            except ValueError as err:
-                first = err.errors()[0] if hasattr(err, "errors") else {"loc": (), "msg": str(err)}
-                field = ".".join(str(p) for p in first["loc"]) or "messages"
-                raise RecordError(f"{path}:{lineno}: {field}: {first['msg']}") from None
+            except ValidationError as err:
+                raise RecordError(f"{path}:{lineno}: {field_error(err)}") from None
         elif "prompt" in obj and "completion" in obj:
             messages = []
             for field, role in (("prompt", "user"), ("completion", "assistant")):
