@@ -28,13 +28,18 @@ class TokenBias(StrictModel):
     weight: float
 
 
+# Rule 2's "What" score: -5 in Listing 1 and the released combined_model.py (our default), -3 in Table 8.
+WHAT_WEIGHT_LISTING1, WHAT_WEIGHT_TABLE8 = -5.0, -3.0
+
+
 def _table8_biases() -> list[TokenBias]:
-    # Hewitt et al. Table 8, rule 2. Listing 1 gives "What" -5; Table 8 gives -3 (used here).
+    # Hewitt et al. rule 2 as their released code (Listing 1) sets it, Llama-2 pieces written as text:
+    # "▁We" is the word-initial " We" (Table 8's bare "We" is not what the code biases), "What" -5.
     rows = [
         (["<", " <", "|"], -4.0),
         ([" I", "I"], -5.0),
-        (["We"], -3.0),
-        (["What"], -3.0),
+        ([" We"], -3.0),
+        (["What"], WHAT_WEIGHT_LISTING1),
         ([" should"], -6.0),
         ([" *", " -", "   ", " #", " ##", "\n", "!"], 1.0),
     ]
@@ -55,7 +60,17 @@ class RulesConfig(StrictModel):
         description="rule 1 past the horizon: false = no bonus (the paper's code), true = keep eos_weight",
     )
     biases: list[TokenBias] = Field(default_factory=_table8_biases, description="rule 2: fixed token scores")
-    repeat_penalty: float = Field(default=-1.5, description="rule 3: added to every token already in the response")
+    repeat_penalty: float = Field(default=-1.5, description="rule 3: added to every distinct token in its scope")
+    repeat_scope: Literal["after_last_user", "response"] = Field(
+        default="after_last_user",
+        description="rule 3's scope: every token after the last user tag, instruction included (Listing 1), "
+        "or the response only",
+    )
+    user_tag: str = Field(
+        default="<|user|>\n", min_length=1,
+        description="rule 3: the text that opens a user turn (Tulu's, as Listing 1); a prompt without it is "
+        "in scope whole, as in the reference",
+    )
 
 
 class ModelConfig(StrictModel):
@@ -75,6 +90,11 @@ class ModelConfig(StrictModel):
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM backend")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="vLLM backend")
     rules: RulesConfig = Field(default_factory=RulesConfig, description="decode with the 3-rule adapter")
+    on_overlong: Literal["error", "skip"] = Field(
+        default="error",
+        description="a prompt too long even without its few-shot demonstrations: stop with an error naming it, "
+        "or skip it (no samples) and count it in the manifest (models/text.py)",
+    )
 
 
 class SamplingParams(StrictModel):
@@ -213,7 +233,12 @@ class RankingEvalConfig(StrictModel):
     )
     others_per_item: int = Field(default=1, ge=1, description="other instructions' responses compared per item")
     seed: int = 0
-    style: PromptStyle = "human_assistant"
+    style: Literal["human_assistant", "chat", "tulu"] = Field(
+        default="human_assistant",
+        description="the format the model was trained in: tulu for response-tuned and single-task models "
+        "(train-sft modes response_tuning / single_task, Hewitt et al.), human_assistant for ALMoST's, chat for "
+        "a chat-template model",
+    )
     max_chars: int = Field(default=2000, ge=1, description="skip pairs whose instruction or response is longer")
     limit: int | None = Field(default=None, ge=1)
 
@@ -460,7 +485,7 @@ class QueriesConfig(StrictModel):
     min_chars: int = Field(default=30, ge=1)
     max_chars: int = Field(default=250, ge=1)
     end_chars: str = Field(default="?.!", description="a query must end with one of these ('' disables)")
-    rouge_threshold: float = Field(default=0.5, ge=0, le=1, description="keep if max Rouge-L F <= this")
+    rouge_threshold: float = Field(default=0.5, ge=0, le=1, description="keep a query only if its max Rouge-L F < this (strict, as the released code)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     shard_size: int = Field(default=64, ge=1, description="prompts per resumable shard within a round")

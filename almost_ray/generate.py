@@ -51,6 +51,7 @@ def run(cfg: GenerateConfig, ray_cfg: RayConfig, input_path: str | Path, output_
     if not sampling.stop:
         sampling = sampling.model_copy(update={"stop": default_stop(cfg.prompt_format)})
     shards = ShardedJsonl(output_path, cfg.shard_size)
+    fit = {"prompts_shortened": 0, "shots_dropped": 0, "prompts_skipped": 0}
     todo = shards.pending([{"id": r["id"], "messages": json.dumps(r["messages"])} for r in rows])
     if todo:
         init_ray(ray_cfg)
@@ -59,9 +60,21 @@ def run(cfg: GenerateConfig, ray_cfg: RayConfig, input_path: str | Path, output_
             {**Response(query_id=r["id"], prompt=r["prompt"], responses=r["responses"],
                         generator=cfg.model.ref).model_dump(),
              "messages": json.loads(r["messages"]), "_shard": r["_shard"], "_row": r["_row"]}
-            for r in results
+            for r in _count_fits(results, fit)
         )
     count = shards.finalize()
-    write_manifest(stage_dir, "generate", cfg, inputs, started, counts={"prompts": len(rows), "rows": count})
+    write_manifest(stage_dir, "generate", cfg, inputs, started,
+                   counts={"prompts": len(rows), "rows": count, **fit})
     return output_path
 
+
+
+def _count_fits(results, fit: dict[str, int]):
+    """Pass rows through, counting what the prompt-length policy did (this run's rows; a resumed run
+    counts only the prompts it generated)."""
+    for r in results:
+        dropped, skipped = int(r.get("shots_dropped", 0)), bool(r.get("prompt_skipped", False))
+        fit["shots_dropped"] += dropped
+        fit["prompts_shortened"] += int(bool(dropped) and not skipped)
+        fit["prompts_skipped"] += int(skipped)
+        yield r

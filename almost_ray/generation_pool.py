@@ -4,7 +4,8 @@
 CPUs/GPUs each replica reserves and the rows per call come from `ResourcesConfig`, so the same
 code runs on this laptop (`num_gpus: 0`) and on a GPU cluster (vLLM backend, `num_gpus: 1`).
 Rows carry `messages` as a JSON string (a conversation to continue) and get back `prompt` (the
-rendered text) and `responses` (a JSON list of the n samples).
+rendered text), `responses` (a JSON list of the n samples; empty for a prompt skipped as too long) and
+`shots_dropped`/`prompt_skipped` (what the prompt-length policy did, `models.text.fit_prompt`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class GenerationReplica:
         batch = batch.copy()
         batch["prompt"] = prompts
         batch["responses"] = [json.dumps(o, ensure_ascii=False) for o in outputs]
+        fits = self.generator.last_fits  # the prompt-length policy's work, for the manifest (models/text.py)
+        batch["shots_dropped"] = [f.shots_dropped for f in fits]
+        batch["prompt_skipped"] = [f.skipped for f in fits]
         return batch
 
 

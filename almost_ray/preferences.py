@@ -1,4 +1,4 @@
-"""Preference pairs from either of the two formats the project meets, as two whole conversations.
+"""Preference pairs from the three formats the project meets, as two whole conversations.
 
 - Our comparisons (`records.Comparison`, TRL's preference format): `prompt` is the user's query
   text (ALMoST's synthetic comparisons are single-turn), or a dialogue context already rendered
@@ -7,8 +7,10 @@
 - HH-RLHF (Bai et al., 2022): `chosen`/`rejected` are whole dialogues
   `"\\n\\nHuman: ...\\n\\nAssistant: ..."` that differ in the last assistant turn; each is split at
   its last `"\\n\\nAssistant:"`.
+- The paired StackExchange format (`lvwerra/stack-exchange-paired`, which ALMoST's As-is RM is trained on):
+  `question`, `response_j` (the preferred answer) and `response_k`; one user turn, two replies.
 
-Both become a `PreferencePair` of two conversations ending with the judged assistant turn, which
+Each becomes a `PreferencePair` of two conversations ending with the judged assistant turn, which
 `models.reward.rm_text` renders identically for training (`train-rm`) and scoring (`RewardModel`).
 """
 
@@ -18,9 +20,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.records import RecordError, numbered_rows
+from almost_ray.records import Messages, RecordError, numbered_rows
 
-Messages = list[dict[str, str]]
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 
@@ -75,8 +76,29 @@ def _reply(value) -> str:
     return value
 
 
+STACK_EXCHANGE_FIELDS = ("question", "response_j", "response_k")
+
+
+def stack_exchange_pair(obj: dict) -> PreferencePair:
+    """`{"question", "response_j", "response_k"}`: response_j is preferred (higher-voted, as in the dataset)."""
+    for field in STACK_EXCHANGE_FIELDS:
+        if field not in obj:
+            raise ValueError(f"{field}: field required (paired StackExchange format)")
+        if not isinstance(obj[field], str):
+            raise ValueError(f"{field}: expected a string, got {type(obj[field]).__name__}")
+        if not obj[field].strip():
+            raise ValueError(f"{field}: empty")
+    context = [{"role": "user", "content": obj["question"].strip()}]
+    return PreferencePair(
+        chosen=[*context, {"role": "assistant", "content": obj["response_j"].strip()}],
+        rejected=[*context, {"role": "assistant", "content": obj["response_k"].strip()}],
+    )
+
+
 def pair_from_record(obj: dict) -> PreferencePair:
-    """One JSON object in either format (see the module docstring); raises ValueError naming the field."""
+    """One JSON object in any of the formats (see the module docstring); raises ValueError naming the field."""
+    if any(field in obj for field in STACK_EXCHANGE_FIELDS):
+        return stack_exchange_pair(obj)
     for field in ("chosen", "rejected"):
         if field not in obj:
             raise ValueError(f"{field}: field required")
@@ -108,7 +130,7 @@ def usable(pair: PreferencePair) -> PreferencePair:
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
-    """Every pair of a `.jsonl` file in either format; a bad line raises RecordError naming file:line:field."""
+    """Every pair of a `.jsonl` file in any of the formats; a bad line raises RecordError naming file:line:field."""
     pairs = []
     for lineno, obj in numbered_rows(path):
         if limit is not None and len(pairs) >= limit:

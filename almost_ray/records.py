@@ -17,6 +17,9 @@ from typing import IO, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# A conversation: `{"role": "system" | "user" | "assistant", "content": str}` messages (TRL's
+# conversational form). The one definition; templates, preferences, RMSP, SFT and the RM use it.
+Messages = list[dict[str, str]]
 
 class RecordError(ValueError):
     """A malformed input record; the message names the file, line and field."""

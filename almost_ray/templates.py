@@ -9,8 +9,7 @@ from __future__ import annotations
 from importlib import resources
 
 from almost_ray.config import PromptFormat
-
-Messages = list[dict[str, str]]
+from almost_ray.records import Messages
 
 # ALMoST / HH-RLHF / BIG-bench turn prefixes. The prompt ends at "Assistant:" without a trailing
 # space: a trailing space would make the model start from an unusual token boundary.
@@ -66,9 +65,23 @@ def render_prompt(fmt: PromptFormat, messages: Messages, tokenizer=None, header:
 DIALOGUE_SEPARATOR = "\n\n-----"
 
 
-def default_stop(fmt: PromptFormat) -> list[str]:
+STOP_ASSISTANT = "\nAssistant:"
+# The one table of stop strings, per prompt format and the role being written. The assistant must not
+# write the human's next turn (or start a new few-shot dialogue); the user model (RMSP, ALMoST Appendix
+# A) must not write the assistant's answer nor a second human turn. The bare prefixes also catch a turn
+# that leaks in mid-line ("... Human: I'm sure"), which ALMoST's filter drops anyway.
+STOP_STRINGS: dict[str, dict[str, list[str]]] = {
+    "human_assistant": {
+        "assistant": [STOP_HUMAN, DIALOGUE_SEPARATOR, "Human:"],
+        "user": [STOP_ASSISTANT, STOP_HUMAN, DIALOGUE_SEPARATOR, "Assistant:", "Human:"],
+    },
+    "tulu": {"assistant": ["<|user|>"], "user": ["<|assistant|>", "<|user|>"]},
+}
+
+
+def default_stop(fmt: PromptFormat, role: str = "assistant") -> list[str]:
     """Stop strings that keep a model from writing the other speaker's turn (or a new dialogue)."""
-    return {"human_assistant": [STOP_HUMAN, DIALOGUE_SEPARATOR], "tulu": ["<|user|>"]}.get(fmt, [])
+    return list(STOP_STRINGS.get(fmt, {}).get(role, []))
 
 
 def fewshot_header(text: str, shots: int) -> str:

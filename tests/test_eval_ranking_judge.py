@@ -51,6 +51,20 @@ def test_ranking_counts_triples(tmp_path):
     assert records[3]["wins"] == 0
 
 
+def test_ranking_in_the_tulu_format_matches_response_tuning_text(tmp_path):
+    """`style: tulu` ranks a response-tuned / single-task model in the text it was trained on."""
+    from almost_ray.train.sft import render
+
+    pairs = ranking.load_pairs(write(tmp_path / "p.jsonl", [
+        {"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(3)]), 100)
+    rows = ranking.build_rows(pairs, RankingEvalConfig(style="tulu", others_per_item=1))
+    assert rows[0]["context"] == "<|user|>\nQuestion 0?\n<|assistant|>\n"
+    assert rows[0]["continuations"][0] == "Answer 0."
+    trained, _ = render([{"role": "user", "content": "Question 0?"}, {"role": "assistant", "content": "Answer 0."}],
+                        "tulu")
+    assert rows[0]["context"] + rows[0]["continuations"][0] == trained
+
+
 def test_order_swap_tie_logic():
     assert judge.combine("a", "a") == "win"
     assert judge.combine("b", "b") == "loss"

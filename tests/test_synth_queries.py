@@ -75,6 +75,14 @@ def test_rouge_dedup_keeps_the_first_of_near_duplicates():
     assert RougeDedup(0.5, initial=[a]).offer(b) == (False, pytest.approx(0.9, abs=0.01))
 
 
+def test_rouge_dedup_drops_a_query_at_exactly_the_threshold():
+    """Keep only if Rouge-L < threshold (strict): F = 0.5 exactly is a near-duplicate at 0.5."""
+    a, b = "apple banana cherry date", "apple banana egg fig"  # LCS 2 of 4 and 4: P = R = F = 0.5
+    assert rouge_scorer.RougeScorer(["rougeL"]).score(a, b)["rougeL"].fmeasure == 0.5
+    assert RougeDedup(0.5, initial=[a]).offer(b) == (False, 0.5)
+    assert RougeDedup(0.51, initial=[a]).offer(b)[0] is True
+
+
 def test_rouge_dedup_is_order_stable_and_matches_brute_force():
     rng = random.Random(0)
     words = "how what why can you tell me the a best way to make cook learn fix bread tea bike car sleep".split()
@@ -82,7 +90,7 @@ def test_rouge_dedup_is_order_stable_and_matches_brute_force():
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     expected = []
     for t in texts:  # the definition, with the public scorer and no pruning
-        if all(scorer.score(k, t)["rougeL"].fmeasure <= 0.5 for k in expected):
+        if all(scorer.score(k, t)["rougeL"].fmeasure < 0.5 for k in expected):
             expected.append(t)
     for _ in range(2):
         dedup = RougeDedup(0.5)

@@ -148,3 +148,31 @@ def test_hh_file_reads(shared_data):
     pairs = load_pairs(shared_data / "hh_helpful_base_test_500.jsonl")
     assert len(pairs) == 500
     assert all(p.chosen[-1]["role"] == "assistant" and p.chosen[0]["role"] == "user" for p in pairs)
+
+
+def test_stack_exchange_pairs_read_for_the_as_is_rm(tmp_path, tokenizer):
+    """ALMoST's As-is RM is trained on paired StackExchange answers: response_j is the preferred one."""
+    from almost_ray.models.reward import rm_text
+    from almost_ray.train.reward import encode_pairs
+
+    path = tmp_path / "se.jsonl"
+    rows = [{"qid": 1, "question": "How do I reverse a list?", "date": "2020", "metadata": [],
+             "response_j": "Use reversed(xs).", "response_k": "You cannot."},
+            {"qid": 2, "question": "Tabs or spaces?", "response_j": "Spaces.", "response_k": "Tabs."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(path)
+    assert pairs[0].chosen == [{"role": "user", "content": "How do I reverse a list?"},
+                               {"role": "assistant", "content": "Use reversed(xs)."}]
+    assert pairs[0].rejected_response == "You cannot." and pairs[1].chosen_response == "Spaces."
+    encoded = encode_pairs(pairs, tokenizer, max_length=64)  # what `train-rm` trains on
+    assert encoded[0]["chosen"].tolist() == tokenizer(rm_text(pairs[0].chosen), add_special_tokens=False).input_ids
+
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "response_j": "a"}) + "\n")
+    with pytest.raises(RecordError, match=r"se.jsonl:2: response_k: field required"):
+        load_pairs(path)
+    path.write_text(json.dumps({"question": "q", "response_j": 3, "response_k": "b"}) + "\n")
+    with pytest.raises(RecordError, match=r"se.jsonl:1: response_j: expected a string, got int"):
+        load_pairs(path)
+    path.write_text(json.dumps({"question": " ", "response_j": "a", "response_k": "b"}) + "\n")
+    with pytest.raises(RecordError, match=r"se.jsonl:1: question: empty"):
+        load_pairs(path)

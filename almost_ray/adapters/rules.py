@@ -9,7 +9,9 @@ the base model's log-probabilities and the sum is renormalised. r(w, x) is the s
    bonus instead);
 2. fixed scores for a few token strings (Table 8: formatting "<", refusal openers "I"/"We"/"What",
    "should", and small boosts for markdown and "!");
-3. a penalty on every token already produced in the response.
+3. a penalty on every distinct token already in its scope: by default (`repeat_scope: after_last_user`,
+   as Listing 1) every token after the last user tag, so the instruction's words too; `response` keeps
+   it to the response.
 
 Token strings are resolved through the model's own tokenizer (a string matches every vocabulary item
 that decodes to exactly that text), not through Llama-2 ids, so the adapter works with any tokenizer.
@@ -74,20 +76,53 @@ def eos_bonus(length: int, cfg: RulesConfig) -> float:
     return 0.0
 
 
-class RuleTables:
-    """The rules resolved for one tokenizer: a static bias vector (rule 2), EOS ids (rule 1), weights."""
+def tag_token_ids(tokenizer, tag: str) -> list[int]:
+    """The ids that mark `tag` inside a prompt, found the way Listing 1 finds `"<|user|>\\n"`.
 
-    def __init__(self, bias: torch.Tensor, eos_ids: list[int], cfg: RulesConfig, unresolved: list[str]):
+    Listing 1 takes the last 5 ids of `tokenizer("\\n<|user|>\\n")` under Llama-2's tokenizer: the tag
+    without its first character (whose piece depends on what precedes it), newline included. Here: the
+    ids of `"\\n" + tag` after those of `"\\n" + tag[0]`, which are exactly those 5 on Llama-2.
+    """
+    full = tokenizer(f"\n{tag}", add_special_tokens=False).input_ids
+    head = tokenizer(f"\n{tag[:1]}", add_special_tokens=False).input_ids
+    if full[: len(head)] == head and len(full) > len(head):
+        return list(full[len(head):])
+    return list(full[1:]) or list(full)
+
+
+def last_match_end(ids: Sequence[int], pattern: Sequence[int]) -> int | None:
+    """The index just after the last occurrence of `pattern` in `ids`, or None."""
+    k = len(pattern)
+    for i in range(len(ids) - k, -1, -1):
+        if list(ids[i : i + k]) == list(pattern):
+            return i + k
+    return None
+
+
+class RuleTables:
+    """The rules resolved for one tokenizer: a static bias vector (rule 2), EOS ids (rule 1), the user
+    tag that starts rule 3's scope, and the weights. The bias is kept per (device, width), so a decoding
+    step adds it where the logits are instead of copying it there."""
+
+    def __init__(
+        self, bias: torch.Tensor, eos_ids: list[int], cfg: RulesConfig, unresolved: list[str],
+        user_tag_ids: list[int] | None = None,
+    ):
         self.bias = bias
         self.eos_ids = eos_ids
         self.cfg = cfg
         self.unresolved = unresolved  # configured strings that are no single token of this tokenizer
+        self.user_tag_ids = user_tag_ids or []
+        self._placed: dict[tuple[str, int], torch.Tensor] = {}
 
     @classmethod
     def from_tokenizer(
         cls, tokenizer, cfg: RulesConfig, vocab_size: int | None = None, eos_ids: Sequence[int] | None = None
     ) -> RuleTables:
-        """Resolve `cfg`'s token strings; `vocab_size` is the model's logits width (may exceed the tokenizer's)."""
+        """Resolve `cfg`'s token strings; `vocab_size` is the model's logits width (may exceed the tokenizer's).
+
+        `eos_ids` is `models.loading.eos_token_ids(tokenizer, generation_config)` in both backends.
+        """
         size = max(vocab_size or 0, len(tokenizer))
         bias = torch.zeros(size)
         strings = [s for b in cfg.biases for s in b.strings]
@@ -99,46 +134,83 @@ class RuleTables:
         eos = list(eos_ids) if eos_ids else [tokenizer.eos_token_id]
         if any(e is None for e in eos):
             raise ValueError("the tokenizer has no EOS token; pass eos_ids")
-        return cls(bias, sorted({int(e) for e in eos}), cfg, unresolved)
+        return cls(bias, sorted({int(e) for e in eos}), cfg, unresolved, tag_token_ids(tokenizer, cfg.user_tag))
 
-    def scores(self, responses: torch.Tensor, width: int | None = None) -> torch.Tensor:
-        """r(., x) for a batch of responses so far, (batch, length) token ids -> (batch, vocab)."""
+    def repeat_start(self, prompt_ids: Sequence[int]) -> int:
+        """Where rule 3's scope starts in a prompt: after the last user tag (`after_last_user`, the
+        reference: instruction and response), else at the prompt's start (the reference's fallback
+        when it finds no tag); or at the prompt's end (`response`: the response only). Listing 1 takes
+        the first tag (`next(...)`); on its single-turn prompts that is the last one too, and on a
+        multi-turn prompt the last keeps earlier turns out of the scope."""
+        if self.cfg.repeat_scope == "response":
+            return len(prompt_ids)
+        end = last_match_end(prompt_ids, self.user_tag_ids) if self.user_tag_ids else None
+        return 0 if end is None else end
+
+    def bias_on(self, device: torch.device, width: int) -> torch.Tensor:
+        """Rule 2's vector, `width` wide (logits wider than the tokenizer get no rule there), on `device`."""
+        key = (str(device), width)
+        if key not in self._placed:
+            bias = self.bias[:width]
+            if bias.numel() < width:
+                bias = torch.cat([bias, bias.new_zeros(width - bias.numel())])
+            self._placed[key] = bias.to(device)
+        return self._placed[key]
+
+    def scores(
+        self, responses: torch.Tensor, width: int | None = None, scoped: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """r(., x) for a batch: `responses` (batch, length) are the response ids so far (rule 1 counts
+        them); `scoped` holds each row's ids in rule 3's scope (default: the response)."""
         width = width or self.bias.numel()
         batch, length = responses.shape
-        bias = self.bias[:width]
-        if bias.numel() < width:  # logits wider than the tokenizer (padded embeddings): no rule there
-            bias = torch.cat([bias, bias.new_zeros(width - bias.numel())])
-        r = bias.to(responses.device).expand(batch, width).clone()
-        bonus = eos_bonus(length, self.cfg)
-        if bonus:
-            r[:, self.eos_ids] += bonus
-        if length and self.cfg.repeat_penalty:
+        r = self.bias_on(responses.device, width).expand(batch, width).clone()
+        if self.cfg.repeat_penalty:
+            rows = scoped if scoped is not None else list(responses)
             used = torch.zeros(batch, width, device=responses.device)
-            used.scatter_(1, responses.clamp(max=width - 1), 1.0)  # each distinct token once
+            for i, ids in enumerate(rows):
+                if len(ids):
+                    used[i, ids.clamp(max=width - 1)] = 1.0  # each distinct token once
             r += self.cfg.repeat_penalty * used
+        bonus = eos_bonus(length, self.cfg)
+        if bonus:  # Listing 1 assigns the EOS score: it replaces the other rules' for EOS
+            r[:, self.eos_ids] = bonus
         return r
 
-    def apply(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    def apply(
+        self, logits: torch.Tensor, responses: torch.Tensor, scoped: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """log p_a = log_softmax(log_softmax(logits) + r): the renormalised product of experts (Eq. 4-5)."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return torch.log_softmax(logprobs + self.scores(responses, logits.shape[-1]), dim=-1).to(logits.dtype)
+        r = self.scores(responses, logits.shape[-1], scoped)
+        return torch.log_softmax(logprobs + r, dim=-1).to(logits.dtype)
 
-    def apply_row(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """One request's row (vLLM's per-request processors): output ids so far, (vocab,) logits."""
-        responses = torch.tensor([output_ids], dtype=torch.long, device=logits.device).reshape(1, -1)
-        return self.apply(logits[None], responses)[0]
+    def apply_row(self, prompt_ids: Sequence[int], output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        """One request's row (vLLM's per-request processors): prompt and output ids, (vocab,) logits."""
+        responses = torch.tensor(list(output_ids), dtype=torch.long, device=logits.device).reshape(1, -1)
+        scope = list(prompt_ids[self.repeat_start(prompt_ids):]) + list(output_ids)
+        scoped = [torch.tensor(scope, dtype=torch.long, device=logits.device)]
+        return self.apply(logits[None], responses, scoped)[0]
 
 
 class RulesLogitsProcessor(LogitsProcessor):
-    """transformers `LogitsProcessor` for one `generate` call: the response starts at `prompt_length`.
+    """transformers `LogitsProcessor` for one `generate` call on a left-padded batch of prompts.
 
-    Prompts are left-padded to one width, so every row's response starts at the same column. Build
-    a new processor for each batch (the HF backend does, from `ModelConfig.rules`).
+    Every row's response starts at the prompts' common width; rule 3's scope starts where
+    `RuleTables.repeat_start` says in each row's own (unpadded) prompt. Build a new processor for
+    each batch (the HF backend does, from `ModelConfig.rules`).
     """
 
-    def __init__(self, tables: RuleTables, prompt_length: int):
+    def __init__(self, tables: RuleTables, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         self.tables = tables
-        self.prompt_length = prompt_length
+        self.prompt_length = prompt_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(prompt_ids)
+        self.starts = []
+        for row, mask in zip(prompt_ids.tolist(), attention_mask.tolist()):
+            pads = len(mask) - sum(mask)
+            self.starts.append(pads + tables.repeat_start(row[pads:]))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return self.tables.apply(scores, input_ids[:, self.prompt_length :])
+        scoped = [input_ids[i, s:] for i, s in enumerate(self.starts)]
+        return self.tables.apply(scores, input_ids[:, self.prompt_length :], scoped)

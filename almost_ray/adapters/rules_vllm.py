@@ -4,7 +4,9 @@ vLLM loads this class by name at engine start (`LLM(..., logits_processors=[RULE
 its engine process, so only vLLM imports this module; nothing else in almost_ray does. A request turns
 the rules on through `SamplingParams.extra_args[RULES_EXTRA_ARG]` (a `RulesConfig` as a dict), which
 `almost_ray.models.vllm_backend` sets when `ModelConfig.rules.enabled`. The math is `RuleTables`, the
-same code the transformers backend runs (tested there without vLLM).
+same code the transformers backend runs (tested there without vLLM), with the same EOS ids
+(`models.loading.eos_token_ids`: the generation config's list, not only the tokenizer's EOS); the tables'
+bias vector is placed on the engine's device once, not copied at every step.
 """
 
 from __future__ import annotations
@@ -12,21 +14,32 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from almost_ray.adapters.rules import RULES_EXTRA_ARG, RuleTables
 from almost_ray.config import RulesConfig
+from almost_ray.models.loading import eos_token_ids
+
+
+def _generation_config(model_dir: str):
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the tokenizer's EOS
+        return None
 
 
 class RulesAdapterProcessor(AdapterLogitsProcessor):
-    """Wraps `RuleTables.apply_row` as vLLM's per-request processor `(output_ids, logits) -> logits`."""
+    """Wraps `RuleTables.apply_row` as vLLM's per-request processor `(prompt_ids, output_ids, logits) -> logits`
+    (rule 3's scope starts in the prompt, after its last user tag)."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         super().__init__(vllm_config, device, is_pin_memory)
         model_config = vllm_config.model_config
         self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=False)
         self.vocab_size = model_config.get_vocab_size()
+        self.eos_ids = eos_token_ids(self.tokenizer, _generation_config(model_config.model))
+        self.device = device
         self._tables: dict[str, RuleTables] = {}
 
     @classmethod
@@ -50,5 +63,7 @@ class RulesAdapterProcessor(AdapterLogitsProcessor):
             return None
         key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
         if key not in self._tables:
-            self._tables[key] = RuleTables.from_tokenizer(self.tokenizer, cfg, vocab_size=self.vocab_size)
+            tables = RuleTables.from_tokenizer(self.tokenizer, cfg, self.vocab_size, self.eos_ids)
+            tables.bias_on(self.device, self.vocab_size)  # placed once; every step reuses it
+            self._tables[key] = tables
         return self._tables[key].apply_row

@@ -82,12 +82,16 @@ def continuation(context: str, text: str) -> str:
     return text if not context or context[-1].isspace() else " " + text
 
 
-def render_messages(messages: list[dict[str, str]], style: PromptStyle, tokenizer=None) -> str:
-    """A conversation to be continued by the assistant (response ranking, judging answers)."""
-    from almost_ray.templates import human_assistant
+def render_messages(messages: list[dict[str, str]], style: str, tokenizer=None) -> str:
+    """A conversation to be continued by the assistant (response ranking): `human_assistant`, `chat`, or
+    `tulu` (`<|user|>\\n…\\n<|assistant|>\\n`, the format response tuning and single-task finetuning train in,
+    Hewitt et al. Section 3), so each model is ranked in its own training format."""
+    from almost_ray.templates import human_assistant, tulu
 
     if style == "human_assistant":
         return human_assistant(messages)
+    if style == "tulu":
+        return tulu(messages)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise TemplateError("prompt style 'chat' needs a tokenizer with a chat template")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -6,8 +6,8 @@ counts). `ScorerReplica` is the Ray Data callable class holding one generator pe
 `generation_pool.GenerationReplica`); `score_on_ray` streams rows through a pool of them, writing
 resumable shards, and `score_in_process` does the same work with a generator in hand (tests, notebooks).
 
-With an HF generator a row's context is computed once for all its continuations (its key/value cache
-is shared by them), and the vocabulary projection runs only where a continuation token is predicted.
+With an HF generator (`HFGenerator.shared_context_logprobs`) a row's context is computed once for all
+its continuations (its key/value cache is shared by them), and the vocabulary projection runs only where a continuation token is predicted.
 The numbers are those of `loglikelihood` (tested), at a fraction of the cost: answer letters and
 true/false need one position of logits per prompt, and TruthfulQA's ~5 choices share one question.
 """
@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from almost_ray.config import ModelConfig, ResourcesConfig
-from almost_ray.models.generator import Generator, encode_pair, make_generator
+from almost_ray.models.generator import Generator, make_generator
+from almost_ray.models.text import encode_pair
 from almost_ray.records import read_jsonl
 from almost_ray.shards import ShardedJsonl
 
@@ -37,15 +37,15 @@ def score_rows(generator: Generator, rows: list[Row]) -> list[dict]:
     tokenizer = generator.tokenizer
     encoded = [[encode_pair(tokenizer, r["context"], c) for c in r["continuations"]] for r in rows]
     results: list[dict | None] = [None] * len(rows)
-    if _has_hf_model(generator):
+    if hasattr(generator, "shared_context_logprobs"):  # the HF backend: one pass per context
         shared = [i for i, pairs in enumerate(encoded)
                   if len(pairs[0][0]) + max(len(c) for _, c in pairs) <= generator.max_positions]
         shared.sort(key=lambda i: len(encoded[i][0][0]))
         step = generator.config.max_batch_size
         for start in range(0, len(shared), step):
             idx = shared[start : start + step]
-            lps = _shared_context_logprobs(
-                generator, [encoded[i][0][0] for i in idx], [[c for _, c in encoded[i]] for i in idx]
+            lps = generator.shared_context_logprobs(
+                [encoded[i][0][0] for i in idx], [[c for _, c in encoded[i]] for i in idx]
             )
             for i, lp in zip(idx, lps):
                 results[i] = {"logprobs": lp, "lengths": [len(c) for _, c in encoded[i]]}
@@ -59,60 +59,6 @@ def score_rows(generator: Generator, rows: list[Row]) -> list[dict]:
         results[i] = {"logprobs": flat[pos : pos + k], "lengths": [len(c) for _, c in encoded[i]]}
         pos += k
     return results  # type: ignore[return-value]
-
-
-def _has_hf_model(generator) -> bool:
-    from almost_ray.models.hf_backend import HFGenerator
-
-    return isinstance(generator, HFGenerator)
-
-
-@torch.inference_mode()
-def _shared_context_logprobs(
-    generator, contexts: list[list[int]], continuations: list[list[list[int]]]
-) -> list[list[float]]:
-    """log p(continuation | context) for rows of several continuations each: every context runs once and
-    its key/value cache is shared by its continuations (TruthfulQA's choices, response ranking's responses).
-
-    Contexts are left-padded into one batch, so all end in the last column; positions are passed
-    explicitly, so padding shifts no token's position.
-    """
-    device, pad = generator.device, generator.tokenizer.pad_token_id
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(contexts), width), dtype=torch.long)
-    for r, c in enumerate(contexts):
-        ids[r, width - len(c) :] = torch.tensor(c)
-        mask[r, width - len(c) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = generator.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                          position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    owners = [r for r, conts in enumerate(continuations) for _ in conts]
-    flat = [c for conts in continuations for c in conts]
-    scores = [first[r, c[0]].item() for r, c in zip(owners, flat)]
-    longest = max(len(c) for c in flat)
-    if longest > 1:
-        cache = out.past_key_values
-        cache.batch_select_indices(torch.tensor(owners, device=device))
-        cids = torch.full((len(flat), longest), pad, dtype=torch.long)
-        cmask = torch.cat([mask[owners], torch.zeros((len(flat), longest), dtype=torch.long)], dim=1)
-        cpos = torch.zeros((len(flat), longest), dtype=torch.long)
-        for n, (r, c) in enumerate(zip(owners, flat)):
-            cids[n, : len(c)] = torch.tensor(c)
-            cmask[n, width : width + len(c)] = 1
-            cpos[n] = len(contexts[r]) + torch.arange(longest)
-        logits = generator.model(input_ids=cids.to(device), attention_mask=cmask.to(device),
-                                 position_ids=cpos.to(device), past_key_values=cache).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for n, c in enumerate(flat):
-            steps = torch.arange(len(c) - 1, device=logprobs.device)
-            scores[n] += logprobs[n, steps, torch.tensor(c[1:], dtype=torch.long, device=logprobs.device)].sum().item()
-    out_rows, pos = [], 0
-    for conts in continuations:
-        out_rows.append(scores[pos : pos + len(conts)])
-        pos += len(conts)
-    return out_rows
 
 
 def score_in_process(generator: Generator) -> Scorer:

@@ -1,4 +1,7 @@
-"""The transformers backend: batched, left-padded generation and log-likelihood scoring on CPU or GPU."""
+"""The transformers backend: batched, left-padded generation and log-likelihood scoring on CPU or GPU.
+
+Prompts become ids through `models.text` (no special tokens, the shared length policy), as in vLLM.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,15 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from almost_ray.config import ModelConfig, SamplingParams
-from almost_ray.models.generator import encode_pair, prompt_seed, truncate_at_stop
-from almost_ray.models.loading import load_causal_lm, load_tokenizer
+from almost_ray.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
+from almost_ray.models.text import (
+    FittedPrompt,
+    encode_pair,
+    fit_prompt,
+    prompt_seed,
+    prompt_token_ids,
+    truncate_at_stop,
+)
 
 
 class SeededSampler(LogitsProcessor):
@@ -46,6 +56,13 @@ class HFGenerator:
         self.device = self.model.device
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 4096)
         self._rules = None  # RuleTables, resolved on first use when model.rules.enabled
+        self.last_fits: list[FittedPrompt] = []
+
+    def fit_prompts(self, prompts: list[str], params: SamplingParams) -> list[FittedPrompt]:
+        """The shared length policy (models/text.py): the prompt and its new tokens fit the positions."""
+        limit = max(self.max_positions - params.max_new_tokens, 1)
+        encode = lambda text: prompt_token_ids(self.tokenizer, text)  # noqa: E731
+        return [fit_prompt(p, encode, limit, self.config.on_overlong, f"prompt {i}") for i, p in enumerate(prompts)]
 
     def generate(
         self,
@@ -53,30 +70,29 @@ class HFGenerator:
         params: SamplingParams,
         logits_processors: list[LogitsProcessor] | None = None,
     ) -> list[list[str]]:
-        """`params.n` completions per prompt; prompts are batched by length, results keep input order."""
+        """`params.n` completions per prompt (none for a skipped one); batched by length, input order kept."""
+        fits = self.last_fits = self.fit_prompts(prompts, params)
         results: list[list[str]] = [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        order = sorted((i for i, f in enumerate(fits) if not f.skipped), key=lambda i: len(fits[i].ids))
         step = self.config.max_batch_size
         for start in range(0, len(order), step):
             idx = order[start : start + step]
-            texts = self._generate_batch([prompts[i] for i in idx], params, logits_processors or [])
+            texts = self._generate_batch(
+                [prompts[i] for i in idx], [fits[i].ids for i in idx], params, logits_processors or []
+            )
             for k, i in enumerate(idx):
                 results[i] = texts[k * params.n : (k + 1) * params.n]
         return results
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[str], params: SamplingParams, extra: list) -> list[str]:
-        limit = max(self.max_positions - params.max_new_tokens, 1)
-        self.tokenizer.truncation_side = "left"  # keep the end of an over-long few-shot prompt
-        enc = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, truncation=True, max_length=limit,
-            add_special_tokens=False,
-        ).to(self.device)
+    def _generate_batch(self, prompts: list[str], ids: list[list[int]], params: SamplingParams, extra: list) -> list[str]:
+        enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
+        enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if params.n > 1:  # one row per sample; HF refuses num_return_sequences without do_sample
             enc = {k: v.repeat_interleave(params.n, dim=0) for k, v in enc.items()}
         processors = LogitsProcessorList(extra)
         if self.config.rules.enabled:  # Hewitt et al.'s 3-rule adapter, before sampling
-            processors.insert(0, self._rules_processor(enc["input_ids"].shape[1]))
+            processors.insert(0, self._rules_processor(enc["input_ids"], enc["attention_mask"]))
         if params.temperature > 0:
             seeds = [prompt_seed(params.seed, p, j) for p in prompts for j in range(params.n)]
             processors.append(SeededSampler(seeds, params.temperature, params.top_p, self.device))
@@ -97,16 +113,15 @@ class HFGenerator:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [truncate_at_stop(t, params.stop).strip() for t in texts]
 
-    def _rules_processor(self, prompt_length: int):
+    def _rules_processor(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 
         if self._rules is None:
-            eos = self.model.generation_config.eos_token_id
-            eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
             self._rules = RuleTables.from_tokenizer(
-                self.tokenizer, self.config.rules, self.model.config.vocab_size, eos_ids
+                self.tokenizer, self.config.rules, self.model.config.vocab_size,
+                eos_token_ids(self.tokenizer, self.model.generation_config),
             )
-        return RulesLogitsProcessor(self._rules, prompt_length)
+        return RulesLogitsProcessor(self._rules, prompt_ids, attention_mask)
 
     @torch.inference_mode()
     def loglikelihood(
@@ -138,6 +153,54 @@ class HFGenerator:
                 rows = logprobs[row, end - n_cont[i] - 1 : end - 1]
                 scores[i] = rows.gather(-1, targets[:, None]).sum().item()
         return scores
+
+    @torch.inference_mode()
+    def shared_context_logprobs(
+        self, contexts: list[list[int]], continuations: list[list[list[int]]]
+    ) -> list[list[float]]:
+        """log p(continuation | context) for rows of several continuations each: every context runs once and
+        its key/value cache is shared by its continuations (TruthfulQA's choices, response ranking's responses).
+
+        Contexts are left-padded into one batch, so all end in the last column; positions are passed
+        explicitly, so padding shifts no token's position.
+        """
+        device, pad = self.device, self.tokenizer.pad_token_id
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for r, c in enumerate(contexts):
+            ids[r, width - len(c) :] = torch.tensor(c)
+            mask[r, width - len(c) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        owners = [r for r, conts in enumerate(continuations) for _ in conts]
+        flat = [c for conts in continuations for c in conts]
+        scores = [first[r, c[0]].item() for r, c in zip(owners, flat)]
+        longest = max(len(c) for c in flat)
+        if longest > 1:
+            cache = out.past_key_values
+            cache.batch_select_indices(torch.tensor(owners, device=device))
+            cids = torch.full((len(flat), longest), pad, dtype=torch.long)
+            cmask = torch.cat([mask[owners], torch.zeros((len(flat), longest), dtype=torch.long)], dim=1)
+            cpos = torch.zeros((len(flat), longest), dtype=torch.long)
+            for n, (r, c) in enumerate(zip(owners, flat)):
+                cids[n, : len(c)] = torch.tensor(c)
+                cmask[n, width : width + len(c)] = 1
+                cpos[n] = len(contexts[r]) + torch.arange(longest)
+            logits = self.model(input_ids=cids.to(device), attention_mask=cmask.to(device),
+                                position_ids=cpos.to(device), past_key_values=cache).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for n, c in enumerate(flat):
+                steps = torch.arange(len(c) - 1, device=logprobs.device)
+                targets = torch.tensor(c[1:], dtype=torch.long, device=logprobs.device)
+                scores[n] += logprobs[n, steps, targets].sum().item()
+        out_rows, pos = [], 0
+        for conts in continuations:
+            out_rows.append(scores[pos : pos + len(conts)])
+            pos += len(conts)
+        return out_rows
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -147,15 +147,32 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_tokenizer(ref: str | Path, padding_side: str = "left"):
-    """Tokenizer with a pad token (left padding for generation; right for training and scoring)."""
+def load_tokenizer(ref: str | Path, padding_side: str = "left", truncation_side: str = "right"):
+    """The one tokenizer loader, with a pad token (the EOS when the tokenizer has none).
+
+    Generation pads left; training and scoring pad right. RM training and scoring truncate on the
+    left, so the judged reply at the end of a dialogue survives.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(str(ref)), trust_remote_code=False)
     tokenizer.padding_side = padding_side
+    tokenizer.truncation_side = truncation_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends a response: the generation config's EOS list (chat models often have
+    several, e.g. `<|eot_id|>` besides `</s>`), else the tokenizer's EOS. Used by every backend."""
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    if not ids or any(e is None for e in ids):
+        raise ValueError("the model has no EOS token (neither its generation config nor its tokenizer)")
+    return sorted({int(e) for e in ids})
 
 
 def load_causal_lm(

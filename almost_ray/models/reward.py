@@ -13,10 +13,9 @@ import json
 import pandas as pd
 import torch
 
-from almost_ray.models.loading import resolve_model_dir, torch_dtype
+from almost_ray.models.loading import load_tokenizer, resolve_model_dir, torch_dtype
+from almost_ray.records import Messages
 from almost_ray.templates import human_assistant
-
-Messages = list[dict[str, str]]
 
 
 def rm_text(messages: Messages) -> str:
@@ -33,15 +32,12 @@ class RewardModel:
     def __init__(
         self, ref: str, dtype: str = "auto", device: str | None = None, max_length: int = 1024, batch_size: int = 8
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = resolve_model_dir(ref)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left"  # keep the judged answer when a dialogue is too long
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # left truncation keeps the judged answer when a dialogue is too long
+        self.tokenizer = load_tokenizer(path, padding_side="right", truncation_side="left")
         with torch.random.fork_rng(devices=[]):  # a base LM's fresh head is the same in every replica and run
             torch.manual_seed(0)
             self.model = AutoModelForSequenceClassification.from_pretrained(

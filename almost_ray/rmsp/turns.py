@@ -19,17 +19,8 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from almost_ray.templates import DIALOGUE_SEPARATOR, HUMAN, STOP_HUMAN, human_assistant
-
-Messages = list[dict[str, str]]
-
-STOP_ASSISTANT = "\nAssistant:"
-# The assistant must not write the human's next turn (or start a new few-shot dialogue) ...
-ASSISTANT_STOP = [STOP_HUMAN, DIALOGUE_SEPARATOR, "Human:"]
-# ... and the user must not write the assistant's answer (nor a second human turn). The bare prefixes
-# also catch a turn that leaks in mid-line ("... Human: I'm sure"), which ALMoST's filter drops anyway.
-USER_STOP = [STOP_ASSISTANT, STOP_HUMAN, DIALOGUE_SEPARATOR, "Assistant:", "Human:"]
-ROLE_STOP = {"assistant": ASSISTANT_STOP, "user": USER_STOP}
+from almost_ray.records import Messages
+from almost_ray.templates import HUMAN, default_stop, human_assistant
 
 # `status` values: why a dialogue ended.
 MAX_TURNS = "max_turns"
@@ -56,7 +47,9 @@ def role_prompt(role: str, messages: Messages, header: str) -> str:
 
 def role_stop(role: str, extra: Iterable[str] = ()) -> list[str]:
     """The role's stop strings (the other speaker's turn prefix, the dialogue separator) plus `extra`."""
-    stops = list(ROLE_STOP[role])
+    if role not in ("assistant", "user"):
+        raise ValueError(f"unknown role {role!r}")
+    stops = default_stop("human_assistant", role)
     return stops + [s for s in extra if s not in stops]
 
 

@@ -5,9 +5,10 @@ Each round builds `prompts_per_round` prompts: the instruction, then `static_sho
 `Query: ...` line, ending with `Query:`. The prompts go through a generation actor pool; the
 completions come back, are put in prompt order, parsed into queries, filtered (banned words, length,
 final punctuation) and deduplicated against the seeds and every query kept so far with Rouge-L
-(`rouge-score`, keep when the max F <= threshold). Shot choice uses `random.Random(f"{seed}/{round}")`,
-sampling is seeded per prompt and the dedup runs on the driver in a fixed order, so the mined queries
-depend on the seed only, never on the number of replicas or the order results arrive in.
+(`rouge-score`, keep only when the max F < threshold, strictly, as Self-Instruct's "less than"). Shot
+choice uses `random.Random(f"{seed}/{round}")`, sampling is seeded per prompt and the dedup runs on the
+driver in a fixed order, so the mined queries depend on the seed only, never on the number of replicas
+or the order results arrive in.
 
 Each round's completions are saved in resumable shards under `queries/rounds/`; a re-run replays the
 saved rounds (nothing is regenerated) and continues where the run stopped.
@@ -114,7 +115,10 @@ class _CachedTokenizer(tokenizers.Tokenizer):
 
 
 class RougeDedup:
-    """Keeps a text only when its Rouge-L F against every text kept before is <= `threshold`.
+    """Keeps a text only when its Rouge-L F against every text kept before is < `threshold`.
+
+    Strict: Self-Instruct (Wang et al., 2022) adds an instruction "only when its ROUGE-L similarity with any
+    existing instruction is less than" the threshold, and ALMoST (Appendix C.1) follows it with 0.5.
 
     Order-stable: the result depends only on the order texts are offered. A bag-of-words bound
     (the LCS is at most the multiset overlap) skips the exact LCS of pairs that cannot exceed the
@@ -133,7 +137,7 @@ class RougeDedup:
         self.kept.append((text, Counter(self.tokenizer.tokenize(text))))
 
     def max_score(self, text: str) -> float:
-        """The max Rouge-L F against the kept texts when it exceeds the threshold; else a lower bound."""
+        """The max Rouge-L F against the kept texts when it reaches the threshold; else a lower bound."""
         bag = Counter(self.tokenizer.tokenize(text))
         n = sum(bag.values())
         best = 0.0
@@ -141,17 +145,17 @@ class RougeDedup:
             m = sum(other_bag.values())
             if n + m == 0:
                 continue
-            if 2 * sum((bag & other_bag).values()) / (n + m) <= self.threshold:
-                continue
+            if 2 * sum((bag & other_bag).values()) / (n + m) < self.threshold:
+                continue  # the bound is below the threshold: so is the F
             best = max(best, self.scorer.score(other, text)["rougeL"].fmeasure)
-            if best > self.threshold:
+            if best >= self.threshold:
                 break
         return best
 
     def offer(self, text: str) -> tuple[bool, float]:
-        """(kept?, the Rouge-L F that decided: above the threshold means a near-duplicate)."""
+        """(kept?, the Rouge-L F that decided: at or above the threshold means a near-duplicate)."""
         score = self.max_score(text)
-        if score <= self.threshold:
+        if score < self.threshold:
             self._keep(text)
             return True, score
         return False, score

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from almost_ray.config import RayConfig, TrainRMConfig
+from almost_ray.models import loading
 from almost_ray.models.reward import rm_text
 from almost_ray.preferences import PreferencePair, load_pairs
 from almost_ray.train.data import pad_batch
@@ -24,14 +25,8 @@ from almost_ray.train.losses import pairwise_loss, pairwise_stats
 
 
 def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    tokenizer.padding_side = "right"
-    tokenizer.truncation_side = "left"  # keep the judged reply, as RewardModel does
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """`models.loading.load_tokenizer` as `RewardModel` uses it: right padding, left truncation."""
+    return loading.load_tokenizer(model_dir, padding_side="right", truncation_side="left")
 
 
 def load_model(model_dir: str | Path):

@@ -25,12 +25,11 @@ import torch
 from pydantic import ValidationError
 
 from almost_ray.config import RayConfig, TrainSFTConfig
-from almost_ray.records import Dialogue, RecordError, field_error, numbered_rows
+from almost_ray.models import loading
+from almost_ray.records import Dialogue, Messages, RecordError, field_error, numbered_rows
 from almost_ray.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
 from almost_ray.train.data import encode_supervised, pad_batch
 from almost_ray.train.losses import IGNORE_INDEX, token_nll_sum
-
-Messages = list[dict[str, str]]
 
 
 def render(messages: Messages, prompt_format: str) -> tuple[str, list[tuple[int, int]]]:
@@ -110,12 +109,8 @@ def encode_conversations(conversations: list[Messages], tokenizer, cfg: TrainSFT
 
 
 def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """`models.loading.load_tokenizer` for training: right padding (`train.data.pad_batch` pads right)."""
+    return loading.load_tokenizer(model_dir, padding_side="right")
 
 
 def load_model(model_dir: str | Path):
