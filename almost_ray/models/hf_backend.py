@@ -1,9 +1,18 @@
 """The transformers backend: batched, left-padded generation and log-likelihood scoring on CPU or GPU.
 
 Prompts become ids through `models.text` (no special tokens, the shared length policy), as in vLLM.
+
+Shared-prefix generation: every prompt of a ladder rung or an RMSP role starts with the same few-shot
+header (ALMoST Appendix A/C), hundreds of tokens that plain batching prefills again for every prompt.
+A replica keeps the key/value cache of the last shared prefix it saw (`PrefixCache`) and starts each
+batch from a copy of it; the batch is padded *between* the prefix and each prompt's own tokens
+(`[prefix][pad...][rest]`, pads masked out), so every token keeps the position it has in its unpadded
+prompt and the result equals plain left-padded generation. vLLM does the same with its prefix cache.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -46,6 +55,63 @@ class SeededSampler(LogitsProcessor):
         return out.scatter(-1, picks, 0.0)
 
 
+PREFIX_MIN_TOKENS = 32  # shorter shared prefixes are not worth a cache
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens all rows share at the start, leaving each row at least one token of its own to feed."""
+    if not rows:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+def pad_after_prefix(rows: list[list[int]], prefix_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[prefix][pad...][rest]` rows and their attention mask: every row ends in the last column and every
+    token keeps its unpadded position (positions come from the mask's cumulative sum)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        rest = row[prefix_len:]
+        ids[i, :prefix_len] = torch.tensor(row[:prefix_len])
+        mask[i, :prefix_len] = 1
+        ids[i, width - len(rest):] = torch.tensor(rest)
+        mask[i, width - len(rest):] = 1
+    return ids, mask
+
+
+class PrefixCache:
+    """The key/value cache of one prompt prefix, computed once per replica and copied for each batch."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.cache = None
+        self.hits = 0
+        self.prefill_tokens_saved = 0
+
+    @torch.inference_mode()
+    def for_batch(self, model, rows: list[list[int]]) -> tuple[int, object | None]:
+        """(prefix length, a fresh cache for the batch) — (0, None) when the batch shares no long prefix."""
+        shared = common_prefix_length(rows)
+        known = len(self.ids)
+        if not (known and known <= shared and rows[0][:known] == self.ids):
+            if shared < PREFIX_MIN_TOKENS:
+                return 0, None
+            self.ids = rows[0][:shared]
+            ids = torch.tensor([self.ids], device=model.device)
+            self.cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(rows))
+        self.hits += 1
+        self.prefill_tokens_saved += len(self.ids) * (len(rows) - 1)
+        return len(self.ids), cache
+
+
 class HFGenerator:
     """One model replica on transformers. Equal to batch-1 output under greedy decoding."""
 
@@ -57,6 +123,7 @@ class HFGenerator:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 4096)
         self._rules = None  # RuleTables, resolved on first use when model.rules.enabled
         self.last_fits: list[FittedPrompt] = []
+        self.prefix_cache = PrefixCache()
 
     def fit_prompts(self, prompts: list[str], params: SamplingParams) -> list[FittedPrompt]:
         """The shared length policy (models/text.py): the prompt and its new tokens fit the positions."""
@@ -86,10 +153,16 @@ class HFGenerator:
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[str], ids: list[list[int]], params: SamplingParams, extra: list) -> list[str]:
-        enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-        enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if params.n > 1:  # one row per sample; HF refuses num_return_sequences without do_sample
-            enc = {k: v.repeat_interleave(params.n, dim=0) for k, v in enc.items()}
+        rows = [row for row in ids for _ in range(params.n)]  # one row per sample (HF refuses n without sampling)
+        # the rules adapter reads rows as left-padded prompts, so it keeps plain padding
+        prefix_len, cache = (0, None) if self.config.rules.enabled else self.prefix_cache.for_batch(self.model, rows)
+        if cache is not None:
+            input_ids, mask = pad_after_prefix(rows, prefix_len, self.tokenizer.pad_token_id)
+            enc = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
+                   "past_key_values": cache}
+        else:
+            enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(self.device)
+            enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         processors = LogitsProcessorList(extra)
         if self.config.rules.enabled:  # Hewitt et al.'s 3-rule adapter, before sampling
             processors.insert(0, self._rules_processor(enc["input_ids"], enc["attention_mask"]))
