@@ -5,7 +5,9 @@ Same prompts, same sampling (top-p 0.9, T 1.0, 64 new tokens), four ways:
   (b) our HF backend, batched with left padding;
   (c) the Ray Data actor pool, 2 replicas x 1 CPU (wall time includes actor start and model load);
   (d) the limit: batched teacher-forced forward passes over the same token count (no decode loop).
-Prints a table with ratios to (a) and writes JSON to bench/results/generation.json.
+Then a few-shot stage, the demo's `hhh-3shot` ladder rung (every prompt starts with the same few-shot
+header), through our HF backend (e) with plain left padding and (f) with the shared-prefix KV cache; the
+two must give the same text. Prints a table with ratios and writes JSON to bench/results/generation.json.
 Run: `make bench` or `.venv/bin/python bench/generation.py [--prompts 32 --max-new-tokens 64]`.
 """
 
@@ -22,8 +24,9 @@ import torch
 
 from almost_ray.config import ModelConfig, ResourcesConfig, SamplingParams
 from almost_ray.generation_pool import stream_generation
-from almost_ray.models.hf_backend import HFGenerator
-from almost_ray.templates import packaged_text
+from almost_ray.models import hf_backend
+from almost_ray.models.hf_backend import HFGenerator, PrefixCache
+from almost_ray.templates import fewshot_header, human_assistant, load_prompt_text, packaged_text
 
 REF = "embedded:smollm2-135m-instruct"
 
@@ -82,11 +85,27 @@ def forward_limit(gen: HFGenerator, prompts: list[str], outs: list[str], batch_s
     return time.perf_counter() - start, count_tokens(tok, outs)
 
 
+def fewshot(gen: HFGenerator, queries: list[str], params: SamplingParams, shots: int, share: bool):
+    """A ladder rung's prompts (ALMoST's HHH prompt, `shots` demonstrations) with or without the prefix cache;
+    returns (wall, outputs, prompt tokens per prompt)."""
+    header = fewshot_header(load_prompt_text("hhh"), shots)
+    prompts = [human_assistant([{"role": "user", "content": q}], header) for q in queries]
+    saved = hf_backend.PREFIX_MIN_TOKENS
+    hf_backend.PREFIX_MIN_TOKENS = saved if share else 10**9
+    gen.prefix_cache = PrefixCache()
+    try:
+        wall, outs = batched(gen, prompts, params)
+    finally:
+        hf_backend.PREFIX_MIN_TOKENS = saved
+    return wall, outs, count_tokens(gen.tokenizer, prompts) / len(prompts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--shots", type=int, default=3, help="demonstrations in the few-shot rung of (e) and (f)")
     ap.add_argument("--out", default="bench/results/generation.json")
     args = ap.parse_args()
 
@@ -106,6 +125,14 @@ def main() -> None:
     wall, tokens = forward_limit(gen, prompts, outs, args.batch_size)
     rows["(d) limit: batched forward passes"] = (wall, tokens)
 
+    stage_params = params.model_copy(update={"stop": ["\n\nHuman:"]})
+    wall, plain_outs, prompt_tokens = fewshot(gen, queries, stage_params, args.shots, share=False)
+    rows[f"(e) few-shot rung ({args.shots} shots), plain"] = (wall, count_tokens(gen.tokenizer, plain_outs))
+    wall, shared_outs, _ = fewshot(gen, queries, stage_params, args.shots, share=True)
+    rows[f"(f) few-shot rung ({args.shots} shots), shared prefix"] = (wall, count_tokens(gen.tokenizer, shared_outs))
+    same_text = plain_outs == shared_outs
+    print(f"few-shot prompts: {prompt_tokens:.0f} tokens each; shared-prefix output identical to plain: {same_text}")
+
     base = rows["(a) naive, one prompt at a time"]
     base_tps = base[1] / base[0]
     print(f"{'method':<44} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'vs (a)':>7}")
@@ -119,6 +146,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({
         "model": REF, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "fewshot_prompt_tokens": round(prompt_tokens, 1), "shared_prefix_output_identical": same_text,
         "results": results,
     }, indent=2))
     print(f"wrote {args.out}")
