@@ -79,6 +79,7 @@ def reward_model_dir(policy_dir: Path, given: str | None) -> Path:
     out = cache_root() / f"bench-rm-{policy_dir.name}"
     if (out / "config.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)

@@ -244,7 +244,16 @@ def test_runtime_env_pins_openrlhfs_stack_or_names_an_image():
     assert env["pip"]["packages"] == ["openrlhf==0.11.2", "vllm==0.29.0", "ray[default]==2.55.0",
                                       "transformers==5.15.0", "deepspeed==0.19.6", "flash-attn==2.8.3"]
     image = openrlhf.runtime_env(paper_config(openrlhf={"image_uri": "registry/openrlhf:0.11.2"}))
-    assert image["image_uri"] == "registry/openrlhf:0.11.2" and "pip" not in image
+    assert image == {"image_uri": "registry/openrlhf:0.11.2"}
+
+
+def test_runtime_env_merges_with_the_one_openrlhfs_driver_passes_to_ray_init():
+    """Ray raises at the driver's ray.init when the job's env_vars share a key with the driver's."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    driver = {"env_vars": {key: "1" for key in openrlhf.OPENRLHF_DRIVER_ENV_VARS}}
+    for extra in ({}, {"openrlhf": {"image_uri": "registry/openrlhf:0.11.2"}}):
+        assert _merge_runtime_env(openrlhf.runtime_env(paper_config(**extra)), driver) is not None
 
 
 # -- prompts file, RM check, dry run and submit (tiny:llama models) --------------------------------------

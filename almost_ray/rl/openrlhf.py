@@ -46,6 +46,8 @@ RUNTIME_PINS = [
     "deepspeed==0.19.6",
     "flash-attn==2.8.3",
 ]
+# train_ppo_ray's ray.init(runtime_env={"env_vars": ...}) keys: a job runtime_env must not set them
+OPENRLHF_DRIVER_ENV_VARS = ("TOKENIZERS_PARALLELISM", "NCCL_DEBUG", "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS")
 INPUT_KEY = "input"  # --data.input_key's default; the column write_prompts writes
 VALUE_HEAD = "score"  # the head of transformers' *ForSequenceClassification, i.e. of our train-rm output
 NO_REWARD_CLIP = 10000.0  # the paper clips no reward; OpenRLHF's default range is (-10, 10)
@@ -251,12 +253,13 @@ def runtime_env(cfg: Config) -> dict:
     """The job's own environment: OpenRLHF's pins by pip, or a container image that has them.
 
     Ray refuses a runtime_env that changes the Ray version, so either way the cluster itself must run
-    ray 2.55.0 (OpenRLHF's pin), not our 2.60.
+    ray 2.55.0 (OpenRLHF's pin), not our 2.60. No `env_vars`: OpenRLHF's driver calls `ray.init` with its
+    own (`OPENRLHF_DRIVER_ENV_VARS`), and Ray refuses to merge a job runtime_env that sets any of the same
+    keys; set those in the environment of `ray job submit`'s cluster instead.
     """
-    env_vars = {"TOKENIZERS_PARALLELISM": "false", "NCCL_DEBUG": "WARN"}
     if cfg.ppo.openrlhf.image_uri:
-        return {"image_uri": cfg.ppo.openrlhf.image_uri, "env_vars": env_vars}
-    return {"pip": {"packages": list(RUNTIME_PINS), "pip_check": False}, "env_vars": env_vars}
+        return {"image_uri": cfg.ppo.openrlhf.image_uri}
+    return {"pip": {"packages": list(RUNTIME_PINS), "pip_check": False}}
 
 
 class PromptsWritten(NamedTuple):
