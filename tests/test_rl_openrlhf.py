@@ -320,8 +320,15 @@ def test_our_rm_directory_has_the_value_head_openrlhf_loads(tmp_path):
     last = probe.score(probe.model(ids).last_hidden_state)[0, -1, 0]
     theirs = AutoModelForSequenceClassification.from_pretrained(rm_dir)(ids).logits[0, 0]
     assert last.item() == pytest.approx(theirs.item(), abs=1e-5)
+    policy_dir = Path(openrlhf.model_dirs(cfg)[0])
     with pytest.raises(ConfigError, match="expected a one-output"):
-        openrlhf.check_reward_model(openrlhf.model_dirs(cfg)[0])  # the policy is a causal LM
+        openrlhf.check_reward_model(policy_dir)  # a causal LM
+    headless = tmp_path / "headless"  # an RM config over weights without the head
+    headless.mkdir()
+    (headless / "config.json").write_text((Path(rm_dir) / "config.json").read_text())
+    (headless / "model.safetensors").symlink_to(policy_dir / "model.safetensors")
+    with pytest.raises(ConfigError, match="no 'score.weight' tensor"):
+        openrlhf.check_reward_model(headless)
 
 
 def test_dry_run_prints_the_submit_command_and_runtime_env_and_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -6,7 +6,8 @@ openrlhf.cli.train_ppo_ray` and submitted with Ray's Jobs SDK. Flags are OpenRLH
 0.10.2). They were read from the parser itself, in `openrlhf/cli/train_ppo_ray.py` of the PyPI wheel
 `openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl` (sha256 c969d70db03a70724c3d8a5a01186c6e0728bce6
 24fb3dff95e39b5396acefa6); the GitHub snapshot holds only up to tag v0.11.0 (commit 3c3be6234e0c),
-whose parser is the same for every flag used here. Its README still shows `--prompt_max_len` /
+whose parser defines every flag used here the same way (0.11.2 only adds `flash_reinforce` to the
+estimator choices). Its README still shows `--prompt_max_len` /
 `--generate_max_len`, which that parser rejects. `tests/test_rl_openrlhf.py` keeps the parser's
 definitions of every flag emitted here and parses each command with them.
 
