@@ -160,7 +160,7 @@ def trl_worker(spec_file: str, out_file: str) -> None:
             num_mini_batches=n_minibatches, local_rollout_forward_batch_size=spec["rollout_batch"],
             total_episodes=spec["episodes"], num_ppo_epochs=spec["ppo_epochs"],
             response_length=spec["response_length"], temperature=1.0, stop_token="eos",
-            learning_rate=spec["lr"], kl_coef=spec["kl_coef"], kl_estimator="k1", cliprange=0.2,
+            learning_rate=spec["lr"], lr_scheduler_type="constant", kl_coef=spec["kl_coef"], kl_estimator="k1", cliprange=0.2,
             cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, seed=spec["seed"],
             bf16=False, fp16=False, gradient_checkpointing=spec["trl_gradient_checkpointing"],
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
