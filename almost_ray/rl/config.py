@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from almost_ray.config_base import StrictModel
+from almost_ray.rl.openrlhf_config import OpenRLHFConfig
 
 Role = Literal["policy", "critic", "reference", "reward"]
 ROLES: tuple[Role, ...] = ("policy", "critic", "reference", "reward")
@@ -112,6 +113,7 @@ class PPOConfig(StrictModel):
     engine: Literal["almost_ray", "openrlhf"] = Field(
         default="almost_ray", description="openrlhf: map this config onto OpenRLHF's train_ppo_ray and submit it"
     )
+    openrlhf: OpenRLHFConfig = Field(default_factory=OpenRLHFConfig, description="engine: openrlhf only")
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:

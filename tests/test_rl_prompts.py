@@ -1,0 +1,54 @@
+"""Which prompts PPO trains on: first user turns of the RMSP dialogues, or an explicit prompts file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from almost_ray.config_base import ConfigError
+from almost_ray.records import RecordError
+from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.prompts import load_prompts
+
+
+def _dialogues(run_dir, rows):
+    path = run_dir / "rmsp" / "dialogues.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_first_user_turns_of_rmsp_dialogues_in_file_order(tmp_path):
+    _dialogues(tmp_path, [
+        {"messages": [{"role": "user", "content": " How do I boil an egg? "},
+                      {"role": "assistant", "content": "Put it in water."},
+                      {"role": "user", "content": "For how long?"}]},
+        {"messages": [{"role": "system", "content": "Be nice."},
+                      {"role": "user", "content": "Name a prime."},
+                      {"role": "assistant", "content": "7"}], "id": "d2"},
+    ])
+    assert load_prompts(PPOConfig(), tmp_path) == ["How do I boil an egg?", "Name a prime."]
+
+
+def test_explicit_files_win_over_the_dialogues(tmp_path):
+    _dialogues(tmp_path, [{"messages": [{"role": "user", "content": "from rmsp"}]}])
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\n\n  second  \n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"id": "q1", "text": "a query"}) + "\n\n" + json.dumps({"prompt": "a prompt"}) + "\n")
+    assert load_prompts(PPOConfig(prompts=txt), tmp_path) == ["first", "second"]
+    assert load_prompts(PPOConfig(prompts=txt), tmp_path, prompts=jsonl) == ["a query", "a prompt"]
+
+
+def test_missing_empty_and_malformed_sources_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"rmsp/dialogues.jsonl: prompts file not found \(run `almost-ray rmsp`"):
+        load_prompts(PPOConfig(), tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ConfigError, match="empty.txt: no prompts"):
+        load_prompts(PPOConfig(prompts=empty), tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(RecordError, match="bad.jsonl:2: messages: no user turn"):
+        load_prompts(PPOConfig(prompts=bad), tmp_path)
