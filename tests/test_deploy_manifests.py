@@ -242,6 +242,17 @@ def test_ray_up_yaml_validates_against_the_schema_in_the_ray_wheel():
     assert "/mnt/shared" in commands  # the shared runs directory is mounted on every node
 
 
+def test_ray_up_yaml_passes_rays_own_preparation_and_checks():
+    """What `ray up` runs before touching the cloud (commands._bootstrap_config): defaults merged in,
+    then validate_config (the schema plus its cross-field checks). Private API: skipped if it moves."""
+    try:
+        from ray.autoscaler._private.util import prepare_config, validate_config
+    except ImportError as err:
+        pytest.skip(f"ray's launcher internals moved ({err}); the schema test above still runs")
+    config = prepare_config(yaml.safe_load(CLUSTER_YAML.read_text()))
+    validate_config(config)
+
+
 def test_ray_up_schema_check_can_fail():
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     config["docker"]["imagee"] = config["docker"]["image"]
@@ -274,7 +285,12 @@ def test_dockerfile_pins_a_ray_version_the_project_admits():
     (ray_req,) = [r for r in requirements if r.name == "ray" and r.marker is None]
     assert ray_req.specifier.contains(version), f"ray {version} is outside pyproject's {ray_req}"
     assert 'pip install --no-cache-dir --constraint' in text and '".[gpu]"' in text
-    assert re.search(r"^USER ray$", text, re.M)  # back to the base image's non-root user
+    assert re.search(r"^USER ray$", text, re.M)  # the base image's non-root user
+    for source in re.findall(r"^COPY --chown=\S+ (.+) \S+$", text, re.M):
+        for name in source.split():
+            assert (ROOT / name).exists(), f"docker/Dockerfile copies {name}, which is not in the repository"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)  # the build context (and the RayJob working_dir) stays small
 
 
 def test_one_image_name_everywhere():
