@@ -207,8 +207,13 @@ def test_serve_config_v2_is_a_valid_serve_deploy_config():
     schema = ServeDeploySchema.model_validate(serve_config())
     (app,) = schema.applications
     assert app.import_path == "almost_ray.serve.app:build_app"
-    assert app.args["model"].startswith("/mnt/shared/runs/")
-    assert app.args["reward_model"].startswith("/mnt/shared/runs/")
+    assert app.args["chat"]["model"].startswith("/mnt/shared/runs/")
+    assert app.args["reward"]["model"].startswith("/mnt/shared/runs/")
+    gpus = [app.args[d]["deployment"]["num_gpus"] * app.args[d]["deployment"]["num_replicas"] for d in ("chat", "reward")]
+    spec = cluster_spec(load("rayservice.yaml"))
+    (group,) = spec["workerGroupSpecs"]
+    per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert sum(gpus) <= group["minReplicas"] * per_pod  # the replicas fit the workers that are always there
     with pytest.raises(ValueError):
         ServeDeploySchema.model_validate({"applications": [{"name": "x"}]})  # no import_path: the check bites
 
