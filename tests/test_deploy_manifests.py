@@ -306,3 +306,43 @@ def test_one_image_name_everywhere():
     assert image.endswith(":" + importlib.metadata.version("almost-ray"))  # the image is tagged like the package
     docs = (ROOT / "docs" / "gpu-cluster.md").read_text()
     assert image in docs
+
+
+# --- the docs say what the files do ---------------------------------------------------------------------------
+
+
+def test_docs_name_the_files_resources_and_commands_that_exist():
+    docs = (ROOT / "docs" / "gpu-cluster.md").read_text() + (ROOT / "cluster" / "README.md").read_text()
+    for path in set(re.findall(r"\b((?:k8s|cluster|docker)/[\w.-]+)", docs)):
+        assert (ROOT / path).exists(), f"the docs name {path}, which does not exist"
+    job, service, cluster = load("rayjob.yaml"), load("rayservice.yaml"), load("raycluster.yaml")
+    assert f"kubectl get rayjob {job['metadata']['name']} -w" in docs
+    assert f"kubectl get rayservice {service['metadata']['name']} -w" in docs
+    assert f"svc/{service['metadata']['name']}-serve-svc 8000:8000" in docs  # KubeRay's <RayService>-serve-svc
+    assert f"svc/{cluster['metadata']['name']}-head-svc 8265:8265" in docs
+    submitted = re.findall(r"^\s*(python jobs/rlsf\.py .+)$", docs, re.M)
+    assert submitted and set(submitted) == {job["spec"]["entrypoint"]}
+    worker = cluster["spec"]["workerGroupSpecs"][0]
+    limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert f"asks for {limits['cpu']} CPUs and {limits['memory']}" in docs
+    assert re.search(rf"GPU workers autoscaled\s+{worker['minReplicas']}–{worker['maxReplicas']}\b", docs)
+
+
+def test_docs_resource_table_matches_the_paper_config():
+    from almost_ray.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "paper-llama.yaml")
+    rows = {}
+    for line in (ROOT / "docs" / "gpu-cluster.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            rows[cells[0]] = (cells[3], cells[4])
+    pools = {
+        "`queries` (Self-Instruct)": (cfg.queries.resources.concurrency, cfg.queries.resources.num_gpus),
+        "`eval_rm`": (cfg.eval_rm.resources.concurrency, cfg.eval_rm.resources.num_gpus),
+        "`eval`": (cfg.eval.resources.concurrency, cfg.eval.resources.num_gpus),
+        "`train_rm`": (cfg.train_rm.num_workers, cfg.train_rm.gpus_per_worker),
+        "`train_sft`": (cfg.train_sft.num_workers, cfg.train_sft.gpus_per_worker),
+    }
+    for stage, (replicas, gpus_each) in pools.items():
+        assert rows[stage] == (str(replicas), str(int(replicas * gpus_each))), stage
