@@ -71,6 +71,13 @@ def resolve_model_dir(ref: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelRefError(f"{ref}: GGUF file not found")
+        try:
+            with path.open("rb") as f:
+                magic = f.read(4)
+        except OSError as err:
+            raise ModelRefError(f"{ref}: cannot read the GGUF file ({err.strerror})") from None
+        if magic != b"GGUF":
+            raise ModelRefError(f"{ref}: not a GGUF file (it does not start with the GGUF magic bytes)")
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return _cached(f"{path.stem}-{key}", lambda out: _convert_gguf(path, out))
