@@ -490,6 +490,14 @@ class QueriesConfig(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     shard_size: int = Field(default=64, ge=1, description="prompts per resumable shard within a round")
 
+    @model_validator(mode="after")
+    def _length_window(self) -> QueriesConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(
+                f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars}): no query could pass"
+            )
+        return self
+
 
 class ResponseSampling(SamplingParams):
     """ALMoST Appendix C.2: responses are sampled with p 0.9 and temperature 1.0, up to 384 tokens."""
@@ -632,6 +640,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
     if data is None:
         data = {}
+    duplicate = _first_duplicate_key(yaml.compose(text)) if text else None
+    if duplicate:
+        raise ConfigError(f"{source}:{duplicate}")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: the top level must be a mapping of sections, got {type(data).__name__}")
     overridden: dict[tuple[str, ...], str] = {}
@@ -642,6 +653,27 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, source, text, overridden)) from None
+
+
+def _first_duplicate_key(node: Any, path: tuple[str, ...] = ()) -> str | None:
+    """`line: dotted.key: duplicate key (...)` for the first key given twice in one mapping. YAML forbids
+    it, but PyYAML silently keeps the last value, so a second `temperature:` would win unnoticed."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in seen and name != "<<":
+                return f"{line}: {'.'.join(path + (name,))}: duplicate key (first at line {seen[name]})"
+            seen.setdefault(name, line)
+            found = _first_duplicate_key(value, path + (name,))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found = _first_duplicate_key(item, path + (str(index),))
+            if found:
+                return found
+    return None
 
 
 def _apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from almost_ray.cluster import init_ray
 from almost_ray.config import GenerateConfig, RayConfig
 from almost_ray.generation_pool import stream_generation
 from almost_ray.manifest import is_done, write_manifest
+from almost_ray.models.loading import ModelRefError, resolve_model_dir
 from almost_ray.records import RecordError, Response, numbered_rows
 from almost_ray.shards import ShardedJsonl
 from almost_ray.templates import default_stop
@@ -47,6 +48,10 @@ def run(cfg: GenerateConfig, ray_cfg: RayConfig, input_path: str | Path, output_
         return output_path
     started = time.time()
     rows = read_prompts(input_path)
+    try:  # a bad model reference fails here, on the driver, before any output exists
+        resolve_model_dir(cfg.model.ref)
+    except ModelRefError as err:
+        raise ModelRefError(f"generate.model.ref: {err}") from None
     sampling = cfg.sampling
     if not sampling.stop:
         sampling = sampling.model_copy(update={"stop": default_stop(cfg.prompt_format)})
@@ -66,7 +71,6 @@ def run(cfg: GenerateConfig, ray_cfg: RayConfig, input_path: str | Path, output_
     write_manifest(stage_dir, "generate", cfg, inputs, started,
                    counts={"prompts": len(rows), "rows": count, **fit})
     return output_path
-
 
 
 def _count_fits(results, fit: dict[str, int]):

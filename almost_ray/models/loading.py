@@ -9,13 +9,15 @@ directory feeds generation, training, vLLM and Ray actors on other nodes:
   quantizer that neither `Trainer` nor `save_pretrained` accepts (see ENVIRONMENT.md);
 - `tiny:llama` is a small random LLaMA with the embedded model's real tokenizer, for tests.
 
-`trust_remote_code` is never enabled.
+`trust_remote_code` is never enabled, and a local directory whose config asks for remote code
+(`auto_map`) or whose weights exist only as pickle (`pytorch_model.bin`) is refused: safetensors only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -69,6 +71,13 @@ def resolve_model_dir(ref: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelRefError(f"{ref}: GGUF file not found")
+        try:
+            with path.open("rb") as f:
+                magic = f.read(4)
+        except OSError as err:
+            raise ModelRefError(f"{ref}: cannot read the GGUF file ({err.strerror})") from None
+        if magic != b"GGUF":
+            raise ModelRefError(f"{ref}: not a GGUF file (it does not start with the GGUF magic bytes)")
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return _cached(f"{path.stem}-{key}", lambda out: _convert_gguf(path, out))
@@ -77,7 +86,37 @@ def resolve_model_dir(ref: str) -> Path:
             f"{ref}: not a model reference (expected an HF directory with config.json, a .gguf file, "
             f"{', '.join(EMBEDDED_REFS)} or tiny:llama)"
         )
+    refuse_unsafe_model_dir(path)
     return path
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def refuse_unsafe_model_dir(path: Path) -> None:
+    """Refuse what would run someone else's code on load: a config or tokenizer config that names
+    custom classes (`auto_map`, i.e. remote code, which needs trust_remote_code), and weights stored only
+    as pickle (`pytorch_model.bin` and the like: unpickling executes code). Safetensors only."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelRefError(f"{file}: not readable JSON ({err})") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise ModelRefError(
+                f"{file}: auto_map names custom model code; remote code is never run "
+                "(trust_remote_code stays off): convert the model to a standard transformers architecture"
+            )
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickled:
+            raise ModelRefError(
+                f"{path}: weights only as pickle ({', '.join(pickled)}); safetensors only: convert them "
+                "once where you trust the file (save_pretrained(..., safe_serialization=True))"
+            )
 
 
 def _cached(name: str, build) -> Path:
