@@ -95,6 +95,15 @@ def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
     print(f"wrote {out / 'dialogues.jsonl'} and {out / 'manifest.json'}")
 
 
+def _serve(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.serve.app import run
+
+    serve_cfg = cfg.serve
+    if "run_dir" not in serve_cfg.model_fields_set:  # the aligned models of this config's run
+        serve_cfg = serve_cfg.model_copy(update={"run_dir": cfg.run_dir})
+    run(serve_cfg, cfg.ray)
+
+
 # name -> (help, handler, extra arguments)
 SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
     "generate": (
@@ -164,6 +173,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
             (("--report",), dict(action="store_true", help="print the funnel table (counts and drop reasons)")),
         ],
     ),
+    "serve": ("serve the aligned model and the RM over HTTP (OpenAI-compatible, Ray Serve) until Ctrl-C", _serve, []),
     "demo": ("run the pipeline, as far as it is built, on a local Ray with the embedded model", _demo, []),
 }
 

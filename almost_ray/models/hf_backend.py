@@ -64,8 +64,26 @@ class HFGenerator:
                 results[i] = texts[k * params.n : (k + 1) * params.n]
         return results
 
-    @torch.inference_mode()
     def _generate_batch(self, prompts: list[str], params: SamplingParams, extra: list) -> list[str]:
+        new_tokens = self.generate_ids(prompts, params, extra)
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [truncate_at_stop(t, params.stop).strip() for t in texts]
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: list[str],
+        params: SamplingParams,
+        extra: list | None = None,
+        seeds: list[int] | None = None,
+        rules: bool | None = None,
+    ) -> torch.Tensor:
+        """New token ids of one batch, `params.n` rows per prompt, padded after EOS with the pad id.
+
+        `seeds` (one per row) replaces the per-prompt seeds, and `rules` switches the 3-rule adapter on
+        or off whatever `ModelConfig.rules.enabled` says: the Serve deployment batches requests that
+        each bring their own seed and adapter switch.
+        """
         limit = max(self.max_positions - params.max_new_tokens, 1)
         self.tokenizer.truncation_side = "left"  # keep the end of an over-long few-shot prompt
         enc = self.tokenizer(
@@ -74,11 +92,12 @@ class HFGenerator:
         ).to(self.device)
         if params.n > 1:  # one row per sample; HF refuses num_return_sequences without do_sample
             enc = {k: v.repeat_interleave(params.n, dim=0) for k, v in enc.items()}
-        processors = LogitsProcessorList(extra)
-        if self.config.rules.enabled:  # Hewitt et al.'s 3-rule adapter, before sampling
+        processors = LogitsProcessorList(extra or [])
+        if self.config.rules.enabled if rules is None else rules:  # Hewitt et al.'s 3-rule adapter, before sampling
             processors.insert(0, self._rules_processor(enc["input_ids"].shape[1]))
         if params.temperature > 0:
-            seeds = [prompt_seed(params.seed, p, j) for p in prompts for j in range(params.n)]
+            if seeds is None:
+                seeds = [prompt_seed(params.seed, p, j) for p in prompts for j in range(params.n)]
             processors.append(SeededSampler(seeds, params.temperature, params.top_p, self.device))
         out = self.model.generate(
             **enc,
@@ -93,9 +112,7 @@ class HFGenerator:
             top_p=None,
             top_k=None,
         )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [truncate_at_stop(t, params.stop).strip() for t in texts]
+        return out[:, enc["input_ids"].shape[1] :]
 
     def _rules_processor(self, prompt_length: int):
         from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
