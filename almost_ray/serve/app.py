@@ -98,8 +98,8 @@ async def read_json(request: Request, limits: RequestLimits) -> dict[str, Any]:
 class OpenAIIngress:
     """The HTTP face: checks requests and calls the model deployments through their handles."""
 
-    def __init__(self, chat: DeploymentHandle, reward: DeploymentHandle | None, limits: dict,
-                 model_id: str, reward_id: str | None):
+    def __init__(self, chat: DeploymentHandle | None, reward: DeploymentHandle | None, limits: dict,
+                 model_id: str | None, reward_id: str | None):
         self.chat, self.reward = chat, reward
         self.limits = RequestLimits.model_validate(limits)
         self.model_id, self.reward_id = model_id, reward_id
@@ -115,7 +115,7 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self) -> dict:
-        served = [(self.model_id, "chat")] + ([(self.reward_id, "reward")] if self.reward_id else [])
+        served = [(name, kind) for name, kind in ((self.model_id, "chat"), (self.reward_id, "reward")) if name]
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "almost_ray", "kind": kind}
             for name, kind in served
@@ -124,6 +124,9 @@ class OpenAIIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         req = validate_model(ChatCompletionRequest, await read_json(request, self.limits))
+        if self.chat is None:
+            raise APIError("no chat model is served here (serve.chat.enabled is false)", None, 503,
+                           "chat_model_unavailable", type="service_unavailable")
         self._check_model(req.model, self.model_id)
         job = check_chat(req, self.limits)
         result = await self.chat.chat.remote(job)
@@ -158,8 +161,10 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
         except ValidationError as err:
             lines = [f"serve args: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
             raise ConfigError("\n".join(lines)) from None
-    chat_ref = resolve_chat_model(cfg)
-    chat = ChatModel.options(**cfg.chat.deployment.serve_options()).bind(cfg.chat.model_dump(mode="json"), chat_ref)
+    chat_ref = resolve_chat_model(cfg) if cfg.chat.enabled else None
+    chat = None
+    if chat_ref is not None:
+        chat = ChatModel.options(**cfg.chat.deployment.serve_options()).bind(cfg.chat.model_dump(mode="json"), chat_ref)
     reward_ref = resolve_reward_model(cfg)
     reward = None
     if reward_ref is not None:
@@ -167,7 +172,8 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
             cfg.reward.model_dump(mode="json"), reward_ref
         )
     return OpenAIIngress.options(**cfg.ingress.serve_options()).bind(
-        chat, reward, cfg.limits.model_dump(mode="json"), cfg.chat.model_id or model_id_of(chat_ref),
+        chat, reward, cfg.limits.model_dump(mode="json"),
+        (cfg.chat.model_id or model_id_of(chat_ref)) if chat_ref else None,
         model_id_of(reward_ref) if reward_ref else None,
     )
 

@@ -59,6 +59,7 @@ class ChatDeploymentConfig(StrictModel):
     uses the tokenizer's chat template, else `human_assistant`.
     """
 
+    enabled: bool = Field(default=True, description="false: the RM only (the GPU path serves chat with vLLM)")
     model: str | None = None
     model_id: str | None = Field(default=None, description="the name in /v1/models (default: from the model)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
