@@ -39,6 +39,7 @@ test-slow: $(VENV)/.dev
 bench: $(VENV)/.bench
 	$(PY) bench/generation.py
 	$(PY) bench/train.py
+	$(PY) bench/serve_load.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check almost_ray tests bench

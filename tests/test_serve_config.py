@@ -225,3 +225,20 @@ def test_read_completion_counts_tokens_and_finish_reason():
     # a stop string in the last generated token
     last = read_completion([1, 2, 3], 3, ("c",), eos, pad, decode)
     assert (last.text, last.finish_reason) == ("ab", "stop")
+
+
+def test_cli_writes_the_gpu_deploy_file(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from almost_ray.cli import main
+
+    model = tmp_path / "run" / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "gpu.yaml"
+    assert main(["serve", "--set", f"runs_dir={tmp_path}", "--set", "run_name=run",
+                 "--write-gpu-config", str(out)]) == 0
+    deploy = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(deploy)
+    assert deploy["applications"][0]["args"]["llm_configs"][0]["model_loading_config"]["model_source"] == str(
+        model.resolve())
