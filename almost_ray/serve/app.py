@@ -14,6 +14,7 @@ FastAPI reads the endpoints' annotations at run time, so this module does not us
 import asyncio
 import json
 import logging
+import signal
 import time
 from typing import Any
 
@@ -191,9 +192,14 @@ def run(cfg: ServeConfig, ray_cfg, block: bool = True) -> str:
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     print(f"serving {url}/v1 (chat completions, models, reward) and {url}/health; Ctrl-C stops", flush=True)
     if block:
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` (a container stop) shuts Serve down like Ctrl-C
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.shutdown()
     return url
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
