@@ -40,6 +40,7 @@ bench: $(VENV)/.bench
 	$(PY) bench/generation.py
 	$(PY) bench/train.py
 	$(PY) bench/ppo.py
+	$(PY) bench/serve_load.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check almost_ray tests bench

@@ -103,6 +103,25 @@ def _export(args: argparse.Namespace, cfg: Config) -> None:
     print(f"wrote {out} ({args.format}; load with datasets.{'load_dataset' if args.format == 'parquet' else 'load_from_disk'})")
 
 
+def _serve(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.serve.app import run
+
+    serve_cfg = cfg.serve
+    if "run_dir" not in serve_cfg.model_fields_set:  # the aligned models of this config's run
+        serve_cfg = serve_cfg.model_copy(update={"run_dir": cfg.run_dir})
+    if args.write_gpu_config:  # the ray.serve.llm (vLLM) deploy file instead of serving here
+        import yaml
+
+        from almost_ray.records import atomic_open
+        from almost_ray.serve.llm import gpu_deploy_config
+
+        with atomic_open(args.write_gpu_config) as f:
+            yaml.safe_dump(gpu_deploy_config(serve_cfg), f, sort_keys=False)
+        print(f"wrote {args.write_gpu_config} (serve deploy it on a GPU cluster with vLLM installed)")
+        return
+    run(serve_cfg, cfg.ray)
+
+
 # name -> (help, handler, extra arguments)
 SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
     "generate": (
@@ -182,6 +201,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
                                  help="parquet: load_dataset(DIR); disk: Dataset.save_to_disk")),
             (("--stage-dir",), dict(help="the stage's folder (default: <run dir>/<stage>)")),
         ],
+    ),
+    "serve": (
+        "serve the aligned model and the RM over HTTP (OpenAI-compatible, Ray Serve) until Ctrl-C",
+        _serve,
+        [(("--write-gpu-config",), dict(metavar="PATH", help="write the ray.serve.llm (vLLM) deploy file and exit"))],
     ),
     "demo": ("run the pipeline, as far as it is built, on a local Ray with the embedded model", _demo, []),
 }

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from almost_ray.config_base import ConfigError, StrictModel
 from almost_ray.rl.config import PPOConfig
+from almost_ray.serve.config import ServeConfig
 
 __all__ = ["Config", "ConfigError", "StrictModel", "load_config", "config_hash"]
 
@@ -609,6 +610,7 @@ class Config(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rmsp: RMSPConfig = Field(default_factory=RMSPConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @property
     def run_dir(self) -> Path:

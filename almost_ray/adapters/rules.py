@@ -33,6 +33,12 @@ RULES_VLLM_PROCESSOR = "almost_ray.adapters.rules_vllm:RulesAdapterProcessor"
 RULES_EXTRA_ARG = "almost_ray_rules"
 
 
+def rules_from_extra_arg(raw: dict | str) -> RulesConfig:
+    """The `RulesConfig` a vLLM request carries: a dict (offline `SamplingParams.extra_args`) or its JSON
+    text (an OpenAI request's `vllm_xargs`, whose values can only be strings and numbers)."""
+    return RulesConfig.model_validate_json(raw) if isinstance(raw, str) else RulesConfig.model_validate(raw)
+
+
 def token_surfaces(tokenizer) -> list[str]:
     """The text each vocabulary item contributes when it follows other text.
 

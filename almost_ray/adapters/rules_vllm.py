@@ -17,8 +17,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from almost_ray.adapters.rules import RULES_EXTRA_ARG, RuleTables
-from almost_ray.config import RulesConfig
+from almost_ray.adapters.rules import RULES_EXTRA_ARG, RuleTables, rules_from_extra_arg
 from almost_ray.models.loading import eos_token_ids
 
 
@@ -47,7 +46,7 @@ class RulesAdapterProcessor(AdapterLogitsProcessor):
         raw = (params.extra_args or {}).get(RULES_EXTRA_ARG)
         if raw is not None:
             try:
-                RulesConfig.model_validate(raw)
+                rules_from_extra_arg(raw)
             except ValueError as err:
                 raise ValueError(f"extra_args[{RULES_EXTRA_ARG!r}]: {err}") from None
 
@@ -58,7 +57,7 @@ class RulesAdapterProcessor(AdapterLogitsProcessor):
         raw = (params.extra_args or {}).get(RULES_EXTRA_ARG)
         if raw is None:
             return None
-        cfg = RulesConfig.model_validate(raw)
+        cfg = rules_from_extra_arg(raw)
         if not cfg.enabled:
             return None
         key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)

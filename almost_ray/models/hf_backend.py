@@ -21,6 +21,7 @@ from almost_ray.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
 from almost_ray.models.text import (
     FittedPrompt,
+    OverlongPromptError,
     encode_pair,
     fit_prompt,
     prompt_seed,
@@ -151,11 +152,38 @@ class HFGenerator:
                 results[i] = texts[k * params.n : (k + 1) * params.n]
         return results
 
-    @torch.inference_mode()
     def _generate_batch(self, prompts: list[str], ids: list[list[int]], params: SamplingParams, extra: list) -> list[str]:
+        new_tokens = self.generate_ids(prompts, params, extra, ids=ids)
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [truncate_at_stop(t, params.stop).strip() for t in texts]
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: list[str],
+        params: SamplingParams,
+        extra: list | None = None,
+        seeds: list[int] | None = None,
+        rules: bool | None = None,
+        ids: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        """New token ids of one batch, `params.n` rows per prompt, padded after EOS with the pad id.
+
+        `ids` are the prompts' token ids when the caller already applied the length policy (`generate`
+        does); otherwise the policy runs here and a prompt it would skip is an error. `seeds` (one per
+        row) replaces the per-prompt seeds, and `rules` switches the 3-rule adapter on or off whatever
+        `ModelConfig.rules.enabled` says: the Serve deployment batches requests that each bring their own
+        seed and adapter switch.
+        """
+        if ids is None:
+            fits = self.fit_prompts(prompts, params)
+            if any(f.skipped for f in fits):
+                raise OverlongPromptError("a prompt does not fit the model's context (model.on_overlong: skip)")
+            ids = [f.ids for f in fits]
+        use_rules = self.config.rules.enabled if rules is None else rules
         rows = [row for row in ids for _ in range(params.n)]  # one row per sample (HF refuses n without sampling)
         # the rules adapter reads rows as left-padded prompts, so it keeps plain padding
-        prefix_len, cache = (0, None) if self.config.rules.enabled else self.prefix_cache.for_batch(self.model, rows)
+        prefix_len, cache = (0, None) if use_rules else self.prefix_cache.for_batch(self.model, rows)
         if cache is not None:
             input_ids, mask = pad_after_prefix(rows, prefix_len, self.tokenizer.pad_token_id)
             enc = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
@@ -163,11 +191,12 @@ class HFGenerator:
         else:
             enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(self.device)
             enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        processors = LogitsProcessorList(extra)
-        if self.config.rules.enabled:  # Hewitt et al.'s 3-rule adapter, before sampling
+        processors = LogitsProcessorList(extra or [])
+        if use_rules:  # Hewitt et al.'s 3-rule adapter, before sampling
             processors.insert(0, self._rules_processor(enc["input_ids"], enc["attention_mask"]))
         if params.temperature > 0:
-            seeds = [prompt_seed(params.seed, p, j) for p in prompts for j in range(params.n)]
+            if seeds is None:
+                seeds = [prompt_seed(params.seed, p, j) for p in prompts for j in range(params.n)]
             processors.append(SeededSampler(seeds, params.temperature, params.top_p, self.device))
         out = self.model.generate(
             **enc,
@@ -182,9 +211,7 @@ class HFGenerator:
             top_p=None,
             top_k=None,
         )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [truncate_at_stop(t, params.stop).strip() for t in texts]
+        return out[:, enc["input_ids"].shape[1] :]
 
     def _rules_processor(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables

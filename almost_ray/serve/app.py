@@ -1,0 +1,205 @@
+"""The Serve application: an OpenAI-compatible FastAPI ingress over the chat and reward deployments.
+
+    serve run almost_ray.serve.app:app                       # defaults (the demo's aligned model)
+    serve deploy serve/config.yaml                           # import_path almost_ray.serve.app:build_app
+    almost-ray serve --config configs/demo.yaml              # the `serve:` section of a project config
+
+Every request is read with a size limit, parsed, type-checked and bounds-checked (`protocol.py`) before a
+model sees it; whatever is wrong is a 4xx in OpenAI's error shape naming the field, and nothing a client
+sends turns into a 500. The HTTP proxy binds 127.0.0.1 unless told otherwise (docs/serving.md).
+
+FastAPI reads the endpoints' annotations at run time, so this module does not use postponed annotations.
+"""
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from almost_ray.config_base import ConfigError
+from almost_ray.serve.chat import ChatModel, model_id_of, resolve_chat_model
+from almost_ray.serve.config import RequestLimits, ServeConfig
+from almost_ray.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    RewardRequest,
+    check_chat,
+    check_reward,
+    completion_body,
+    completion_id,
+    error_body,
+    parse_json_body,
+    stream_events,
+    validate_model,
+    validation_error,
+)
+from almost_ray.serve.reward import RewardScorer, resolve_reward_model
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="almost_ray", description="OpenAI-compatible chat completions and reward scoring")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = validation_error(exc.errors())
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@api.exception_handler(json.JSONDecodeError)
+async def _bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
+    return JSONResponse(error_body(f"invalid JSON body: {exc}", None, "invalid_json"), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(error_body(str(exc.detail), None, code), status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug or a dead replica, not the client
+    logger.exception("request failed")
+    return JSONResponse(error_body("internal error", None, None, "server_error"), status_code=500)
+
+
+async def read_json(request: Request, limits: RequestLimits) -> dict[str, Any]:
+    """The body, refused early when Content-Length says it is too large and cut off when it grows past it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise APIError("invalid Content-Length header", code="invalid_header")
+        if int(declared) > limits.max_body_bytes:
+            raise APIError(f"request body is {declared} bytes, the limit is {limits.max_body_bytes}",
+                           status=413, code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise APIError(f"request body exceeds {limits.max_body_bytes} bytes", status=413, code="request_too_large")
+    return parse_json_body(bytes(body), limits)
+
+
+@serve.deployment
+@serve.ingress(api)
+class OpenAIIngress:
+    """The HTTP face: checks requests and calls the model deployments through their handles."""
+
+    def __init__(self, chat: DeploymentHandle | None, reward: DeploymentHandle | None, limits: dict,
+                 model_id: str | None, reward_id: str | None):
+        self.chat, self.reward = chat, reward
+        self.limits = RequestLimits.model_validate(limits)
+        self.model_id, self.reward_id = model_id, reward_id
+        self.created = int(time.time())
+
+    def _check_model(self, name: str | None, served: str | None) -> None:
+        if name is not None and name != served:
+            raise APIError(f"model {name!r} is not served here (serving {served!r})", "model", 404, "model_not_found")
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_id, "reward_model": self.reward_id}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        served = [(name, kind) for name, kind in ((self.model_id, "chat"), (self.reward_id, "reward")) if name]
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "almost_ray", "kind": kind}
+            for name, kind in served
+        ]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        req = validate_model(ChatCompletionRequest, await read_json(request, self.limits))
+        if self.chat is None:
+            raise APIError("no chat model is served here (serve.chat.enabled is false)", None, 503,
+                           "chat_model_unavailable", type="service_unavailable")
+        self._check_model(req.model, self.model_id)
+        job = check_chat(req, self.limits)
+        result = await self.chat.chat.remote(job)
+        if isinstance(result, APIError):
+            raise result
+        cid = completion_id()
+        if job.stream:
+            events = stream_events(result, self.model_id, cid, job.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return completion_body(result, self.model_id, cid)
+
+    @api.post("/v1/reward")
+    async def reward_scores(self, request: Request) -> dict:
+        req = validate_model(RewardRequest, await read_json(request, self.limits))
+        if self.reward is None:
+            raise APIError("no reward model is configured (serve.reward)", None, 503, "reward_model_unavailable",
+                           type="service_unavailable")
+        self._check_model(req.model, self.reward_id)
+        conversations = check_reward(req, self.limits)
+        scores = await asyncio.gather(*(self.reward.score.remote(c) for c in conversations))
+        return {"object": "list", "model": self.reward_id,
+                "data": [{"object": "reward", "index": i, "score": s} for i, s in enumerate(scores)]}
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None):
+    """The Serve application builder (`import_path: almost_ray.serve.app:build_app`, `args`: ServeConfig)."""
+    if isinstance(args, ServeConfig):
+        cfg = args
+    else:
+        try:
+            cfg = ServeConfig.model_validate(args or {})
+        except ValidationError as err:
+            lines = [f"serve args: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+            raise ConfigError("\n".join(lines)) from None
+    chat_ref = resolve_chat_model(cfg) if cfg.chat.enabled else None
+    chat = None
+    if chat_ref is not None:
+        chat = ChatModel.options(**cfg.chat.deployment.serve_options()).bind(cfg.chat.model_dump(mode="json"), chat_ref)
+    reward_ref = resolve_reward_model(cfg)
+    reward = None
+    if reward_ref is not None:
+        reward = RewardScorer.options(**cfg.reward.deployment.serve_options()).bind(
+            cfg.reward.model_dump(mode="json"), reward_ref
+        )
+    return OpenAIIngress.options(**cfg.ingress.serve_options()).bind(
+        chat, reward, cfg.limits.model_dump(mode="json"),
+        (cfg.chat.model_id or model_id_of(chat_ref)) if chat_ref else None,
+        model_id_of(reward_ref) if reward_ref else None,
+    )
+
+
+app = build_app()
+
+
+def run(cfg: ServeConfig, ray_cfg, block: bool = True) -> str:
+    """`almost-ray serve`: start (or join) Ray, start Serve on `cfg.http`, deploy, print the URL, block."""
+    from almost_ray.cluster import init_ray
+
+    init_ray(ray_cfg)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(build_app(cfg), name="almost_ray", route_prefix="/")
+    url = f"http://{cfg.http.host}:{cfg.http.port}"
+    print(f"serving {url}/v1 (chat completions, models, reward) and {url}/health; Ctrl-C stops", flush=True)
+    if block:
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` (a container stop) shuts Serve down like Ctrl-C
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
