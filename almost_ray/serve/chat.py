@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray import serve
 
-from almost_ray.models.generator import prompt_seed, truncate_at_stop
+from almost_ray.models.text import prompt_seed, truncate_at_stop
 from almost_ray.serve.config import ChatDeploymentConfig, ServeConfig
 from almost_ray.serve.protocol import APIError, ChatJob, ChatResult, Choice
 from almost_ray.templates import default_stop, render_prompt
