@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from almost_ray import metrics as dashboard
 from almost_ray.config import TrainConfig, config_hash
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
@@ -186,6 +187,7 @@ def train_worker(job: dict[str, Any]) -> None:
         if log is not None:
             log.write(metrics)
             _say(_progress_line(metrics, total))
+            dashboard.set_gauges(dashboard.run_of(stage_dir), f"train_{job['task']}", {**metrics, "progress": (step + 1) / total})
         last = step + 1 == total
         if cfg.num_workers > 0 and ((step + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint(metrics, model, optimizer, scheduler, step + 1, rank)
