@@ -44,7 +44,14 @@ class GenerationReplica:
         batch = batch.copy()
         batch["prompt"] = prompts
         batch["responses"] = [json.dumps(o, ensure_ascii=False) for o in outputs]
+        batch["node_id"] = _node_id()  # where it ran: multi-node tests and debugging read it
         return batch
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def stream_generation(

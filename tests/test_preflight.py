@@ -67,3 +67,19 @@ def test_cli_stops_a_gpu_pool_within_seconds_with_one_line(tmp_path):
     assert "generate.resources pool: needs 1 GPU per replica, the cluster has 0 GPUs" in proc.stderr.splitlines()
     assert time.time() - started < 60  # Ray start-up and the check, no model load, no waiting on actors
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_rmsp_stops_before_loading_any_role_when_one_role_cannot_fit(ray_local, tmp_path):
+    from almost_ray.config import load_config
+    from almost_ray.rmsp import stage
+
+    (tmp_path / "q.txt").write_text("What is rain?\n")
+    cfg = load_config(None, [f"runs_dir={tmp_path}", f"rmsp.queries={tmp_path / 'q.txt'}",
+                             "rmsp.assistant.model.ref=tiny:llama", "rmsp.user.model.ref=tiny:llama",
+                             "rmsp.reward_model.ref=tiny:llama", "rmsp.assistant.resources.num_cpus=0.1",
+                             "rmsp.user.resources.num_cpus=0.1", "rmsp.reward_model.resources.num_gpus=2"])
+    started = time.time()
+    with pytest.raises(ConfigError, match=r"^rmsp\.reward_model\.resources pool: needs 2 GPUs per replica, "
+                                          r"the cluster has 0 GPUs$"):
+        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+    assert time.time() - started < 30

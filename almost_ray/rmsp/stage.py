@@ -30,7 +30,7 @@ from almost_ray.cluster import init_ray
 from almost_ray.config import ConfigError, RayConfig, RMSPConfig, config_hash
 from almost_ray.manifest import input_hash, is_done, write_manifest
 from almost_ray.metrics import add_counts, progress, run_of
-from almost_ray.preflight import fits_together, pool_bundles
+from almost_ray.preflight import fits_together, pool_bundles, preflight
 from almost_ray.records import atomic_open, load_queries, read_jsonl
 from almost_ray.replicas import ReplicaSet
 from almost_ray.rmsp import turns
@@ -202,6 +202,8 @@ def run(
         if todo:
             init_ray(ray_cfg)
             sets = role_pools(cfg, rm_ref, headers)
+            for replica_set in sets.values():  # each role alone must fit, or the stage stops here, in seconds
+                preflight(replica_set.name, pool_bundles(replica_set.res))
             together = fits_together({s.name: pool_bundles(s.res) for s in sets.values()})
             try:
                 records = (

@@ -40,6 +40,7 @@ import torch
 
 from almost_ray import metrics as dashboard
 from almost_ray.config import TrainConfig, config_hash
+from almost_ray.records import write_json
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
 
@@ -122,6 +123,9 @@ def train_worker(job: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = dist.is_available() and dist.is_initialized()
+    write_json(stage_dir / "workers" / f"rank-{rank}.json",  # where each rank ran (multi-node checks)
+               {"rank": rank, "world": world,
+                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""})
     device = _device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
