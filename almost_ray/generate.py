@@ -15,6 +15,7 @@ from almost_ray.cluster import init_ray
 from almost_ray.config import GenerateConfig, RayConfig
 from almost_ray.generation_pool import stream_generation
 from almost_ray.manifest import is_done, write_manifest
+from almost_ray.metrics import run_of
 from almost_ray.models.loading import ModelRefError, resolve_model_dir
 from almost_ray.records import RecordError, Response, numbered_rows
 from almost_ray.shards import ShardedJsonl
@@ -60,7 +61,8 @@ def run(cfg: GenerateConfig, ray_cfg: RayConfig, input_path: str | Path, output_
     todo = shards.pending([{"id": r["id"], "messages": json.dumps(r["messages"])} for r in rows])
     if todo:
         init_ray(ray_cfg)
-        results = stream_generation(todo, cfg.model, sampling, cfg.resources, cfg.prompt_format)
+        results = stream_generation(todo, cfg.model, sampling, cfg.resources, cfg.prompt_format,
+                                    metrics_tags=(run_of(stage_dir), "generate"))
         shards.collect(
             {**Response(query_id=r["id"], prompt=r["prompt"], responses=r["responses"],
                         generator=cfg.model.ref).model_dump(),

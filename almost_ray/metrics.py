@@ -67,6 +67,13 @@ def add_counts(run: str, stage: str, counts: dict[str, float]) -> None:
         _counter(metric_name(stage, key)).inc(float(value), tags=tags)
 
 
+def run_of(stage_dir) -> str:
+    """The run a stage directory belongs to: stages write into `runs_dir/<run>/<stage>/`."""
+    from pathlib import Path
+
+    return Path(stage_dir).resolve().parent.name
+
+
 def progress(run: str, stage: str, done: float, total: float) -> None:
     """`almost_ray_<stage>_progress` in [0, 1]: the dashboard's view of how far a stage is."""
     set_gauges(run, stage, {"progress": done / total if total else 1.0})

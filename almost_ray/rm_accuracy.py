@@ -15,6 +15,7 @@ from pathlib import Path
 
 from almost_ray.config import EvalRMConfig, RayConfig
 from almost_ray.models.loading import resolve_model_dir
+from almost_ray.pools import stream_pool
 from almost_ray.preferences import PreferencePair, load_pairs
 from almost_ray.records import write_json
 
@@ -36,24 +37,14 @@ def length_baseline(pairs: Sequence[PreferencePair]) -> float:
 
 def score_pairs(model: str, pairs: Sequence[PreferencePair], cfg: EvalRMConfig) -> tuple[list[float], list[float]]:
     """RM scores of every chosen and rejected conversation, through a Ray Data pool of RewardReplicas."""
-    import ray.data
-
     from almost_ray.models.reward import RewardReplica
 
     rows = [{"i": 2 * k, "conversation": json.dumps(p.chosen)} for k, p in enumerate(pairs)]
     rows += [{"i": 2 * k + 1, "conversation": json.dumps(p.rejected)} for k, p in enumerate(pairs)]
     rows.sort(key=lambda r: len(r["conversation"]))  # similar lengths per batch: less padding
-    res = cfg.resources
-    ds = ray.data.from_items(rows).map_batches(
-        RewardReplica,
-        fn_constructor_kwargs={"ref": model, "max_length": cfg.max_length, "batch_size": res.batch_size},
-        batch_format="pandas",
-        batch_size=res.batch_size,
-        concurrency=res.concurrency,
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus,
-    )
-    scores = {int(r["i"]): float(r["reward"]) for r in ds.iter_rows()}
+    kwargs = {"ref": model, "max_length": cfg.max_length, "batch_size": cfg.resources.batch_size}
+    scores = {int(r["i"]): float(r["reward"])
+              for r in stream_pool(rows, RewardReplica, kwargs, cfg.resources, "eval_rm.resources")}
     return [scores[2 * k] for k in range(len(pairs))], [scores[2 * k + 1] for k in range(len(pairs))]
 
 

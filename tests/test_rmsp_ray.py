@@ -35,6 +35,7 @@ def tiny_rm(tmp_path_factory):
 
 
 def _cfg(tmp_path, *extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "q.txt").write_text("\n".join(QUERIES) + "\n")
     pools = [f"rmsp.{r}.resources.{k}={v}" for r in ("assistant", "user", "reward_model")
              for k, v in (("num_cpus", 0.1), ("batch_size", 2))]
@@ -106,3 +107,20 @@ def test_plain_self_play_without_rm(ray_local, tmp_path):
         (turn,) = rec["assistant_turns"]
         assert len(turn["candidates"]) == 1 and turn["scores"] is None and turn["chosen"] == 0
         assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
+
+
+@pytest.mark.slow
+def test_roles_that_do_not_fit_together_take_turns_with_the_same_dialogues(ray_local, tmp_path, tiny_rm):
+    """On 2 CPUs, three 1-CPU role pools cannot all hold a replica at once: each role starts, answers a
+    whole turn and is freed before the next (no stall), loading its model once per turn; roles that
+    fit (0.1 CPU each) are started once per run. The dialogues are the same bytes either way."""
+    dialogues, started = {}, {}
+    for name, cpus in (("together", 0.1), ("in_turn", 1)):
+        pools = [f"rmsp.{r}.resources.num_cpus={cpus}" for r in ("assistant", "user", "reward_model")]
+        cfg = _cfg(tmp_path / name, f"rmsp.reward_model.ref={tiny_rm}", "rmsp.max_turns=2", *pools)
+        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+        dialogues[name] = (cfg.run_dir / "rmsp" / "dialogues.jsonl").read_bytes()
+        started[name] = read_manifest(cfg.run_dir / "rmsp")["metrics"]["replicas_started"]
+    assert dialogues["together"] == dialogues["in_turn"]
+    assert started["together"] == {"assistant": 1, "reward_model": 1, "user": 1}
+    assert started["in_turn"] == {"assistant": 2, "reward_model": 2, "user": 1}

@@ -150,8 +150,8 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
     real_pool = ladder._run_pool
     seen: list[str] = []
 
-    def crash_after_first_shard(rows, group):
-        for row in real_pool(rows, group):
+    def crash_after_first_shard(rows, group, name):
+        for row in real_pool(rows, group, name):
             if row["_shard"] == 0:
                 yield row
         raise RuntimeError("simulated crash")
@@ -161,9 +161,9 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
         compare.run(cfg.compare, RayConfig(), cfg.compare.queries, stage2)
     assert not (stage2 / "manifest.json").exists()
 
-    def recording_pool(rows, group):
+    def recording_pool(rows, group, name):
         seen.extend(r["id"] for r in rows)
-        yield from real_pool(rows, group)
+        yield from real_pool(rows, group, name)
 
     monkeypatch.setattr(ladder, "_run_pool", recording_pool)
     compare.run(cfg.compare, RayConfig(), cfg.compare.queries, stage2)

@@ -165,7 +165,7 @@ def test_mining_on_tiny_llama_is_deterministic_and_resumes(tmp_path, ray_local, 
     def no_generation(*args, **kwargs):
         raise AssertionError("a finished round was generated again")
 
-    monkeypatch.setattr("almost_ray.generation_pool.stream_generation", no_generation)
+    monkeypatch.setattr("almost_ray.replicas.ReplicaSet._start", no_generation)
     again = mining.run(cfg, RayConfig(), tmp_path / "one")
     assert [q["text"] for q in read_jsonl(again)] == [q["text"] for q in mined]
     assert all(m["replayed"] for m in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()))

@@ -125,7 +125,8 @@ def answer_on_ray(jcfg: JudgeEvalConfig, resources: ResourcesConfig, work_dir: P
             todo = shards.pending(rows)
             if todo:
                 shards.collect({"id": r["id"], "answer": r["responses"][0], "_shard": r["_shard"], "_row": r["_row"]}
-                               for r in stream_generation(todo, model, sampling, resources, jcfg.prompt_format))
+                               for r in stream_generation(todo, model, sampling, resources, jcfg.prompt_format,
+                                                            pool="eval.resources"))
             shards.finalize()
         return {r["id"]: r["answer"] for r in read_jsonl(final)}
 

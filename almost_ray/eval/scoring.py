@@ -24,6 +24,7 @@ import pandas as pd
 from almost_ray.config import ModelConfig, ResourcesConfig
 from almost_ray.models.generator import Generator, make_generator
 from almost_ray.models.text import encode_pair
+from almost_ray.pools import stream_pool
 from almost_ray.records import read_jsonl
 from almost_ray.shards import ShardedJsonl
 
@@ -92,7 +93,8 @@ def scores_path(work_dir: str | Path, name: str, model: ModelConfig, rows: list[
     return Path(work_dir) / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.scores.jsonl"
 
 
-def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path, shard_size: int) -> Scorer:
+def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path, shard_size: int,
+                 pool: str = "eval.resources") -> Scorer:
     """A scorer sharding rows over a `ScorerReplica` pool; results land in `work_dir/<name>-<digest>.scores.jsonl`.
 
     Rows are sorted by context length first, so a batch pads little; finished shards survive a kill
@@ -100,8 +102,6 @@ def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path,
     """
 
     def scorer(rows: list[Row], name: str = "scores") -> Scores:
-        import ray.data
-
         final = scores_path(work_dir, name, model, rows)
         if final.is_file():
             return {r["key"]: {"logprobs": r["logprobs"], "lengths": r["lengths"]} for r in read_jsonl(final)}
@@ -113,20 +113,10 @@ def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path,
             key="key",
         )
         if todo:
-            ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // resources.batch_size))
-            ds = ds.map_batches(
-                ScorerReplica,
-                fn_constructor_kwargs=dict(model=model.model_dump()),
-                batch_format="pandas",
-                batch_size=resources.batch_size,
-                concurrency=resources.concurrency,
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-            )
             shards.collect(
                 {"key": r["key"], "logprobs": json.loads(r["logprobs"]), "lengths": json.loads(r["lengths"]),
                  "_shard": r["_shard"], "_row": r["_row"]}
-                for r in ds.iter_rows()
+                for r in stream_pool(todo, ScorerReplica, dict(model=model.model_dump()), resources, pool)
             )
         shards.finalize()
         return {r["key"]: {"logprobs": r["logprobs"], "lengths": r["lengths"]} for r in read_jsonl(final)}
@@ -134,7 +124,8 @@ def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path,
     return scorer
 
 
-def reward_on_ray(ref: str, resources: ResourcesConfig, work_dir: Path, shard_size: int, dtype: str = "auto") -> Scorer:
+def reward_on_ray(ref: str, resources: ResourcesConfig, work_dir: Path, shard_size: int, dtype: str = "auto",
+                  pool: str = "eval.resources") -> Scorer:
     """A scorer for a reward model: each continuation is an assistant reply to the row's `messages`.
 
     The "logprobs" it returns are rewards (same shape, so suites compare them the same way). Rows are
@@ -142,8 +133,6 @@ def reward_on_ray(ref: str, resources: ResourcesConfig, work_dir: Path, shard_si
     """
 
     def scorer(rows: list[Row], name: str = "rewards") -> Scores:
-        import ray.data
-
         from almost_ray.models.reward import RewardReplica
 
         flat = []
@@ -159,18 +148,9 @@ def reward_on_ray(ref: str, resources: ResourcesConfig, work_dir: Path, shard_si
             shards = ShardedJsonl(final, shard_size)
             todo = shards.pending(sorted(flat, key=lambda r: len(r["conversation"])), key="key")
             if todo:
-                ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // resources.batch_size))
-                ds = ds.map_batches(
-                    RewardReplica,
-                    fn_constructor_kwargs=dict(ref=ref, dtype=dtype),
-                    batch_format="pandas",
-                    batch_size=resources.batch_size,
-                    concurrency=resources.concurrency,
-                    num_cpus=resources.num_cpus,
-                    num_gpus=resources.num_gpus,
-                )
+                rows_out = stream_pool(todo, RewardReplica, dict(ref=ref, dtype=dtype), resources, pool)
                 shards.collect({"key": r["key"], "reward": float(r["reward"]), "_shard": r["_shard"],
-                                "_row": r["_row"]} for r in ds.iter_rows())
+                                "_row": r["_row"]} for r in rows_out)
             shards.finalize()
         rewards = {r["key"]: r["reward"] for r in read_jsonl(final)}
         return {r["key"]: {"logprobs": [rewards[f"{r['key']}#{j}"] for j in range(len(r["continuations"]))],

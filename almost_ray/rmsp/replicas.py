@@ -1,4 +1,4 @@
-"""Ray Data callable classes of self-play: one model per actor, one actor pool per role and turn.
+"""The replica classes of self-play: one model per actor, one `replicas.ReplicaSet` per role for the run.
 
 `RoleReplica` plays the assistant (N samples per active dialogue) or the user (one follow-up);
 `CandidateScorer` holds one reward model and scores every candidate in its conversation, so the

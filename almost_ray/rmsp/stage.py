@@ -1,10 +1,11 @@
 """`almost-ray rmsp`: reward-model-guided self-play over Ray Data, the SFT demonstrations (ALMoST 2.2).
 
-One streaming pipeline per run, the turns chained in order so each dialogue moves on as soon as its
-previous turn is done:
+One pool of long-lived replicas per role (`replicas.ReplicaSet`), each loading its model once and
+serving every turn; the turns are chained so each dialogue moves on as soon as its previous turn is
+done (when the roles do not all fit the cluster at once, they take turns instead: `selfplay`):
 
-    queries ─▶ [assistant pool: N samples] ─▶ [RM pool: score N in context] ─▶ best-of-N
-            ─▶ [user pool: follow-up] ─▶ ... until T assistant turns ─▶ dialogues.jsonl
+    queries ─▶ [assistant replicas: N samples] ─▶ [RM replicas: score N in context] ─▶ best-of-N
+            ─▶ [user replicas: follow-up] ─▶ ... until T assistant turns ─▶ dialogues.jsonl
 
 Without an RM (`reward_model: null`) or with `best_of: 1` it is plain self-play. Outputs land in
 `runs/<run>/<stage>/`: `dialogues.jsonl` (TRL `messages`, each assistant turn's candidates, scores and
@@ -16,19 +17,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Iterable, Iterator
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
 
 from almost_ray.cluster import init_ray
-from almost_ray.config import ConfigError, RayConfig, ResourcesConfig, RMSPConfig, config_hash
+from almost_ray.config import ConfigError, RayConfig, RMSPConfig, config_hash
 from almost_ray.manifest import input_hash, is_done, write_manifest
+from almost_ray.metrics import add_counts, progress, run_of
+from almost_ray.preflight import fits_together, pool_bundles, preflight
 from almost_ray.records import atomic_open, load_queries, read_jsonl
+from almost_ray.replicas import ReplicaSet
 from almost_ray.rmsp import turns
 from almost_ray.rmsp.replicas import CandidateScorer, RoleReplica
 from almost_ray.shards import ROW_KEY, SHARD_KEY, ShardedJsonl
@@ -93,45 +97,51 @@ def role_header(role_cfg, field: str) -> str:
         raise ConfigError(f"rmsp.{field}: {err}") from None
 
 
-def _pool(res: ResourcesConfig) -> dict:
-    """A fixed-size actor pool: each replica holds its model for the whole run."""
-    from ray.data import ActorPoolStrategy
-
-    return dict(batch_format="pandas", batch_size=res.batch_size, compute=ActorPoolStrategy(size=res.concurrency),
-                num_cpus=res.num_cpus, num_gpus=res.num_gpus)
-
-
-def build_dataset(rows: list[dict], cfg: RMSPConfig, rm_ref: str | None, headers: dict[str, str]):
-    """The whole self-play as one lazy Ray Data pipeline: per turn an assistant pool, an RM pool and a
-    best-of-N step, then (before the last turn) a user pool. Every pool is its own set of actors."""
-    import ray.data
-
+def role_pools(cfg: RMSPConfig, rm_ref: str | None, headers: dict[str, str]) -> dict[str, ReplicaSet]:
+    """One `ReplicaSet` per role (assistant, RM, user), each started at its first use and reused by
+    every turn: a role's model is loaded once per run, not once per turn."""
     a, u = cfg.assistant, cfg.user
-    blocks = max(1, math.ceil(len(rows) / a.resources.batch_size))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    assistant_kwargs = dict(
-        model=a.model.model_dump(), sampling={**a.sampling.model_dump(), "n": samples_per_turn(cfg)},
-        role="assistant", header=headers["assistant"],
-    )
-    user_kwargs = dict(model=u.model.model_dump(), sampling=u.sampling.model_dump(), role="user",
-                       header=headers["user"])
-    for turn in range(1, cfg.max_turns + 1):
-        ds = ds.map_batches(RoleReplica, fn_constructor_kwargs=assistant_kwargs, **_pool(a.resources))
-        if rm_ref is not None:
-            rm = cfg.reward_model
-            ds = ds.map_batches(
-                CandidateScorer,
-                fn_constructor_kwargs=dict(ref=rm_ref, dtype=rm.dtype, max_length=rm.max_length,
-                                           batch_size=max(rm.resources.batch_size, samples_per_turn(cfg))),
-                **_pool(rm.resources),
-            )
-        # choosing is bookkeeping: a light task, no model, no reserved CPU
-        ds = ds.map_batches(turns.select_batch, fn_kwargs=dict(turn=turn, max_turns=cfg.max_turns),
-                            batch_format="pandas", num_cpus=0)
-        if turn < cfg.max_turns:
-            ds = ds.map_batches(RoleReplica, fn_constructor_kwargs=user_kwargs, **_pool(u.resources))
-            ds = ds.map_batches(turns.user_batch, batch_format="pandas", num_cpus=0)
-    return ds
+    sets = {
+        "assistant": ReplicaSet(RoleReplica, dict(
+            model=a.model.model_dump(), sampling={**a.sampling.model_dump(), "n": samples_per_turn(cfg)},
+            role="assistant", header=headers["assistant"]), a.resources, "rmsp.assistant.resources"),
+    }
+    if rm_ref is not None:
+        rm = cfg.reward_model
+        sets["reward_model"] = ReplicaSet(CandidateScorer, dict(
+            ref=rm_ref, dtype=rm.dtype, max_length=rm.max_length,
+            batch_size=max(rm.resources.batch_size, samples_per_turn(cfg))), rm.resources, "rmsp.reward_model.resources")
+    if cfg.max_turns > 1:
+        sets["user"] = ReplicaSet(RoleReplica, dict(model=u.model.model_dump(), sampling=u.sampling.model_dump(),
+                                                    role="user", header=headers["user"]), u.resources, "rmsp.user.resources")
+    return sets
+
+
+def selfplay(rows: Iterable[dict], sets: dict[str, ReplicaSet], max_turns: int, together: bool) -> Iterator[dict]:
+    """Every dialogue through its turns: per turn the assistant's N samples, the RM's scores, best-of-N,
+    then (before the last turn) the user's follow-up.
+
+    `together` (all roles' replicas fit the cluster at once): the roles' maps are chained, so a dialogue
+    moves on as soon as its batch is done and every replica works at the same time. Otherwise the roles
+    take turns: each role's replicas start, answer every dialogue of this turn, and are freed before
+    the next role's start — nothing stalls waiting for resources, at the price of loading each role's
+    model once per turn instead of once per run (`docs/architecture.md`, Scale-out).
+    """
+    def step(role: str, stream: Iterable[dict]) -> Iterable[dict]:
+        if together:
+            return sets[role].map(stream)
+        with sets[role]:
+            return list(sets[role].map(stream))
+
+    stream: Iterable[dict] = rows
+    for turn in range(1, max_turns + 1):
+        stream = step("assistant", stream)
+        if "reward_model" in sets:
+            stream = step("reward_model", stream)
+        stream = map(partial(turns.take_assistant_turn, turn=turn, max_turns=max_turns), stream)  # binds this turn
+        if turn < max_turns:
+            stream = map(turns.take_user_turn, step("user", stream))
+    yield from stream
 
 
 def run_meta(cfg: RMSPConfig, rm_ref: str | None) -> dict:
@@ -185,17 +195,26 @@ def run(
     trace = stage_dir / f"selfplay-{key.hexdigest()[:12]}.jsonl"
     _remove_stale(stage_dir, trace)
     meta = run_meta(cfg, rm_ref)
+    replicas_started: dict[str, int] = {}  # per role: model loads in this process (once per run when they fit)
     if not trace.exists():
         shards = ShardedJsonl(trace, cfg.shard_size)
         todo = shards.pending([turns.start_row(q.id, q.text) for q in query_rows])
         if todo:
             init_ray(ray_cfg)
-            ds = build_dataset(todo, cfg, rm_ref, headers)
-            records = (
-                {**turns.dialogue_record(r, meta), SHARD_KEY: int(r[SHARD_KEY]), ROW_KEY: int(r[ROW_KEY])}
-                for r in ds.iter_rows()
-            )
-            shards.collect(_progress(records, len(todo), stage_dir / "metrics.jsonl", cfg, started))
+            sets = role_pools(cfg, rm_ref, headers)
+            for replica_set in sets.values():  # each role alone must fit, or the stage stops here, in seconds
+                preflight(replica_set.name, pool_bundles(replica_set.res))
+            together = fits_together({s.name: pool_bundles(s.res) for s in sets.values()})
+            try:
+                records = (
+                    {**turns.dialogue_record(r, meta), SHARD_KEY: int(r[SHARD_KEY]), ROW_KEY: int(r[ROW_KEY])}
+                    for r in selfplay(todo, sets, cfg.max_turns, together)
+                )
+                shards.collect(_progress(records, len(todo), stage_dir / "metrics.jsonl", cfg, started))
+            finally:
+                for replica_set in sets.values():
+                    replica_set.close()
+            replicas_started = {role: s.started for role, s in sets.items()}
         shards.finalize()
     records = _split(trace, out, stage_dir / "dropped.jsonl")
     counts = {
@@ -205,7 +224,8 @@ def run(
         f"complete_{cfg.max_turns}_turn": sum(r["num_turns"] == cfg.max_turns for r in records),
         **turns.end_counts(records),
     }
-    metrics = {"switches": meta, "per_turn": turns.turn_metrics(records, cfg.max_turns)}
+    metrics = {"switches": meta, "per_turn": turns.turn_metrics(records, cfg.max_turns),
+               "replicas_started": replicas_started}
     write_manifest(stage_dir, stage, cfg, inputs, started, counts=counts, metrics=metrics)
     trace.unlink()  # after the manifest: a crash before it still finds the finished trace
     return stage_dir
@@ -243,10 +263,13 @@ def _progress(records: Iterable[dict], total: int, metrics_path: Path, cfg: RMSP
     """Pass records through while showing a progress bar and appending running metrics a person can plot."""
     seen: list[dict] = []
     every = max(1, min(cfg.shard_size, total // 10 or 1))
+    run, stage = run_of(metrics_path.parent), metrics_path.parent.name
     with tqdm(total=total, desc="rmsp dialogues", unit="dlg") as bar:
         for rec in records:
             seen.append(_slim(rec))
             bar.update(1)
+            add_counts(run, stage, {"dialogues_done": 1, "dialogues_kept": int(rec["num_turns"] > 0)})
+            progress(run, stage, len(seen), total)
             if len(seen) % every == 0 or len(seen) == total:
                 line = {"done": len(seen), "of": total, "elapsed_s": round(time.time() - started, 1),
                         "per_turn": turns.turn_metrics(seen, cfg.max_turns), **turns.end_counts(seen)}

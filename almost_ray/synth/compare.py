@@ -17,6 +17,8 @@ from pathlib import Path
 
 from almost_ray.config import CompareConfig, RayConfig
 from almost_ray.manifest import is_done, read_manifest, write_manifest
+from almost_ray.metrics import add_counts, run_of
+from almost_ray.pools import stream_pool
 from almost_ray.records import Comparison, RecordError, atomic_open, load_queries, read_jsonl, write_jsonl
 from almost_ray.shards import ShardedJsonl
 from almost_ray.sources import parse_source
@@ -27,8 +29,6 @@ from almost_ray.synth.ladder import generate_responses, remove_parts
 def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[dict]], out_dir: Path) -> dict:
     """As-is RM scores of the responses that appear in kept pairs: id -> reward (resumable shards)."""
     import hashlib
-
-    import ray.data
 
     from almost_ray.cluster import init_ray
     from almost_ray.models.reward import RewardReplica
@@ -42,18 +42,10 @@ def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[
     todo = shards.pending(rows)
     if todo:
         init_ray(ray_cfg)
-        res = rm.resources
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // res.batch_size))
-        ds = ds.map_batches(
-            RewardReplica,
-            fn_constructor_kwargs=dict(ref=rm.ref, dtype=rm.dtype, max_length=rm.max_length,
-                                       batch_size=res.batch_size),
-            batch_format="pandas", batch_size=res.batch_size, concurrency=res.concurrency,
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-        )
+        kwargs = dict(ref=rm.ref, dtype=rm.dtype, max_length=rm.max_length, batch_size=rm.resources.batch_size)
         shards.collect(
             {"id": r["id"], "reward": float(r["reward"]), "_shard": r["_shard"], "_row": r["_row"]}
-            for r in ds.iter_rows()
+            for r in stream_pool(todo, RewardReplica, kwargs, rm.resources, "compare.as_is_rm.resources")
         )
     shards.finalize()  # the merged file stays in parts/ until the stage is done
     return {r["id"]: r["reward"] for r in read_jsonl(shards.final)}
@@ -138,6 +130,7 @@ def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_di
     counts["comparisons"] = write_jsonl(output, (Comparison(**c) for c in comparisons))
     counts["comparisons_by_rungs"] = dict(Counter(f"{c['chosen_rung']}>{c['rejected_rung']}" for c in comparisons))
 
+    publish_funnel(run_of(out_dir), counts)
     with atomic_open(out_dir / "metrics.jsonl") as f:
         for pool, m in pool_metrics.items():
             f.write(json.dumps({"step": "generate", "pool": pool, **m}) + "\n")
@@ -148,6 +141,16 @@ def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_di
     plot_funnel(out_dir)
     remove_parts(out_dir)
     return output
+
+
+def publish_funnel(run: str, counts: dict) -> None:
+    """Comparisons kept after each filter, as dashboard counters (`docs/monitoring.md`)."""
+    add_counts(run, "compare", {
+        "responses": sum(counts["responses"].values()), "responses_kept": sum(counts["responses_kept"].values()),
+        "pairs_possible": counts["pairs_possible"], "pairs_after_heuristic_filter": counts["pairs_after_heuristic_filter"],
+        "comparisons": counts["comparisons"],
+        **{f"pairs_dropped_{k}": v for k, v in counts["pairs_dropped"].items()},
+    })
 
 
 def funnel_rows(manifest: dict) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from almost_ray.config import CompareConfig, ModelConfig, RayConfig, RungConfig, SamplingParams
+from almost_ray.pools import stream_pool
 from almost_ray.records import Query, atomic_open, read_jsonl
 from almost_ray.shards import ShardedJsonl
 from almost_ray.templates import default_stop, fewshot_header, human_assistant, load_prompt_text
@@ -88,22 +89,10 @@ class LadderReplica:
         return batch
 
 
-def _run_pool(rows: list[dict], group: list[RungConfig]) -> Iterator[dict]:
-    import ray.data
-
-    res = group[0].resources
+def _run_pool(rows: list[dict], group: list[RungConfig], name: str) -> Iterator[dict]:
     rungs = {r.name: {"header": rung_header(r), "sampling": rung_sampling(r).model_dump()} for r in group}
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // res.batch_size))
-    ds = ds.map_batches(
-        LadderReplica,
-        fn_constructor_kwargs=dict(model=group[0].model.model_dump(), rungs=rungs),
-        batch_format="pandas",
-        batch_size=res.batch_size,
-        concurrency=res.concurrency,
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus,
-    )
-    yield from ds.iter_rows()
+    kwargs = dict(model=group[0].model.model_dump(), rungs=rungs)
+    yield from stream_pool(rows, LadderReplica, kwargs, group[0].resources, name)
 
 
 def generate_responses(
@@ -119,8 +108,10 @@ def generate_responses(
     metrics: dict[str, dict] = {}
     part_files = []
     query_hash = hashlib.sha256(json.dumps([[q.id, q.text] for q in queries]).encode()).hexdigest()
+    index = {r.name: i for i, r in enumerate(cfg.ladder)}
     for group in pool_groups(cfg.ladder):
         name = "+".join(r.name for r in group)
+        pool = f"compare.ladder[{index[group[0].name]}].resources"
         # the part's name carries what its rows depend on, so a changed rung or query set is regenerated
         key = json.dumps([[r.model_dump(mode="json") for r in group], query_hash], sort_keys=True)
         path = parts / f"{name}.{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
@@ -137,7 +128,7 @@ def generate_responses(
             from almost_ray.cluster import init_ray
 
             init_ray(ray_cfg)
-            shards.collect(_run_pool(todo, group))
+            shards.collect(_run_pool(todo, group, pool))
         n = shards.finalize()
         metrics[name] = {"rows": n, "generated": len(todo), "seconds": round(time.time() - t0, 2)}
     by_key = {}

@@ -2,7 +2,8 @@
 
 Each round builds `prompts_per_round` prompts: the instruction, then `static_shots` seed queries and
 `dynamic_shots` queries mined in earlier rounds (seeds fill in while too few are mined), each on a
-`Query: ...` line, ending with `Query:`. The prompts go through a generation actor pool; the
+`Query: ...` line, ending with `Query:`. The prompts go through generation replicas loaded once for
+all rounds (`replicas.ReplicaSet`); the
 completions come back, are put in prompt order, parsed into queries, filtered (banned words, length,
 final punctuation) and deduplicated against the seeds and every query kept so far with Rouge-L
 (`rouge-score`, keep only when the max F < threshold, strictly, as Self-Instruct's "less than"). Shot
@@ -27,8 +28,11 @@ from pathlib import Path
 from rouge_score import rouge_scorer, tokenizers
 
 from almost_ray.config import QueriesConfig, RayConfig, config_hash
+from almost_ray.generation_pool import GenerationReplica
 from almost_ray.manifest import is_done, read_manifest, write_manifest
+from almost_ray.metrics import add_counts, progress, run_of
 from almost_ray.records import Query, RecordError, atomic_open, read_jsonl, write_json, write_jsonl
+from almost_ray.replicas import ReplicaSet
 from almost_ray.shards import ShardedJsonl
 from almost_ray.templates import packaged_text
 
@@ -171,10 +175,9 @@ def _replay_key(cfg: QueriesConfig, instruction: str, seeds: list[str]) -> str:
     return json.dumps([config_hash(section), instruction, seeds])
 
 
-def _generate_round(cfg: QueriesConfig, ray_cfg: RayConfig, prompts: list[str], path: Path) -> list[str]:
+def _generate_round(cfg: QueriesConfig, ray_cfg: RayConfig, prompts: list[str], path: Path,
+                    replicas: ReplicaSet) -> list[str]:
     """Completions of one round's prompts, in prompt order, through resumable shards."""
-    from almost_ray.generation_pool import stream_generation
-
     if not path.exists():
         shards = ShardedJsonl(path, cfg.shard_size)
         rows = [{"id": f"p{i:06d}", "messages": json.dumps([{"role": "user", "content": p}])}
@@ -184,13 +187,20 @@ def _generate_round(cfg: QueriesConfig, ray_cfg: RayConfig, prompts: list[str], 
             from almost_ray.cluster import init_ray
 
             init_ray(ray_cfg)
-            results = stream_generation(todo, cfg.model, cfg.sampling, cfg.resources, "raw")
             shards.collect(
-                {"id": r["id"], "completion": r["responses"][0], "_shard": r["_shard"], "_row": r["_row"]}
-                for r in results
+                {"id": r["id"], "completion": json.loads(r["responses"])[0], "_shard": r["_shard"], "_row": r["_row"]}
+                for r in replicas.map(todo)
             )
         shards.finalize()
     return [row["completion"] for row in read_jsonl(path)]
+
+
+def generation_replicas(cfg: QueriesConfig, run: str) -> ReplicaSet:
+    """The generator's replicas for every round: started at the first round that generates, kept
+    loaded across rounds (a Ray Data pool per round would load the model again each round)."""
+    kwargs = dict(model=cfg.model.model_dump(), sampling=cfg.sampling.model_dump(), prompt_format="raw", header="",
+                  metrics_tags=(run, "queries"))
+    return ReplicaSet(GenerationReplica, kwargs, cfg.resources, "queries.resources")
 
 
 def run(cfg: QueriesConfig, ray_cfg: RayConfig, out_dir: str | Path) -> Path:
@@ -218,7 +228,7 @@ def run(cfg: QueriesConfig, ray_cfg: RayConfig, out_dir: str | Path) -> Path:
     mined: list[Query] = []
     counts: Counter = Counter()
     metrics_path = out_dir / "metrics.jsonl"
-    with atomic_open(metrics_path) as metrics:
+    with atomic_open(metrics_path) as metrics, generation_replicas(cfg, run_of(out_dir)) as replicas:
         for rnd in range(cfg.max_rounds):
             if len(mined) >= cfg.target:
                 break
@@ -232,7 +242,7 @@ def run(cfg: QueriesConfig, ray_cfg: RayConfig, out_dir: str | Path) -> Path:
             ]
             path = rounds_dir / f"round-{rnd:04d}.jsonl"
             replayed = path.exists()
-            completions = _generate_round(cfg, ray_cfg, prompts, path)
+            completions = _generate_round(cfg, ray_cfg, prompts, path, replicas)
             before, seen = len(mined), Counter(counts)
             for completion in completions:
                 for text in parse_queries(completion, cfg.prefix):
@@ -253,6 +263,9 @@ def run(cfg: QueriesConfig, ray_cfg: RayConfig, out_dir: str | Path) -> Path:
                 **{k: counts[k] - seen[k] for k in counts if k.startswith("dropped_") or k == "parsed"},
             }) + "\n")
             metrics.flush()
+            round_counts = {k: counts[k] - seen[k] for k in counts if k.startswith("dropped_") or k == "parsed"}
+            add_counts(run_of(out_dir), "queries", {"mined": len(mined) - before, **round_counts})
+            progress(run_of(out_dir), "queries", min(len(mined), cfg.target), cfg.target)
             print(f"queries: round {rnd}: +{len(mined) - before} -> {len(mined)}/{cfg.target}", flush=True)
     kept = mined[: cfg.target]
     if len(kept) < cfg.target:

@@ -38,7 +38,9 @@ from typing import Any
 
 import torch
 
+from almost_ray import metrics as dashboard
 from almost_ray.config import TrainConfig, config_hash
+from almost_ray.records import write_json
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
 
@@ -121,6 +123,9 @@ def train_worker(job: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = dist.is_available() and dist.is_initialized()
+    write_json(stage_dir / "workers" / f"rank-{rank}.json",  # where each rank ran (multi-node checks)
+               {"rank": rank, "world": world,
+                "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""})
     device = _device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -186,6 +191,7 @@ def train_worker(job: dict[str, Any]) -> None:
         if log is not None:
             log.write(metrics)
             _say(_progress_line(metrics, total))
+            dashboard.set_gauges(dashboard.run_of(stage_dir), f"train_{job['task']}", {**metrics, "progress": (step + 1) / total})
         last = step + 1 == total
         if cfg.num_workers > 0 and ((step + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint(metrics, model, optimizer, scheduler, step + 1, rank)

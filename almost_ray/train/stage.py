@@ -31,6 +31,7 @@ def run_stage(
     from almost_ray.cluster import init_ray
     from almost_ray.manifest import is_done, write_manifest
     from almost_ray.models.loading import resolve_model_dir
+    from almost_ray.preflight import preflight, train_bundles
     from almost_ray.train import loop
     from almost_ray.train.report import plot_metrics, summarize
 
@@ -39,10 +40,11 @@ def run_stage(
         print(f"{name}: {stage_dir} is up to date")
         return stage_dir / loop.MODEL_DIR
     started = time.time()
+    if cfg.num_workers > 0:  # before loading anything: a worker group that cannot start fails in seconds
+        init_ray(ray_cfg)
+        preflight(f"{name.split(':')[0].replace('-', '_')} workers", train_bundles(cfg))
     model_dir = resolve_model_dir(cfg.model)
     examples, counts = prepare(model_dir)
-    if cfg.num_workers > 0:
-        init_ray(ray_cfg)
     out = loop.fit(kind, cfg, examples, model_dir, stage_dir)
     summary = summarize(stage_dir / loop.METRICS)
     keys, title = plot
