@@ -39,9 +39,11 @@ def test_serve_config_yaml_validates_with_ray_and_our_schema():
 
 
 def test_import_paths_resolve():
-    from almost_ray.serve import app
+    from ray.serve import Application
 
-    assert callable(app.build_app) and app.app is not None
+    from almost_ray.serve import app  # `serve run almost_ray.serve.app:app`; `import_path: ...:build_app`
+
+    assert isinstance(app.app, Application) and isinstance(app.build_app({}), Application)
 
 
 def test_deployment_options():

@@ -183,21 +183,24 @@ app = build_app()
 
 
 def run(cfg: ServeConfig, ray_cfg, block: bool = True) -> str:
-    """`almost-ray serve`: start (or join) Ray, start Serve on `cfg.http`, deploy, print the URL, block."""
+    """`almost-ray serve`: start (or join) Ray, start Serve on `cfg.http`, deploy, print the URL, block.
+
+    Ctrl-C or SIGTERM (a container stop) shuts Serve down, also while the replicas are still loading.
+    """
     from almost_ray.cluster import init_ray
 
     init_ray(ray_cfg)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(build_app(cfg), name="almost_ray", route_prefix="/")
     url = f"http://{cfg.http.host}:{cfg.http.port}"
-    print(f"serving {url}/v1 (chat completions, models, reward) and {url}/health; Ctrl-C stops", flush=True)
     if block:
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` (a container stop) shuts Serve down like Ctrl-C
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+        signal.signal(signal.SIGTERM, _interrupt)  # after init_ray: Ray installs its own handler
+    try:
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        serve.run(build_app(cfg), name="almost_ray", route_prefix="/")
+        print(f"serving {url}/v1 (chat completions, models, reward) and {url}/health; Ctrl-C stops", flush=True)
+        while block:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
     return url
 
 
