@@ -219,3 +219,13 @@ def test_backends_do_not_import_the_generator_module():
             "print('almost_ray.models.generator' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_generate_manifest_counts_what_the_policy_did():
+    from almost_ray.generate import _count_fits
+
+    rows = [{"shots_dropped": 0, "prompt_skipped": False}, {"shots_dropped": 2, "prompt_skipped": False},
+            {"shots_dropped": 3, "prompt_skipped": True}]
+    counts = {"prompts_shortened": 0, "shots_dropped": 0, "prompts_skipped": 0}
+    assert list(_count_fits(iter(rows), counts)) == rows
+    assert counts == {"prompts_shortened": 1, "shots_dropped": 5, "prompts_skipped": 1}

@@ -115,3 +115,58 @@ def test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process(tmp_path, ray
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
     assert len(list((tmp_path / "two" / "ray").glob("*/step_*"))) == 2  # checkpoints_to_keep
+
+
+def test_two_workers_load_on_rank0_and_broadcast_into_shards(tmp_path, ray_local):
+    """Distributed, the model is built on the meta device, sharded, and filled from rank 0's weights: the
+    other rank never loads the checkpoint, and the sharded state before any step is exactly what one
+    process loads (the RM's seeded fresh head included)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    model_dir = str(resolve_model_dir("tiny:llama"))
+    cfg = TrainRMConfig(model="tiny:llama", num_workers=2, seed=5)
+    out = str(tmp_path)
+
+    def worker(job):
+        import ray.train
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from almost_ray.config import TrainConfig
+        from almost_ray.train import loop as worker_loop
+        from almost_ray.train import reward as task
+
+        rank = ray.train.get_context().get_world_rank()
+        if rank != 0:
+            def refuse(model_dir):
+                raise AssertionError("only rank 0 reads the weights")
+            task.load_model = refuse
+        loop_cfg = TrainConfig.model_validate(job["cfg"])
+        model = worker_loop.load_for_training(task, job["model_dir"], loop_cfg, torch.device("cpu"), rank, 2,
+                                              True, False)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())  # sharded, not replicated
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        buffers = {f"buffer.{n}": b.detach().cpu().clone() for n, b in model.named_buffers()}
+        if rank == 0:
+            save_file({**{k: v.contiguous() for k, v in full.items()}, **buffers}, f"{job['out']}/rank0.safetensors")
+        else:
+            save_file(buffers, f"{job['out']}/rank1.safetensors")
+
+    loop_cfg = {k: getattr(cfg, k) for k in loop.TrainConfig.model_fields}
+    TorchTrainer(worker, train_loop_config={"cfg": loop_cfg, "model_dir": model_dir, "out": out},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
+
+    from safetensors.torch import load_file
+
+    torch.manual_seed(cfg.seed)
+    expected = reward.load_model(model_dir)  # today's loading, in one process
+    got = load_file(tmp_path / "rank0.safetensors")
+    state = expected.state_dict()
+    assert {k for k in got if not k.startswith("buffer.")} == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    rank1 = load_file(tmp_path / "rank1.safetensors")
+    for name, buffer in expected.named_buffers():
+        torch.testing.assert_close(got[f"buffer.{name}"], buffer, msg=name)
+        torch.testing.assert_close(rank1[f"buffer.{name}"], buffer, msg=name)

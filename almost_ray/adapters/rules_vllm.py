@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from almost_ray.adapters.rules import RULES_EXTRA_ARG, RuleTables, rules_from_extra_arg
-from almost_ray.models.loading import eos_token_ids
+from almost_ray.models.loading import eos_token_ids, load_tokenizer
 
 
 def _generation_config(model_dir: str):
@@ -35,7 +35,7 @@ class RulesAdapterProcessor(AdapterLogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         super().__init__(vllm_config, device, is_pin_memory)
         model_config = vllm_config.model_config
-        self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=False)
+        self.tokenizer = load_tokenizer(model_config.tokenizer)
         self.vocab_size = model_config.get_vocab_size()
         self.eos_ids = eos_token_ids(self.tokenizer, _generation_config(model_config.model))
         self.device = device

@@ -157,7 +157,8 @@ def in_process_backends(cfg: Config) -> Backends:
             sampling = sampling.model_copy(update={"stop": default_stop(e.judge.prompt_format)})
         prompts = [render_prompt(e.judge.prompt_format, [{"role": "user", "content": q["question"]}],
                                  getattr(gen, "tokenizer", None)) for q in questions]
-        return {q["id"]: out[0] for q, out in zip(questions, gen.generate(prompts, sampling))}
+        # a question skipped as too long (model.on_overlong: skip) gets an empty answer
+        return {q["id"]: out[0] if out else "" for q, out in zip(questions, gen.generate(prompts, sampling))}
 
     judge_scorer = score_in_process(generator(e.judge.model)) if "judge" in e.suites else None
     return Backends(score_in_process(generator(e.model)), answer, judge_scorer)

@@ -8,7 +8,8 @@ loss units it holds, and the loss of a micro-batch. This module does the rest, t
   a dead worker group restarts from the latest checkpoint; running `fit` again with the same
   config and data resumes the same Ray Train run (same storage path and run name).
 - `train_worker` (one per worker) shards the model with FSDP2 — `fully_shard` on every decoder
-  block, then the root — over gloo on CPU and NCCL on GPU (Ray's `prepare_model(parallel_strategy=
+  block, then the root, built on the meta device and filled from rank 0's copy of the weights
+  (`load_for_training`), so no rank holds the whole model on its device — over gloo on CPU and NCCL on GPU (Ray's `prepare_model(parallel_strategy=
   "fsdp")` refuses CPU, see ENVIRONMENT.md), with bf16 compute on GPU; AdamW; cosine schedule with
   linear warm-up; gradient clipping; gradient accumulation so one optimizer step sees exactly
   `global_batch_size` examples whatever the worker count (ALMoST Appendix D: FSDP, batch 64 / 128).
@@ -130,15 +131,8 @@ def train_worker(job: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
-    # Same seed on every worker: a fresh head (the RM's `score`) starts identical everywhere.
-    torch.manual_seed(cfg.seed)
-    model = task.load_model(job["model_dir"]).to(device)
-    model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP-safe
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    if distributed:
-        shard_model(model, device, world, bf16, cfg.reshard_after_forward)
+    model = load_for_training(task, job["model_dir"], cfg, device, rank, world, distributed, bf16)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not distributed else nullcontext()
 
     optimizer = torch.optim.AdamW(
@@ -234,6 +228,49 @@ def _device(cfg: TrainConfig) -> torch.device:
 
         return get_device()
     return torch.device("cpu")
+
+
+def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.device, rank: int, world: int,
+                      distributed: bool, bf16: bool) -> torch.nn.Module:
+    """The task's model, ready to train: sharded over the workers when distributed.
+
+    Distributed, no rank holds the whole model on its device: every rank builds it on the meta device
+    (no memory) and shards it (FSDP2), the shards are allocated, and rank 0 alone reads the weights (fp32
+    on the CPU, as `task.load_model` gives them) and broadcasts them into every rank's shards
+    (`set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)`). A fresh head (the RM's
+    `score`) is drawn once, seeded, on rank 0, so all ranks start from the same one. Buffers that are not
+    in the state dict (rotary frequencies) are broadcast from rank 0 as well. `num_workers: 0` loads the
+    whole model in the driver, as before.
+    """
+    torch.manual_seed(cfg.seed)  # the fresh head is the same in every run
+    if not distributed:
+        model = task.load_model(model_dir).to(device)
+        _prepare(model, cfg)
+        return model
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = task.load_model(model_dir) if rank == 0 else None
+    model = task.empty_model(task.load_config(model_dir)).to(torch.float32)  # on the meta device
+    _prepare(model, cfg)
+    shard_model(model, device, world, bf16, cfg.reshard_after_forward)
+    model.to_empty(device=device)
+    full_sd = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if full is not None:
+                buffer.copy_(full.get_buffer(name))
+            dist.broadcast(buffer, src=0)
+    del full, full_sd
+    return model
+
+
+def _prepare(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP-safe
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, world: int, bf16: bool, reshard: bool) -> None:

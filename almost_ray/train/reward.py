@@ -5,7 +5,7 @@ judged reply; the loss is −log σ(r(x, y_chosen) − r(x, y_rejected)). Text a
 exactly those of `models.reward.RewardModel` (`rm_text`, no special tokens, left truncation, score
 at the last token), so the trained RM is scored the way it was trained.
 
-This module is also the RM *task* of the loop: `load_model`, `empty_model`, `load_tokenizer`,
+This module is also the RM *task* of the loop: `load_config`, `load_model`, `empty_model`, `load_tokenizer`,
 `length`, `units`, `micro_loss`, `step_metrics`.
 """
 
@@ -29,15 +29,22 @@ def load_tokenizer(model_dir: str | Path):
     return loading.load_tokenizer(model_dir, padding_side="right", truncation_side="left")
 
 
+def load_config(model_dir: str | Path):
+    """The RM's config: the base LM's with one output and the tokenizer's pad id (every rank builds the same)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, num_labels=1, trust_remote_code=False)
+    config.pad_token_id = load_tokenizer(model_dir).pad_token_id
+    return config
+
+
 def load_model(model_dir: str | Path):
     """The base LM with a fresh one-output head (transformers' `*ForSequenceClassification`)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=1, dtype=torch.float32, trust_remote_code=False
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, config=load_config(model_dir), dtype=torch.float32, trust_remote_code=False
     )
-    model.config.pad_token_id = load_tokenizer(model_dir).pad_token_id
-    return model
 
 
 def empty_model(config):

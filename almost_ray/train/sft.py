@@ -13,7 +13,7 @@ Input rows are dialogues (`{"messages": [...]}`, `records.Dialogue`) or TRL prom
 (`{"prompt", "completion"}`). The rendering is the one generation uses (`templates.human_assistant`
 and `templates.tulu`), with EOS after the final reply so the model learns to stop.
 
-This module is also the SFT *task* of the loop: `load_model`, `empty_model`, `load_tokenizer`,
+This module is also the SFT *task* of the loop: `load_config`, `load_model`, `empty_model`, `load_tokenizer`,
 `length`, `units`, `micro_loss`, `step_metrics`.
 """
 
@@ -111,6 +111,12 @@ def encode_conversations(conversations: list[Messages], tokenizer, cfg: TrainSFT
 def load_tokenizer(model_dir: str | Path):
     """`models.loading.load_tokenizer` for training: right padding (`train.data.pad_batch` pads right)."""
     return loading.load_tokenizer(model_dir, padding_side="right")
+
+
+def load_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def load_model(model_dir: str | Path):
