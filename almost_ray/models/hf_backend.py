@@ -97,6 +97,39 @@ class HFGenerator:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [truncate_at_stop(t, params.stop).strip() for t in texts]
 
+    @torch.inference_mode()
+    def generate_token_ids(
+        self, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float, top_p: float
+    ) -> tuple[list[list[int]], list[bool]]:
+        """One sampled response per tokenized prompt, as token ids cut after the first EOS (kept), and
+        whether it ended with EOS. Row `i` samples with its own generator seeded `seeds[i]` (PPO rollouts:
+        a response depends on its seed, not on its batch). Prompts are left-padded in batches."""
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
+        pad = self.tokenizer.pad_token_id
+        responses: list[list[int]] = [[] for _ in prompt_ids]
+        ended = [False] * len(prompt_ids)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        for start in range(0, len(order), self.config.max_batch_size):
+            idx = order[start : start + self.config.max_batch_size]
+            width = max(len(prompt_ids[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+                mask[row, width - len(prompt_ids[i]) :] = 1
+            sampler = SeededSampler([seeds[i] for i in idx], temperature, top_p, self.device)
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False, num_beams=1,
+                max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([sampler]),
+                pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+            )
+            for row, i in enumerate(idx):
+                tokens = out[row, width:].tolist()
+                cut = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), None)
+                responses[i], ended[i] = (tokens[:cut], True) if cut else (tokens, False)
+        return responses, ended
+
     def _rules_processor(self, prompt_length: int):
         from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 
