@@ -107,11 +107,12 @@ def train_on_replicas(actors: list, minibatch: dict, width: int):
 
 def prompt_order(n_prompts: int, iteration: int, batch: int, seed: int) -> list[int]:
     """Prompt indices of one iteration: consecutive slices of seeded shuffles, one shuffle per pass."""
-    out = []
+    out, perms = [], {}
     for episode in range(iteration * batch, (iteration + 1) * batch):
         epoch, pos = divmod(episode, n_prompts)
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[pos]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perms[epoch][pos]))
     return out
 
 
