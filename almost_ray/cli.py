@@ -122,6 +122,21 @@ def _serve(args: argparse.Namespace, cfg: Config) -> None:
     run(serve_cfg, cfg.ray)
 
 
+def _ppo(args: argparse.Namespace, cfg: Config) -> int | None:
+    section = cfg.ppo.model_copy(update={"engine": args.engine}) if args.engine else cfg.ppo
+    if section.engine == "openrlhf":
+        from almost_ray.rl.openrlhf import launch
+
+        return launch(cfg.model_copy(update={"ppo": section}), dry_run=args.dry_run, prompts=args.prompts)
+    if args.dry_run:
+        raise ConfigError("ppo: --dry-run prints the OpenRLHF command; it needs --engine openrlhf")
+    from almost_ray.rl import stage
+
+    out = stage.run(section, cfg.ray, cfg.run_dir, args.prompts)
+    print(f"PPO policy written to {out / 'model'}; metrics in {out / 'metrics.jsonl'}, curves in {out / 'ppo.png'}")
+    return None
+
+
 # name -> (help, handler, extra arguments)
 SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
     "generate": (
@@ -207,6 +222,16 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         _serve,
         [(("--write-gpu-config",), dict(metavar="PATH", help="write the ray.serve.llm (vLLM) deploy file and exit"))],
     ),
+    "ppo": (
+        "PPO of the SFT policy against the synthetic RM with a KL penalty (ALMoST step 3, RLSF)",
+        _ppo,
+        [
+            (("--prompts",), dict(help="prompts .jsonl/.txt (default: ppo.prompts, else first user turns of "
+                                        "<run dir>/rmsp/dialogues.jsonl)")),
+            (("--engine",), dict(choices=["almost_ray", "openrlhf"], help="overrides ppo.engine")),
+            (("--dry-run",), dict(action="store_true", help="with --engine openrlhf: print the command, run nothing")),
+        ],
+    ),
     "demo": ("run the pipeline, as far as it is built, on a local Ray with the embedded model", _demo, []),
 }
 
@@ -240,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     from almost_ray.records import RecordError
 
     try:
-        args.handler(args, cfg)
+        code = args.handler(args, cfg)
     except ConfigError as err:  # found while running, e.g. a data path that is not set
         print(f"almost-ray: config error:\n{err}", file=sys.stderr)
         return 2
     except (RecordError, ModelRefError) as err:
         print(f"almost-ray: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -213,6 +213,27 @@ class HFGenerator:
         )
         return out[:, enc["input_ids"].shape[1] :]
 
+    def generate_token_ids(
+        self, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float, top_p: float
+    ) -> tuple[list[list[int]], list[bool]]:
+        """One sampled response per tokenized prompt, as token ids cut after the first EOS (kept), and
+        whether it ended with EOS. Row `i` samples with its own generator seeded `seeds[i]` (PPO rollouts:
+        a response depends on its seed, not on its batch)."""
+        eos_ids = set(eos_token_ids(self.tokenizer, self.model.generation_config))
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        responses: list[list[int]] = [[] for _ in prompt_ids]
+        ended = [False] * len(prompt_ids)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        for start in range(0, len(order), self.config.max_batch_size):
+            idx = order[start : start + self.config.max_batch_size]
+            out = self.generate_ids([""] * len(idx), params, seeds=[seeds[i] for i in idx], rules=False,
+                                    ids=[prompt_ids[i] for i in idx])
+            for row, i in enumerate(idx):
+                tokens = out[row].tolist()
+                cut = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), None)
+                responses[i], ended[i] = (tokens[:cut], True) if cut else (tokens, False)
+        return responses, ended
+
     def _rules_processor(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 

@@ -106,6 +106,11 @@ class PPOConfig(StrictModel):
         description="groups of roles sharing bundles, e.g. [[policy, reference], [critic, reward]]",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="CPU threads per role actor; null: its num_cpus rounded up (the phases run one after another, "
+        "so on a small CPU machine each may use every core)",
+    )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     # Durability
     checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")

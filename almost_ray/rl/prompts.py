@@ -14,6 +14,7 @@ from pathlib import Path
 from almost_ray.config_base import ConfigError
 from almost_ray.records import RecordError, numbered_rows
 from almost_ray.rl.config import PPOConfig
+from almost_ray.sources import parse_source
 
 # A prompts .jsonl row: a dialogue (`messages`, TRL's form), a Query record (`text`), or a bare `prompt`.
 PROMPT_KEYS = ("prompt", "text")
@@ -41,16 +42,15 @@ def first_user_turn(row: object, where: str) -> str:
 
 
 def load_prompts(cfg: PPOConfig, run_dir: Path, prompts: Path | None = None) -> list[str]:
-    """The prompts, in file order: `.txt` is one prompt per non-blank line, `.jsonl` rows as
-    `first_user_turn` reads them. A missing or empty source is a `ConfigError` naming the file."""
+    """The prompts, in file order: `.txt` is one prompt per non-blank line; `.jsonl`, Parquet, `save_to_disk`
+    or hub rows as `first_user_turn` reads them. A missing or empty source is a `ConfigError` naming it."""
     path = prompts_path(cfg, run_dir, prompts)
-    if not path.is_file():
+    source = parse_source(path)
+    if source.kind in ("jsonl", "text") and not source.path.is_file():
         hint = "" if (prompts or cfg.prompts) else " (run `almost-ray rmsp` first, or set ppo.prompts)"
         raise ConfigError(f"{path}: prompts file not found{hint}")
-    if path.suffix == ".txt":
-        found = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        found = [first_user_turn(row, f"{path}:{lineno}") for lineno, row in numbered_rows(path)]
+    # any source (`sources.py`): a .txt's lines arrive as {"text": line}, dataset rows as dicts
+    found = [first_user_turn(row, f"{path}:{number}") for number, row in numbered_rows(path)]
     if not found:
         raise ConfigError(f"{path}: no prompts in the file")
     return found

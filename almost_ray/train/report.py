@@ -32,8 +32,10 @@ def summarize(path: str | Path) -> dict:
     return out
 
 
-def plot_metrics(path: str | Path, png: str | Path, keys: list[str], title: str = "") -> Path | None:
-    """One panel per metric against the step (matplotlib, Agg backend: no display needed)."""
+def plot_metrics(
+    path: str | Path, png: str | Path, keys: list[str], title: str = "", x: str = "step", xlabel: str = "optimizer step"
+) -> Path | None:
+    """One panel per metric against `x` (the step; PPO: the iteration) (matplotlib, Agg: no display needed)."""
     rows = read_metrics(path)
     if not rows:
         return None
@@ -43,10 +45,10 @@ def plot_metrics(path: str | Path, png: str | Path, keys: list[str], title: str 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-    steps = [r["step"] for r in rows]
+    steps = [r[x] for r in rows]
     for ax, key in zip(axes[0], keys):
         ax.plot(steps, [r.get(key) for r in rows], marker="." if len(rows) < 50 else None)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     if title:

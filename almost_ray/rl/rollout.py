@@ -1,0 +1,171 @@
+"""Rollout engines: actors that only generate, refreshed with the policy's weights after every update.
+
+As in OpenRLHF, generation runs in its own actors, apart from the trainable policy:
+
+- `HFRolloutEngine` (CPU, or one GPU): `HFGenerator.generate_token_ids`, left-padded batches, one
+  seeded sampler per episode (the seed is a function of the run seed, the iteration and the episode,
+  so a resumed run samples exactly what an uninterrupted one does). Weights arrive through the Ray
+  object store: the policy's state dict is put there once and every engine `load_state_dict`s it.
+- `VLLMRolloutEngine` (GPU, `[gpu]` extra, imported lazily, vLLM 0.33's public API): `vllm.LLM` with
+  `worker_extension_cls` = `almost_ray.rl.vllm_sync.WeightSync`; weights arrive by an NCCL broadcast
+  from the policy's rank 0 (`collective_rpc("update_weight", ...)` on the engine side). It cannot run
+  on this machine; `vllm_engine_kwargs`/`vllm_sampling_kwargs` are pure and tested.
+
+Both return, per prompt, the response token ids (cut after EOS, which is kept) and whether EOS came.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from almost_ray.models.generator import prompt_seed
+from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.roles import RoleActor
+
+WEIGHT_SYNC_EXTENSION = "almost_ray.rl.vllm_sync.WeightSync"
+
+
+def episode_seed(seed: int, prompt: str, episode: int) -> int:
+    """The sampling seed of one episode: run seed, prompt and the episode's global number
+    (iteration * rollout_batch_size + position), so it does not depend on batching or on a resume."""
+    return prompt_seed(seed, prompt, episode)
+
+
+def backend(cfg: PPOConfig) -> str:
+    from almost_ray.models.generator import vllm_available
+
+    if cfg.rollout.backend == "auto":
+        return "vllm" if vllm_available() and cfg.rollout.num_gpus > 0 else "hf"
+    return cfg.rollout.backend
+
+
+class HFRolloutEngine(RoleActor):
+    """One HF generator holding a copy of the policy."""
+
+    def __init__(self, cfg: dict, model_dir: str, *, rank: int = 0, world: int = 1):
+        super().__init__(cfg, "rollout", rank, world)
+        from almost_ray.config import ModelConfig
+        from almost_ray.models.hf_backend import HFGenerator
+
+        model = ModelConfig(ref=model_dir, backend="hf", dtype=self.cfg.dtype,
+                            max_batch_size=self.cfg.rollout.max_batch_size)
+        self.generator = HFGenerator(model, device=self.device.type)
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
+        if not prompt_ids:
+            return [], []
+        return self.generator.generate_token_ids(
+            prompt_ids, seeds, self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p
+        )
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.generator.model.load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
+        """What this engine's weights give the responses: the check that a weight sync landed."""
+        from almost_ray.rl.episodes import pack, response_logprobs
+
+        packed = pack(prompt_ids, response_ids, self.generator.tokenizer.pad_token_id).to(self.device)
+        return response_logprobs(self.generator.model, packed, self.cfg.temperature).cpu()
+
+
+def vllm_engine_kwargs(cfg: PPOConfig, model_dir: str) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for one rollout engine (pure; tested without vLLM)."""
+    tp = cfg.rollout.tensor_parallel_size
+    return dict(
+        model=str(model_dir),
+        dtype="auto" if cfg.dtype == "auto" else cfg.dtype,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="ray" if tp > 1 else "uni",
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        worker_extension_cls=WEIGHT_SYNC_EXTENSION,
+        enforce_eager=True,
+        enable_prefix_caching=False,  # the weights change every iteration: cached prefixes would be stale
+        max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+        trust_remote_code=False,
+        seed=cfg.seed,
+    )
+
+
+def vllm_sampling_kwargs(cfg: PPOConfig, seed: int) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for one episode (pure)."""
+    return dict(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed,
+                skip_special_tokens=False)
+
+
+class VLLMRolloutEngine(RoleActor):
+    """One vLLM engine (GPU). The same `generate` as the HF engine; weights by NCCL broadcast."""
+
+    def __init__(self, cfg: dict, model_dir: str, *, rank: int = 0, world: int = 1):
+        super().__init__(cfg, "rollout", rank, world)
+        from vllm import LLM
+
+        self.llm = LLM(**vllm_engine_kwargs(self.cfg, model_dir))
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        if not prompt_ids:
+            return [], []
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
+            [SamplingParams(**vllm_sampling_kwargs(self.cfg, s)) for s in seeds],
+            use_tqdm=False,
+        )
+        completions = [o.outputs[0] for o in outputs]
+        return [list(c.token_ids) for c in completions], [c.finish_reason == "stop" for c in completions]
+
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        self.llm.collective_rpc("init_weight_sync", args=(host, port, rank_offset, world_size))
+
+    def update_weight(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        self.llm.collective_rpc("update_weight", args=(name, dtype, shape))
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Object-store fallback (no NCCL group): the workers load the CPU state dict."""
+        self.llm.collective_rpc("load_state_dict", args=(state_dict,))
+
+
+def engine_class(cfg: PPOConfig):
+    return VLLMRolloutEngine if backend(cfg) == "vllm" else HFRolloutEngine
+
+
+def sync_weights(policy_rank0, engines: list, vllm: bool) -> None:
+    """Give every engine the policy's current weights (after each PPO update, before the next rollout)."""
+    import ray
+
+    if vllm:
+        ray.get(policy_rank0.broadcast_weights.remote(engines))
+        return
+    weights = policy_rank0.weights.remote()  # one copy in the object store, read by every engine
+    ray.get([e.load_weights.remote(weights) for e in engines])
+
+
+def open_vllm_sync(policy_rank0, engines: list, tensor_parallel_size: int) -> None:
+    """The NCCL group of the policy's rank 0 (rank 0) and every vLLM worker (ranks 1..)."""
+    import ray
+
+    host, port = ray.get(policy_rank0.address.remote())
+    world = 1 + len(engines) * tensor_parallel_size
+    pending = [e.init_weight_sync.remote(host, port, 1 + i * tensor_parallel_size, world)
+               for i, e in enumerate(engines)]
+    ray.get([policy_rank0.open_engine_sync.remote(host, port, world), *pending])
+
+
+def generate_all(engines: list, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
+    """Split the rollout batch across engines, in order; results keep the prompt order."""
+    import ray
+
+    from almost_ray.rl.episodes import split_rows
+
+    parts = split_rows(len(prompt_ids), len(engines))
+    refs = [e.generate.remote([prompt_ids[i] for i in r], [seeds[i] for i in r]) for e, r in zip(engines, parts)]
+    responses, ended = [], []
+    for out, eos in ray.get(refs):
+        responses.extend(out)
+        ended.extend(eos)
+    return responses, ended
+

@@ -1,0 +1,283 @@
+"""The PPO driver of RLSF (ALMoST Section 2.3, Appendix D.3): one function per iteration, read top to bottom.
+
+    rollout (engines) -> log-probs (policy = pi_old, reference), values (critic), RM scores
+    -> shaped rewards (RM score at the last token - lambda * KL) -> GAE -> ppo_epochs x minibatches of
+    updates (policy and critic, data-parallel) -> weight sync to the engines -> metrics
+
+The driver holds no model: it moves token ids and per-token tensors between the role actors and does
+the math of `rl/losses.py` itself (a few KB per episode). `train` adds what makes it a long job:
+checkpoints every `checkpoint_every` iterations, resume from the latest one, metrics to
+`metrics.jsonl` and the Ray dashboard, and the final policy as an HF directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from almost_ray import metrics as dashboard
+from almost_ray.rl import checkpoint, losses
+from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.episodes import split_rows, take
+from almost_ray.rl.roles import CriticActor, Placement, PolicyActor, ReferenceActor, RewardActor, reserve
+from almost_ray.rl.rollout import (
+    backend,
+    engine_class,
+    episode_seed,
+    generate_all,
+    open_vllm_sync,
+    sync_weights,
+)
+
+METRICS = "metrics.jsonl"
+MODEL_DIR = "model"
+
+
+@dataclass
+class Prompt:
+    """One PPO prompt: the user's text (what the RM sees) and the policy's rendered prompt as token ids."""
+
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class Roles:
+    placement: Placement
+    vllm: bool
+
+    def __getitem__(self, role: str) -> list:
+        return self.placement.actors[role]
+
+    def node_ids(self) -> dict[str, list[str]]:
+        import ray
+
+        return {role: ray.get([a.node_id.remote() for a in actors]) for role, actors in self.placement.actors.items()}
+
+
+def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, scorer: Callable | None) -> Roles:
+    """Reserve the placement group, start every actor group, join the trainable groups, wait until ready."""
+    import ray
+
+    placement = reserve(cfg)
+    try:
+        c = cfg.model_dump(mode="json")
+        placement.start("policy", PolicyActor, cfg, c, policy_dir)
+        placement.start("critic", CriticActor, cfg, c, critic_dir)
+        placement.start("reference", ReferenceActor, cfg, c, policy_dir)
+        placement.start("reward", RewardActor, cfg, c, rm_dir, scorer)
+        placement.start("rollout", engine_class(cfg), cfg, c, policy_dir)
+        for role in ("policy", "critic"):
+            actors = placement.actors[role]
+            if len(actors) > 1:
+                host, port = ray.get(actors[0].address.remote())
+                ray.get([a.join_group.remote(host, port) for a in actors])
+        roles = Roles(placement, vllm=backend(cfg) == "vllm")
+        ray.get([a.node_id.remote() for actors in placement.actors.values() for a in actors])
+        if roles.vllm:
+            open_vllm_sync(roles["policy"][0], roles["rollout"], cfg.rollout.tensor_parallel_size)
+        return roles
+    except BaseException:
+        placement.remove()
+        raise
+
+
+def on_replicas(actors: list, method: str, batch: dict, width: int) -> torch.Tensor:
+    """Split `batch` across a role's replicas, call `method` on each slice, concatenate in order."""
+    import ray
+
+    parts = split_rows(len(batch["response_ids"]), len(actors))
+    refs = [getattr(a, method).remote(take(batch, rows), width) for a, rows in zip(actors, parts) if len(rows)]
+    return torch.cat(ray.get(refs))
+
+
+def train_on_replicas(actors: list, minibatch: dict, width: int):
+    """One optimizer step of a data-parallel role: every replica takes a slice (maybe empty) and all
+    divide by the minibatch's response-token count, so the summed gradient is the minibatch mean."""
+    tokens = float(sum(len(r) for r in minibatch["response_ids"]))
+    parts = split_rows(len(minibatch["response_ids"]), len(actors))
+    return [a.train_step.remote(take(minibatch, rows), tokens, width) for a, rows in zip(actors, parts)]
+
+
+def prompt_order(n_prompts: int, iteration: int, batch: int, seed: int) -> list[int]:
+    """Prompt indices of one iteration: consecutive slices of seeded shuffles, one shuffle per pass."""
+    out, perms = [], {}
+    for episode in range(iteration * batch, (iteration + 1) * batch):
+        epoch, pos = divmod(episode, n_prompts)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perms[epoch][pos]))
+    return out
+
+
+def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration: int, tokenizer) -> dict:
+    """One PPO iteration on `rollout_batch_size` prompts; returns its metrics."""
+    import ray
+
+    t0 = time.perf_counter()
+    # 1. rollout: one sampled response per prompt, seeded per episode
+    first = iteration * cfg.rollout_batch_size
+    seeds = [episode_seed(cfg.seed, p.text, first + k) for k, p in enumerate(prompts)]
+    responses, has_eos = generate_all(roles["rollout"], [p.ids for p in prompts], seeds)
+    batch = {"prompt_ids": [p.ids for p in prompts], "response_ids": [r or [tokenizer.eos_token_id] for r in responses]}
+    width = max(len(r) for r in batch["response_ids"])
+    t1 = time.perf_counter()
+
+    # 2. scoring: pi_old and pi_SFT log-probs, V, and the RM on the Human:/Assistant: text (all in parallel)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in batch["response_ids"]]
+    conversations = [[{"role": "user", "content": p.text}, {"role": "assistant", "content": t}]
+                     for p, t in zip(prompts, texts)]
+    reward_parts = split_rows(len(conversations), len(roles["reward"]))
+    score_refs = [a.score.remote(conversations[r.start:r.stop]) for a, r in zip(roles["reward"], reward_parts)]
+    old_logprobs = on_replicas(roles["policy"], "logprobs", batch, width)
+    ref_logprobs = on_replicas(roles["reference"], "logprobs", batch, width)
+    values = on_replicas(roles["critic"], "values", batch, width)
+    scores = torch.tensor([s for part in ray.get(score_refs) for s in part])
+    t2 = time.perf_counter()
+
+    # 3. rewards and advantages (rl/losses.py): no reward normalisation, advantages whitened if configured
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in batch["response_ids"]])[:, None]).float()
+    kl = losses.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+    ended = torch.tensor(has_eos)
+    rewards = losses.shaped_rewards(losses.penalize_missing_eos(scores, ended, cfg.missing_eos_penalty), kl, mask,
+                                    cfg.kl_coef)
+    advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = losses.whiten(advantages, mask)
+    batch.update(old_logprobs=old_logprobs, advantages=advantages, old_values=values, returns=returns)
+
+    # 4. ppo_epochs passes over the episodes in shuffled minibatches, policy and critic side by side
+    steps: list[tuple[dict, dict, float]] = []  # (policy sums, critic sums, minibatch tokens)
+    for epoch in range(cfg.ppo_epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + epoch)
+        order = torch.randperm(len(prompts), generator=gen)
+        for start in range(0, len(prompts), cfg.minibatch_size):
+            minibatch = take(batch, order[start : start + cfg.minibatch_size])
+            policy_refs = train_on_replicas(roles["policy"], minibatch, width)
+            critic_refs = train_on_replicas(roles["critic"], minibatch, width)
+            tokens = float(sum(len(r) for r in minibatch["response_ids"]))
+            steps.append((_sum(ray.get(policy_refs)), _sum(ray.get(critic_refs)), tokens))
+    t3 = time.perf_counter()
+
+    # 5. the engines get the updated policy before the next rollout
+    sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
+    t4 = time.perf_counter()
+
+    lengths = mask.sum(1)
+    return {
+        "iteration": iteration + 1,
+        "episodes": len(prompts),
+        "reward_mean": round(scores.mean().item(), 6),
+        "reward_std": round(scores.std().item(), 6) if len(scores) > 1 else 0.0,
+        "kl": round(kl.sum(1).mean().item(), 6),
+        "policy_loss": _step_mean(steps, 0, "loss"),
+        "value_loss": _step_mean(steps, 1, "loss"),
+        "clip_frac": _step_mean(steps, 0, "clip_frac"),
+        "value_clip_frac": _step_mean(steps, 1, "value_clip_frac"),
+        "approx_kl": _step_mean(steps, 0, "approx_kl"),
+        "lr": steps[-1][0]["lr"] / len(roles["policy"]),
+        "response_length": round(lengths.mean().item(), 3),
+        "eos_rate": round(ended.float().mean().item(), 4),
+        "episodes_per_s": round(len(prompts) / (t4 - t0), 4),
+        "time_rollout_s": round(t1 - t0, 3),
+        "time_scoring_s": round(t2 - t1, 3),
+        "time_training_s": round(t3 - t2, 3),
+        "time_sync_s": round(t4 - t3, 3),
+        "iteration_s": round(t4 - t0, 3),
+    }
+
+
+def _sum(parts: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def _step_mean(steps: list[tuple[dict, dict, float]], which: int, key: str) -> float:
+    """Mean over the iteration's optimizer steps of (token sum / minibatch tokens)."""
+    return round(sum(s[which].get(key, 0.0) / s[2] for s in steps) / len(steps), 6)
+
+
+def train(
+    cfg: PPOConfig,
+    prompts: list[Prompt],
+    stage_dir: Path,
+    policy_dir: str,
+    critic_dir: str,
+    rm_dir: str,
+    tokenizer,
+    run_name: str,
+    scorer: Callable | None = None,
+    fault_at_iteration: int | None = None,
+) -> Path:
+    """Run (or resume) all iterations; returns the final policy's HF directory `stage_dir/model`.
+
+    `scorer` replaces the RM inside the reward actor (a planted reward in tests); `fault_at_iteration`
+    raises after that iteration (first attempt only) to exercise resume.
+    """
+    import ray
+
+    roles = start_roles(cfg, policy_dir, critic_dir, rm_dir, scorer)
+    try:
+        (stage_dir / "placement.json").write_text(json.dumps(roles.node_ids(), indent=2))
+        trainables = {"policy": roles["policy"], "critic": roles["critic"]}
+        start = checkpoint.restore(stage_dir, trainables)
+        if start:
+            sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
+        log = MetricsLog(stage_dir / METRICS, keep_until=start)
+        total = cfg.iterations
+        _say(f"[ppo] {len(prompts)} prompts, {total} iterations of {cfg.rollout_batch_size} episodes"
+             f"{f', resuming after iteration {start}' if start else ''}")
+        for it in range(start, total):
+            batch = [prompts[i] for i in prompt_order(len(prompts), it, cfg.rollout_batch_size, cfg.seed)]
+            metrics = ppo_iteration(roles, cfg, batch, it, tokenizer)
+            log.write(metrics)
+            dashboard.set_gauges(run_name, "ppo", metrics)
+            dashboard.progress(run_name, "ppo", it + 1, total)
+            _say(progress_line(metrics, total))
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == total:
+                checkpoint.save(stage_dir, it + 1, trainables, cfg.checkpoints_to_keep)
+            if fault_at_iteration == it + 1 and start == 0 and it + 1 < total:
+                raise RuntimeError(f"fault injected after iteration {it + 1}")
+        ray.get(roles["policy"][0].save_hf.remote(str(stage_dir / MODEL_DIR)))
+    finally:
+        roles.placement.remove()
+    return stage_dir / MODEL_DIR
+
+
+def progress_line(m: dict, total: int) -> str:
+    return (f"[ppo] iteration {m['iteration']}/{total} reward {m['reward_mean']:.4f} kl {m['kl']:.4f} "
+            f"policy_loss {m['policy_loss']:.4f} value_loss {m['value_loss']:.4f} clip {m['clip_frac']:.3f} "
+            f"len {m['response_length']:.1f} eos {m['eos_rate']:.2f} {m['episodes_per_s']:.2f} episodes/s "
+            f"(rollout {m['time_rollout_s']:.1f}s, scoring {m['time_scoring_s']:.1f}s, "
+            f"training {m['time_training_s']:.1f}s, sync {m['time_sync_s']:.1f}s)")
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class MetricsLog:
+    """`metrics.jsonl`, one line per iteration; on resume, lines after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        kept = []
+        if keep_until and path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["iteration"] <= keep_until]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")

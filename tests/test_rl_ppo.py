@@ -1,0 +1,212 @@
+"""PPO roles, rollout engines, placement plan and stage validation (fast; tiny:llama).
+
+The runs with Ray actors (data-parallel replicas, planted reward, resume, multi-node placement, the
+stage end to end) are in tests/test_rl_ppo_slow.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from almost_ray.config import ConfigError, RayConfig
+from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
+from almost_ray.records import RecordError
+from almost_ray.rl import stage
+from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.roles import plan_bundles
+from almost_ray.rl.rollout import vllm_engine_kwargs, vllm_sampling_kwargs
+from almost_ray.rl.trainer import prompt_order
+
+SMALL = dict(rollout_batch_size=4, minibatch_size=2, micro_batch_size=2, ppo_epochs=1, max_new_tokens=6,
+             total_episodes=4, torch_threads=1, dtype="float32")
+
+
+def test_plan_bundles_colocated_roles_share_bundles():
+    cfg = PPOConfig(
+        colocate=[["policy", "reference"], ["critic", "reward"]],
+        policy_resources={"replicas": 2, "num_cpus": 1, "num_gpus": 0.5},
+        reference_resources={"replicas": 1, "num_cpus": 1, "num_gpus": 0.5},
+        critic_resources={"replicas": 2, "num_cpus": 1, "num_gpus": 0.5},
+        reward_resources={"replicas": 2, "num_cpus": 1, "num_gpus": 0.5},
+        rollout={"engines": 2, "num_cpus": 2, "num_gpus": 1},
+    )
+    bundles, where = plan_bundles(cfg)
+    assert bundles == [
+        {"CPU": 2, "GPU": 1}, {"CPU": 1, "GPU": 0.5},  # policy x2 + reference x1
+        {"CPU": 2, "GPU": 1}, {"CPU": 2, "GPU": 1},  # critic + reward
+        {"CPU": 2, "GPU": 1}, {"CPU": 2, "GPU": 1},  # rollout engines
+    ]
+    assert where == {"policy": [0, 1], "reference": [0], "critic": [2, 3], "reward": [2, 3], "rollout": [4, 5]}
+
+
+def test_plan_bundles_separate_roles_and_empty_bundle():
+    bundles, where = plan_bundles(PPOConfig())
+    assert len(bundles) == 5 and all(b == {"CPU": 1} for b in bundles)
+    assert where["rollout"] == [4]
+    with pytest.raises(ConfigError, match="reserve no CPU or GPU"):
+        plan_bundles(PPOConfig(reward_resources={"num_cpus": 0}))
+    with pytest.raises(ConfigError, match="more than one GPU"):
+        plan_bundles(PPOConfig(colocate=[["policy", "reference"]], policy_resources={"num_gpus": 1},
+                               reference_resources={"num_gpus": 0.5}))
+
+
+def test_config_rejects_unknown_role_and_uneven_minibatches():
+    with pytest.raises(ValidationError, match="colocate"):
+        PPOConfig(colocate=[["policy", "value"]])
+    with pytest.raises(ValidationError, match="multiple of minibatch_size"):
+        PPOConfig(rollout_batch_size=10, minibatch_size=4)
+
+
+def test_prompt_order_is_seeded_and_covers_each_pass():
+    first = [i for it in range(3) for i in prompt_order(6, it, 2, seed=0)]
+    assert sorted(first) == list(range(6))
+    assert prompt_order(6, 1, 2, seed=0) == prompt_order(6, 1, 2, seed=0)
+    second = [i for it in range(3, 6) for i in prompt_order(6, it, 2, seed=0)]
+    assert sorted(second) == list(range(6)) and second != first  # the next pass is shuffled afresh
+    assert prompt_order(6, 0, 6, seed=0) != prompt_order(6, 0, 6, seed=1)
+
+
+def test_vllm_arguments():
+    cfg = PPOConfig(max_prompt_tokens=256, max_new_tokens=64, rollout={"tensor_parallel_size": 2,
+                                                                       "gpu_memory_utilization": 0.4})
+    kwargs = vllm_engine_kwargs(cfg, "/models/sft")
+    assert kwargs["worker_extension_cls"] == "almost_ray.rl.vllm_sync.WeightSync"
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["distributed_executor_backend"] == "ray"
+    assert kwargs["max_model_len"] == 320 and kwargs["gpu_memory_utilization"] == 0.4
+    assert kwargs["enable_prefix_caching"] is False and kwargs["trust_remote_code"] is False
+    assert vllm_sampling_kwargs(cfg, 7) == dict(n=1, temperature=1.0, top_p=1.0, max_tokens=64, seed=7,
+                                                skip_special_tokens=False)
+
+
+# ------------------------------------------------------------------------------------- stage input checks
+@pytest.fixture()
+def no_actors(monkeypatch):
+    """Fail the test if the stage gets as far as starting Ray."""
+    import almost_ray.cluster
+
+    def refuse(_cfg):
+        raise AssertionError("Ray was started before the inputs were checked")
+
+    monkeypatch.setattr(almost_ray.cluster, "init_ray", refuse)
+
+
+def _rm_dir(tmp_path):
+    """A one-output RM made from tiny:llama (as `train-rm` saves one)."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "rm"
+    if not out.exists():
+        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
+        model.save_pretrained(out)
+        load_tokenizer("tiny:llama").save_pretrained(out)
+    return out
+
+
+def test_bad_inputs_fail_before_any_actor(tmp_path, no_actors):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is a cat?\n")
+    run_dir = tmp_path / "run"
+    with pytest.raises(ModelRefError, match=r"ppo.policy: .*sft/model.*train-sft"):
+        stage.run(PPOConfig(**SMALL), RayConfig(), run_dir, prompts)
+    with pytest.raises(ModelRefError, match=r"ppo.reward_model: .*train-rm"):
+        stage.run(PPOConfig(policy="tiny:llama", **SMALL), RayConfig(), run_dir, prompts)
+    with pytest.raises(ModelRefError, match="2 outputs"):  # a causal LM is not a reward model
+        stage.run(PPOConfig(policy="tiny:llama", reward_model="tiny:llama", **SMALL), RayConfig(), run_dir, prompts)
+    rm = _rm_dir(tmp_path)
+    cfg = PPOConfig(policy="tiny:llama", reward_model=str(rm), **SMALL)
+    with pytest.raises(RecordError, match=r"rmsp/dialogues.jsonl not found"):
+        stage.run(cfg, RayConfig(), run_dir)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(RecordError, match="no prompts"):
+        stage.run(cfg, RayConfig(), run_dir, empty)
+    with pytest.raises(RecordError, match="longer than ppo.max_prompt_tokens"):
+        stage.run(cfg.model_copy(update={"max_prompt_tokens": 8}), RayConfig(), run_dir,
+                  _write(tmp_path / "long.txt", "word " * 50))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_prompts_are_first_user_turns(tmp_path):
+    from almost_ray.rl.prompts import load_prompts
+
+    dialogues = tmp_path / "dialogues.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": " How do I bake bread? "}, {"role": "assistant", "content": "Knead."},
+                      {"role": "user", "content": "And then?"}]},
+        {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}]},
+    ]
+    dialogues.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_prompts(PPOConfig(), tmp_path, dialogues) == ["How do I bake bread?", "Hi"]
+    queries = _write(tmp_path / "q.jsonl", json.dumps({"id": "a", "text": "Why is the sky blue?"}) + "\n")
+    assert load_prompts(PPOConfig(), tmp_path, queries) == ["Why is the sky blue?"]
+    bad = _write(tmp_path / "bad.jsonl", json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(RecordError, match="bad.jsonl:1"):
+        load_prompts(PPOConfig(), tmp_path, bad)
+
+
+def test_prompts_render_in_the_sft_format():
+    tokenizer = load_tokenizer("tiny:llama")
+    encoded, dropped = stage.encode_prompts(["Name a fruit."], tokenizer, PPOConfig())
+    assert dropped == 0
+    assert tokenizer.decode(encoded[0].ids) == "\n\nHuman: Name a fruit.\n\nAssistant:"
+    assert encoded[0].text == "Name a fruit."
+
+
+# ------------------------------------------------------------------------------------- actors in-process
+def _episodes(tokenizer, n=3):
+    prompts = [tokenizer(f"\n\nHuman: question {i}\n\nAssistant:", add_special_tokens=False).input_ids for i in range(n)]
+    return prompts
+
+
+def test_engine_log_probs_equal_policy_after_weight_sync():
+    """A policy update, then `load_weights` of its state dict: the engine scores tokens as the policy does."""
+    from almost_ray.rl.roles import PolicyActor
+    from almost_ray.rl.rollout import HFRolloutEngine
+
+    cfg = PPOConfig(**{**SMALL, "lr": 1e-2, "torch_threads": 2}).model_dump(mode="json")
+    policy = PolicyActor(cfg, "tiny:llama")
+    engine = HFRolloutEngine(cfg, "tiny:llama")
+    prompts = _episodes(engine.generator.tokenizer)
+    responses, ended = engine.generate(prompts, seeds=[1, 2, 3])
+    assert all(len(r) == 6 for r in responses) and ended == [False] * 3
+    # seeded per episode: the same seed gives the same response alone or in another batch
+    alone, _ = engine.generate(prompts[1:2], seeds=[2])
+    assert alone[0] == responses[1]
+    batch = {"prompt_ids": prompts, "response_ids": responses}
+    width = 6
+    before = policy.logprobs(batch, width)
+    assert torch.allclose(engine.logprobs(prompts, responses), before, atol=1e-5)
+    piece = {**batch, "old_logprobs": before, "advantages": torch.ones(3, width)}
+    policy.train_step(piece, minibatch_tokens=18.0, width=width)
+    after = policy.logprobs(batch, width)
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert not torch.allclose(engine.logprobs(prompts, responses), after, atol=1e-3)
+    engine.load_weights(policy.weights())
+    assert torch.allclose(engine.logprobs(prompts, responses), after, atol=1e-5)
+
+
+def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
+    from almost_ray.rl.checkpoint import CHECKPOINTS, atomic_dir, checkpoint_dirs
+    from almost_ray.rl.trainer import MetricsLog
+
+    root = tmp_path / CHECKPOINTS
+    with atomic_dir(root / "iter_0000002") as tmp:
+        (tmp / "state.json").write_text("{}")
+    with pytest.raises(RuntimeError), atomic_dir(root / "iter_0000004") as tmp:
+        (tmp / "state.json").write_text("{}")
+        raise RuntimeError("killed while writing")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["iter_0000002"]
+    assert [p.name for p in root.iterdir()] == ["iter_0000002"]  # the half-written one is gone
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_until=0)
+    for it in (1, 2, 3):
+        log.write({"iteration": it})
+    MetricsLog(tmp_path / "metrics.jsonl", keep_until=2)  # resuming after iteration 2
+    assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -1,0 +1,237 @@
+"""PPO end to end on tiny models (slow: each run starts five Ray actors).
+
+- a planted reward rises within a few iterations while the KL stays bounded, and a larger lambda
+  gives a smaller KL;
+- the stage through the CLI writes model/, metrics.jsonl, ppo.png and the manifest, and the model
+  reloads with plain transformers; a killed run, started again, ends where the uninterrupted one ends;
+- on a real 3-node Ray cluster (one raylet per node) SPREAD puts role groups on different nodes, and
+  no placement group of ours is left afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from almost_ray.config import RayConfig
+from almost_ray.models.loading import load_tokenizer, resolve_model_dir
+from almost_ray.rl import stage
+from almost_ray.rl.config import PPOConfig
+
+pytestmark = pytest.mark.slow
+
+MARKERS = [2644, 2767, 2388, 3187]  # " cat", " dog", " sun", " tree" in the embedded model's tokenizer
+ONE_CPU = dict(
+    colocate=[["policy", "critic", "reference", "reward"]], torch_threads=1, dtype="float32",
+    policy_resources={"num_cpus": 0.25}, critic_resources={"num_cpus": 0.25},
+    reference_resources={"num_cpus": 0.25}, reward_resources={"num_cpus": 0.25}, rollout={"num_cpus": 0.5},
+)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU Ray of this process (`address="local"`: never another process's cluster on this machine)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A one-output RM from tiny:llama, saved the way `train-rm` saves one."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
+    model.config.pad_token_id = model.config.eos_token_id
+    model.save_pretrained(out)
+    load_tokenizer("tiny:llama").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("".join(f"Tell me about topic {i}.\n" for i in range(32)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_policy(tmp_path_factory):
+    """tiny:llama made to favour four words: every token embedding carries a constant direction that the
+    (untied) output head maps onto the four marker tokens, so the policy samples mostly ' cat', ' dog',
+    ' sun' and ' tree' (a random 49k-token policy would almost never sample any one marker, and PPO
+    cannot reinforce what it never samples)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny:llama"))
+    config = source.config
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(source.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] += 3.0
+        model.lm_head.weight.zero_()
+        for token in MARKERS:
+            model.lm_head.weight[token, 0] = 2.0
+            model.lm_head.weight[token, 1:] = torch.randn(config.hidden_size - 1, generator=gen) * 0.5
+    out = tmp_path_factory.mktemp("planted") / "policy"
+    model.save_pretrained(out)
+    load_tokenizer("tiny:llama").save_pretrained(out)
+    return out
+
+
+def cat_reward(max_new_tokens: int):
+    """The planted RM: the share of response tokens that are ' cat' (a local class: pickled by value)."""
+
+    class CatCount:
+        def score(self, conversations):
+            return [c[-1]["content"].count("cat") / max_new_tokens for c in conversations]
+
+    return CatCount
+
+
+def _metrics(stage_dir):
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_planted_reward_rises_and_kl_coef_bounds_the_kl(local_ray, tmp_path, tiny_rm, prompts, planted_policy):
+    runs = {}
+    for kl_coef in (0.05, 1.0):
+        cfg = PPOConfig(
+            policy=str(planted_policy), reward_model=str(tiny_rm), critic_init="policy", total_episodes=16 * 6,
+            rollout_batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=2, max_new_tokens=8,
+            lr=3e-3, min_lr=3e-3, critic_lr=3e-3, kl_coef=kl_coef, checkpoint_every=10, **ONE_CPU,
+        )
+        out = stage.run(cfg, RayConfig(), tmp_path / f"kl{kl_coef}", prompts, scorer=cat_reward(8))
+        runs[kl_coef] = _metrics(out)
+    low = runs[0.05]
+    first, last = low[0]["reward_mean"], sum(r["reward_mean"] for r in low[-2:]) / 2
+    assert last > first + 0.15, [r["reward_mean"] for r in low]
+    assert all(abs(r["kl"]) < 20 for r in low), [r["kl"] for r in low]
+    assert runs[1.0][-1]["kl"] < low[-1]["kl"], ([r["kl"] for r in runs[1.0]], [r["kl"] for r in low])
+
+
+def _small(tiny_rm, **over):
+    base = dict(policy="tiny:llama", reward_model=str(tiny_rm), total_episodes=16, rollout_batch_size=4,
+                minibatch_size=2, micro_batch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-3, min_lr=1e-4,
+                critic_lr=1e-3, checkpoint_every=2, **ONE_CPU)
+    return {**base, **over}
+
+
+def test_stage_cli_outputs_and_resume_after_a_kill(local_ray, tmp_path, tiny_rm, prompts):
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from almost_ray import cli
+
+    # uninterrupted, through the CLI
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump({"run_name": "whole", "runs_dir": str(tmp_path),
+                                      "ppo": json.loads(PPOConfig(**_small(tiny_rm)).model_dump_json())}))
+    assert cli.main(["ppo", "--config", str(config), "--prompts", str(prompts)]) == 0
+    whole = tmp_path / "whole" / "ppo"
+    for name in ("metrics.jsonl", "ppo.png", "manifest.json", "placement.json", "model/model.safetensors"):
+        assert (whole / name).is_file(), name
+    manifest = json.loads((whole / "manifest.json").read_text())
+    assert manifest["counts"]["iterations"] == 4 and manifest["metrics"]["iterations"] == 4
+    reloaded = AutoModelForCausalLM.from_pretrained(whole / "model")
+    assert reloaded.config.architectures == ["LlamaForCausalLM"]
+    assert len(_metrics(whole)) == 4
+
+    # killed after iteration 3 (checkpoint at 2), then started again
+    cfg = PPOConfig(**_small(tiny_rm))
+    with pytest.raises(RuntimeError, match="fault injected"):
+        stage.run(cfg, RayConfig(), tmp_path / "killed", prompts, fault_at_iteration=3)
+    assert not (tmp_path / "killed" / "ppo" / "manifest.json").exists()
+    resumed = stage.run(cfg, RayConfig(), tmp_path / "killed", prompts)
+    rows_a, rows_b = _metrics(whole), _metrics(resumed)
+    assert [r["iteration"] for r in rows_b] == [1, 2, 3, 4]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "response_length"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["iteration"], key)
+    wa, wb = load_file(whole / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+    assert len(list((resumed / "checkpoints").glob("iter_*"))) == 2
+
+    # done: a second run is skipped
+    assert stage.run(cfg, RayConfig(), tmp_path / "killed", prompts) == resumed
+
+
+def test_two_policy_replicas_take_the_step_of_one(local_ray):
+    """Data parallelism: 2 replicas on halves of a minibatch end with the weights of 1 replica on all of it."""
+    import ray
+
+    from almost_ray.rl.roles import PolicyActor
+    from almost_ray.rl.trainer import train_on_replicas
+
+    cfg = PPOConfig(**_small(None, lr=1e-3)).model_dump(mode="json")
+    Actor = ray.remote(num_cpus=0.5)(PolicyActor)
+    pair = [Actor.remote(cfg, "tiny:llama", rank=r, world=2) for r in range(2)]
+    single = Actor.remote(cfg, "tiny:llama")
+    try:
+        host, port = ray.get(pair[0].address.remote())
+        ray.get([a.join_group.remote(host, port) for a in pair])
+        tokenizer = load_tokenizer("tiny:llama")
+        prompts = [tokenizer(f"\n\nHuman: question {i}\n\nAssistant:", add_special_tokens=False).input_ids
+                   for i in range(4)]
+        gen = torch.Generator().manual_seed(0)
+        responses = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 2, 6, 3)]
+        batch = {"prompt_ids": prompts, "response_ids": responses}
+        old = ray.get(single.logprobs.remote(batch, 6))
+        minibatch = {**batch, "old_logprobs": old, "advantages": torch.randn(4, 6, generator=gen)}
+        for _ in range(2):  # two steps: Adam's state must agree too
+            one = ray.get(train_on_replicas([single], minibatch, 6))
+            two = ray.get(train_on_replicas(pair, minibatch, 6))
+            assert sum(s["loss"] for s in two) == pytest.approx(one[0]["loss"], rel=1e-4)
+        w1, w2a, w2b = ray.get([single.weights.remote(), pair[0].weights.remote(), pair[1].weights.remote()])
+        for name in w1:
+            assert torch.allclose(w2a[name], w2b[name], atol=1e-7), name
+            assert torch.allclose(w1[name], w2a[name], atol=1e-5), name
+        changed = ray.get(single.logprobs.remote(batch, 6))
+        assert not torch.allclose(changed, old, atol=1e-4)
+    finally:
+        for actor in [*pair, single]:
+            ray.kill(actor)
+
+
+def test_spread_places_role_groups_on_different_nodes(tmp_path, tiny_rm, prompts):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        cfg = PPOConfig(**{
+            **_small(tiny_rm), "total_episodes": 4, "ppo_epochs": 1, "placement_strategy": "SPREAD",
+            "colocate": [["policy", "reference"], ["critic", "reward"]],
+        })
+        out = stage.run(cfg, RayConfig(), tmp_path / "spread", prompts)
+        nodes = json.loads((out / "placement.json").read_text())
+        assert nodes["policy"] == nodes["reference"] and nodes["critic"] == nodes["reward"]
+        groups = {nodes["policy"][0], nodes["critic"][0], nodes["rollout"][0]}
+        assert len(groups) == 3, nodes
+        alive = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        assert alive == []
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was_up:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
