@@ -90,15 +90,16 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 def _generator_actors(node_id: str | None = None) -> list[dict]:
-    """Alive Ray Data pool actors (class `_MapWorker`) of the connected cluster.
+    """Alive Ray Data pool actors of the connected cluster: Ray Data names each pool's actor class
+    `MapWorker(<operator>)`, a subclass of its `_MapWorker`.
 
     `ray.util.state.list_actors` needs the dashboard, which tests do not start; the GCS actor table
     (`ray._private.state.actors`) holds the same records."""
     import ray
 
     actors = ray._private.state.actors().values()
-    return [a for a in actors if a["ActorClassName"] == "_MapWorker" and a["State"] == "ALIVE"
-            and (node_id is None or a["Address"]["NodeID"] == node_id)]
+    return [a for a in actors if a["ActorClassName"].startswith(("MapWorker(", "_MapWorker"))
+            and a["State"] == "ALIVE" and (node_id is None or a["Address"]["NodeID"] == node_id)]
 
 
 def _assert_mid_stage(at_fault: int) -> None:
