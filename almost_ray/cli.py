@@ -7,6 +7,7 @@ input prints one clear error naming the file and field, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -272,7 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     except (RecordError, ModelRefError) as err:
         print(f"almost-ray: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.filename is None:  # not about a path (e.g. Ray's ConnectionError): keep the traceback
+            raise
+        verb = "cannot write" if err.errno in _WRITE_ERRNOS else "cannot access"
+        print(f"almost-ray: error: {verb} {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 1
     return code if isinstance(code, int) else 0
+
+
+# An output that cannot be written: a file where a folder should be, no permission, a full disk or
+# a file-size limit, a read-only file system. Earlier outputs stay intact (records.atomic_open).
+_WRITE_ERRNOS = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EFBIG,
+                 errno.EROFS, errno.EDQUOT, errno.EISDIR}
 
 
 if __name__ == "__main__":

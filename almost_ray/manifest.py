@@ -1,7 +1,7 @@
 """Stage bookkeeping: `runs/<run>/<stage>/manifest.json`, and whether a stage can be skipped.
 
-A manifest records the stage's config and its hash, the hashes of its inputs, record counts,
-metrics, package versions and wall time. A stage whose manifest matches its current config and
+A manifest records the stage's config and its hash, every seed in that config (`seeds`, by dotted
+path), the hashes of its inputs, record counts, metrics, package versions and wall time. A stage whose manifest matches its current config and
 inputs is skipped on re-run, so a crashed pipeline resumes; anything else is redone.
 """
 
@@ -39,6 +39,27 @@ def versions() -> dict[str, str]:
     return found
 
 
+def seeds(section: BaseModel) -> dict[str, int]:
+    """Every `seed` field of a stage config by dotted path (`seed`, `ladder.0.sampling.seed`, ...):
+    with the config hash and the versions, what a re-run needs to reproduce the outputs."""
+    found: dict[str, int] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                where = f"{path}.{key}" if path else key
+                if key == "seed" and isinstance(sub, int):
+                    found[where] = sub
+                else:
+                    walk(sub, where)
+        elif isinstance(value, list):
+            for i, sub in enumerate(value):
+                walk(sub, f"{path}.{i}")
+
+    walk(section.model_dump(mode="json"), "")
+    return found
+
+
 def read_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
     path = Path(stage_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
@@ -70,6 +91,7 @@ def write_manifest(
         "stage": stage,
         "config": section.model_dump(mode="json"),
         "config_hash": config_hash(section),
+        "seeds": seeds(section),
         "inputs": {k: input_hash(v) for k, v in inputs.items()},
         "counts": counts or {},
         "metrics": metrics or {},

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from almost_ray.models.generator import prompt_seed
+from almost_ray.models.text import prompt_seed
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.roles import RoleActor
 

@@ -388,6 +388,22 @@ def load_checkpoint(checkpoint, model, optimizer, scheduler, rank: int) -> int:
     return int(trainer_state["step"])
 
 
+def _save_safetensors(model, out: Path) -> None:
+    """`save_pretrained`, with safetensors' I/O failures (a full disk) raised as the OSError they are,
+    so the CLI reports the path instead of a traceback."""
+    import re
+
+    from safetensors import SafetensorError
+
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from err
+
+
 def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed: bool) -> None:
     """Gather the full weights on rank 0 and write them as an HF directory, atomically.
 
@@ -404,7 +420,7 @@ def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            fresh.save_pretrained(tmp, safe_serialization=True)
+            _save_safetensors(fresh, tmp)
             task.load_tokenizer(base_dir).save_pretrained(tmp)
             if out.exists():
                 shutil.rmtree(out)
