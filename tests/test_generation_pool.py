@@ -41,7 +41,8 @@ def test_generate_stage_writes_responses_and_skips_when_done(ray_local, tmp_path
     assert [r.query_id for r in records] == [f"prompts-{i}" for i in range(1, 6)]
     assert all(r.prompt.endswith("\n\nAssistant:") and len(r.responses) == 1 for r in records)
     manifest = read_manifest(out.parent)
-    assert manifest["counts"] == {"prompts": 5, "rows": 5} and manifest["stage"] == "generate"
+    assert manifest["counts"] == {"prompts": 5, "rows": 5, "prompts_shortened": 0, "shots_dropped": 0,
+                                  "prompts_skipped": 0} and manifest["stage"] == "generate"
     before = out.stat().st_mtime_ns
     assert main(args) == 0  # same config and input: the stage is skipped
     assert out.stat().st_mtime_ns == before
