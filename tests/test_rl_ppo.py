@@ -118,11 +118,11 @@ def test_bad_inputs_fail_before_any_actor(tmp_path, no_actors):
         stage.run(PPOConfig(policy="tiny:llama", reward_model="tiny:llama", **SMALL), RayConfig(), run_dir, prompts)
     rm = _rm_dir(tmp_path)
     cfg = PPOConfig(policy="tiny:llama", reward_model=str(rm), **SMALL)
-    with pytest.raises(RecordError, match=r"rmsp/dialogues.jsonl not found"):
+    with pytest.raises(ConfigError, match=r"rmsp/dialogues.jsonl: prompts file not found"):
         stage.run(cfg, RayConfig(), run_dir)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    with pytest.raises(RecordError, match="no prompts"):
+    with pytest.raises(ConfigError, match="no prompts"):
         stage.run(cfg, RayConfig(), run_dir, empty)
     with pytest.raises(RecordError, match="longer than ppo.max_prompt_tokens"):
         stage.run(cfg.model_copy(update={"max_prompt_tokens": 8}), RayConfig(), run_dir,
