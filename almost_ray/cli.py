@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from almost_ray import pipeline
 from almost_ray.config import Config, ConfigError, load_config
 
 
@@ -41,10 +42,8 @@ def _compare(args: argparse.Namespace, cfg: Config) -> None:
     print(f"wrote {out}")
 
 
-def _demo(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray import demo
-
-    demo.run(cfg)
+def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
+    pipeline.main(args, cfg)
 
 
 def _train_rm(args: argparse.Namespace, cfg: Config) -> None:
@@ -94,6 +93,8 @@ def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
     out = rmsp.run(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
     print(f"wrote {out / 'dialogues.jsonl'} and {out / 'manifest.json'}")
 
+
+DEMO_CONFIG = "configs/demo.yaml"  # `almost-ray demo` without --config, run from a checkout
 
 # name -> (help, handler, extra arguments)
 SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
@@ -164,7 +165,13 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
             (("--report",), dict(action="store_true", help="print the funnel table (counts and drop reasons)")),
         ],
     ),
-    "demo": ("run the pipeline, as far as it is built, on a local Ray with the embedded model", _demo, []),
+    "pipeline": (
+        "the whole pipeline, queries to report, each stage skipped when done (see --list)",
+        _pipeline,
+        pipeline.ARGUMENTS,
+    ),
+    "demo": ("the pipeline on configs/demo.yaml: `make demo` (same flags as pipeline)", _pipeline,
+             pipeline.ARGUMENTS),
 }
 
 
@@ -188,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo" and args.config is None:
+        args.config = DEMO_CONFIG
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
