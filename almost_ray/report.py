@@ -120,7 +120,8 @@ def rm_rows(cfg: Config) -> list[dict]:
     for label, path in wanted:
         r = by_file.get(path)
         if r is None:
-            why = "the eval_rm stage has not run" if rep is None else f"{path} was not scored (file not found)"
+            why = ("the eval_rm stage has not run" if rep is None else f"{path} was not scored ("
+                   + ("no held-out pairs" if label.startswith("held-out") else "file not found") + ")")
             rows.append(row(f"RM accuracy, {label}", "reward model", note=f"did not run: {why}"))
             continue
         n = r["pairs"]

@@ -80,7 +80,7 @@ def _train_rm(cfg: Config) -> None:
 def eval_rm_files(cfg: Config) -> tuple[list[Path], list[Path]]:
     """(files eval_rm scores, configured files that are missing): the held-out split, then `eval_rm.inputs`."""
     heldout = heldout_file(cfg)
-    files = [heldout] if heldout is not None else []
+    files = [heldout] if heldout is not None and heldout.is_file() and heldout.stat().st_size else []
     missing = [Path(p) for p in cfg.eval_rm.inputs if not Path(p).is_file()]
     return files + [Path(p) for p in cfg.eval_rm.inputs if Path(p).is_file()], missing
 
@@ -98,8 +98,11 @@ def _eval_rm(cfg: Config) -> None:
 
 
 def _eval_rm_notes(cfg: Config) -> list[str]:
-    _, missing = eval_rm_files(cfg)
-    return [f"eval_rm.inputs: {p} not found, not scored (third-party data, see docs/evaluation.md)" for p in missing]
+    files, missing = eval_rm_files(cfg)
+    notes = [f"eval_rm.inputs: {p} not found, not scored (third-party data, see docs/evaluation.md)" for p in missing]
+    if (heldout := heldout_file(cfg)) is not None and heldout not in files:
+        notes.append(f"{heldout}: no held-out pairs to score (the split held out no query)")
+    return notes
 
 
 def _rmsp(cfg: Config) -> None:
