@@ -21,7 +21,8 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, log_to_driver=True)
+        # "local": a Ray of our own, not whatever cluster another `ray start` on this machine left recorded
+        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
 
 
 VISIBILITY_TIMEOUT_S = 60.0

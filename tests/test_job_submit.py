@@ -83,10 +83,14 @@ def test_pipeline_job_succeeds_on_a_local_head_and_a_bad_flag_fails_it(tmp_path)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     ray_bin = str(Path(sys.executable).with_name("ray"))  # the venv's Ray: jobs run with its Python
     try:
-        subprocess.run([ray_bin, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+        started = subprocess.run([ray_bin, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
                         "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                        # every port of its own: other Rays may run on this machine (defaults are fixed)
+                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                         "--include-dashboard=true", "--disable-usage-stats"],
-                       check=True, env=env, timeout=180, capture_output=True)
+                       env=env, timeout=240, capture_output=True, text=True)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
         client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
         entry = f"{sys.executable} jobs/rlsf.py --config {config}"
         job = client.submit_job(entrypoint=f"{entry} --until train_sft", runtime_env=RUNTIME_ENV)
