@@ -198,7 +198,8 @@ def subsets(cfg: Config) -> dict[str, str]:
     out["eval_rm"] = (f"held-out: the comparisons of {100 * cfg.train_rm.heldout_fraction:.0f} % of queries "
                       f"(stable hash); HH-RLHF: " + (f"the first {cfg.eval_rm.limit} pairs of each file"
                                                      if cfg.eval_rm.limit else "every pair"))
-    out["rmsp_vs_self_play"] = f"the first {cfg.rmsp.num_queries or 'all'} queries, {cfg.rmsp.max_turns} turns"
+    queries = f"the first {cfg.rmsp.num_queries} queries" if cfg.rmsp.num_queries else "every query"
+    out["rmsp_vs_self_play"] = f"{queries}, {cfg.rmsp.max_turns} assistant turns, best of {cfg.rmsp.best_of}"
     return out
 
 

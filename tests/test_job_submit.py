@@ -81,6 +81,9 @@ def test_pipeline_job_succeeds_on_a_local_head_and_a_bad_flag_fails_it(tmp_path)
     dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # A private head on loopback: no token auth, so neither it nor this client depends on a token file
+    # (~/.ray/auth_token) that another Ray on this machine may have written.
+    env["RAY_AUTH_MODE"] = "disabled"
     ray_bin = str(Path(sys.executable).with_name("ray"))  # the venv's Ray: jobs run with its Python
     try:
         started = subprocess.run([ray_bin, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",

@@ -156,8 +156,10 @@ def subsets(e: EvalConfig) -> dict[str, str]:
     def part(limit: int | None, unit: str) -> str:
         return f"the first {limit} {unit}" if limit else f"all {unit}"
 
-    return {"hhh": part(e.hhh.limit, "items") + f" ({e.hhh.mode} mode)",
-            "truthfulqa": part(e.truthfulqa.limit, "questions") + f" ({e.truthfulqa.mode} mode)",
-            "ranking": part(e.ranking.limit, "dialogues"),
-            "judge": part(e.judge.limit, "questions of each set") + f" ({', '.join(e.judge.questions) or 'none'}), "
-                     f"at most {e.judge.sampling.max_new_tokens} new tokens, decision {e.judge.decision}"}
+    described = {"hhh": part(e.hhh.limit, "items") + f" ({e.hhh.mode} mode)",
+                 "truthfulqa": part(e.truthfulqa.limit, "questions") + f" ({e.truthfulqa.mode} mode)",
+                 "ranking": part(e.ranking.limit, "dialogues")}
+    out = {s: text for s, text in described.items() if s in e.suites}
+    out["judge (PPO vs SFT)"] = (part(e.judge.limit, "questions of each set") + f" ({', '.join(e.judge.questions) or 'none'}), "
+                                 f"at most {e.judge.sampling.max_new_tokens} new tokens, decision {e.judge.decision}")
+    return out
