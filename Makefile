@@ -26,6 +26,7 @@ $(VENV)/.bench: pyproject.toml $(VENV)/.dev
 	$(PIP) install -e ".[dev,bench]"
 	touch $@
 
+# The whole pipeline on configs/demo.yaml (docs/pipeline.md); prints the report's results table and plot paths.
 demo: $(VENV)/.dev
 	$(VENV)/bin/almost-ray demo --config configs/demo.yaml
 
@@ -47,7 +48,7 @@ bench: $(VENV)/.bench
 	$(PY) bench/serve_load.py
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check almost_ray tests bench
+	$(VENV)/bin/ruff check almost_ray tests bench jobs
 
 clean-venv:
 	rm -rf $(VENV)

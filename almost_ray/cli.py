@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from almost_ray import pipeline
 from almost_ray.config import Config, ConfigError, load_config
 
 
@@ -42,10 +43,8 @@ def _compare(args: argparse.Namespace, cfg: Config) -> None:
     print(f"wrote {out}")
 
 
-def _demo(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray import demo
-
-    demo.run(cfg)
+def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
+    pipeline.main(args, cfg)
 
 
 def _train_rm(args: argparse.Namespace, cfg: Config) -> None:
@@ -137,6 +136,8 @@ def _ppo(args: argparse.Namespace, cfg: Config) -> int | None:
     print(f"PPO policy written to {out / 'model'}; metrics in {out / 'metrics.jsonl'}, curves in {out / 'ppo.png'}")
     return None
 
+
+DEMO_CONFIG = "configs/demo.yaml"  # `almost-ray demo` without --config, run from a checkout
 
 # name -> (help, handler, extra arguments)
 SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
@@ -233,7 +234,13 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
             (("--dry-run",), dict(action="store_true", help="with --engine openrlhf: print the command, run nothing")),
         ],
     ),
-    "demo": ("run the pipeline, as far as it is built, on a local Ray with the embedded model", _demo, []),
+    "pipeline": (
+        "the whole pipeline, queries to report, each stage skipped when done (see --list)",
+        _pipeline,
+        pipeline.ARGUMENTS,
+    ),
+    "demo": ("the pipeline on configs/demo.yaml: `make demo` (same flags as pipeline)", _pipeline,
+             pipeline.ARGUMENTS),
 }
 
 
@@ -257,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo" and args.config is None:
+        args.config = DEMO_CONFIG
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -1,8 +1,11 @@
-"""Connecting to Ray: a cluster when an address is configured (or RAY_ADDRESS is set), else a local Ray."""
+"""Connecting to Ray: a cluster when an address is configured (or RAY_ADDRESS is set), else a local Ray;
+and checking that every node sees the run directory."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from pathlib import Path
 
 from almost_ray.config import RayConfig
 
@@ -18,4 +21,70 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, log_to_driver=True)
+        # "local": a Ray of our own, not whatever cluster another `ray start` on this machine left recorded
+        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
+
+
+VISIBILITY_TIMEOUT_S = 60.0
+
+
+def _read_token(path: str) -> tuple[str, str | None]:
+    """On one node: this node's address and the token text, or None when the file cannot be read there."""
+    import ray
+
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        text = None
+    return ray.util.get_node_ip_address(), text
+
+
+def invisible_nodes(answers: dict[str, tuple[str, str | None] | None], token: str) -> list[str]:
+    """`node_id (ip)` of every node whose answer is not the token (None: the node did not answer in time)."""
+    out = []
+    for node_id, answer in answers.items():
+        if answer is None:
+            out.append(f"{node_id} (no answer within {VISIBILITY_TIMEOUT_S:.0f} s)")
+        elif answer[1] != token:
+            out.append(f"{node_id} ({answer[0]})")
+    return out
+
+
+def check_runs_dir_visible(runs_dir: Path) -> None:
+    """Stop with a ConfigError unless every alive node reads what the driver writes under `runs_dir`.
+
+    Stages hand each other files under `runs_dir` (models, comparisons, dialogues), read by actors on any
+    node; a runs_dir on one node's local disk fails later and obscurely. So the driver writes a token
+    file and a zero-CPU task pinned to each alive node (`NodeAffinitySchedulingStrategy(soft=False)`)
+    reads it back, with the path exactly as the stages pass it (a relative path resolves against each
+    worker's working directory, as the stages' paths do).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from almost_ray.config_base import ConfigError
+    from almost_ray.records import atomic_open
+
+    token = uuid.uuid4().hex
+    path = Path(runs_dir) / ".visibility" / f"{token}.token"
+    with atomic_open(path) as f:
+        f.write(token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_token)
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        refs = {node: read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(str(path))
+                for node in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=VISIBILITY_TIMEOUT_S)
+        answers = {node: ray.get(ref) if ref in ready else None for node, ref in refs.items()}
+        for ref in refs.values():
+            if ref not in ready:
+                ray.cancel(ref, force=True)
+    finally:
+        path.unlink(missing_ok=True)
+    missing = invisible_nodes(answers, token)
+    if missing:
+        raise ConfigError(
+            f"runs_dir: {runs_dir} (on the driver: {Path(runs_dir).resolve()}) is not visible from "
+            f"{len(missing)} of {len(answers)} nodes: {', '.join(missing)}. Every node must see runs_dir: "
+            "put it on shared storage (NFS, a KubeRay volume) and give its absolute path."
+        )

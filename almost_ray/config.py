@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -141,20 +141,13 @@ class GenerateConfig(StrictModel):
     shard_size: int = Field(default=64, ge=1, description="rows per resumable output shard")
 
 
-DemoStage = Literal["queries", "compare", "train_rm", "rmsp", "train_sft", "answers"]
-
-
-class DemoConfig(StrictModel):
-    """`make demo`: which stages run and which queries the final model answers."""
+class ReportConfig(StrictModel):
+    """The pipeline's report stage: which queries the base, SFT and PPO models answer side by side."""
 
     seed_queries: Path | None = Field(
         default=None, description="one query per line; null uses the project's own seed queries"
     )
-    num_queries: int = Field(default=10, ge=1, description="seed queries the final model answers")
-    stages: list[DemoStage] = Field(
-        default_factory=lambda: list(get_args(DemoStage)),
-        description="which stages `make demo` runs, always in pipeline order; finished ones are skipped",
-    )
+    num_queries: int = Field(default=5, ge=1, description="queries each model answers (greedy, generate.sampling)")
 
 
 # Default evaluation prompts: our own wording in the papers' Human/Assistant form. The text after the
@@ -341,6 +334,12 @@ class TrainRMConfig(TrainConfig):
     """`almost-ray train-rm`: reward model (ALMoST Section 2.1, Appendix D.1: 1 epoch, lr 1e-5, batch 64,
     max length 1024). The text of a conversation is `models.reward.rm_text`, as `RewardModel` scores it."""
 
+    heldout_fraction: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="share of queries whose comparisons are held out of training (a stable hash of the query "
+        "decides) and written to <stage dir>/heldout_comparisons.jsonl for eval_rm; 0: train on all",
+    )
+
 
 SFTMode = Literal["sft", "response_tuning", "single_task"]
 # Hewitt et al. Appendix A: lr 1e-5, cosine to 0, 10 % warm-up, batch 64 (epochs swept: 5..20).
@@ -380,6 +379,10 @@ class EvalRMConfig(StrictModel):
     model: str | None = Field(default=None, description="RM reference; null: <run dir>/rm/model")
     max_length: int = Field(default=1024, ge=8)
     limit: int | None = Field(default=None, ge=1, description="first N pairs of each file (smoke runs)")
+    inputs: list[Path] = Field(
+        default_factory=list,
+        description="the pipeline's eval_rm: preference files scored besides the held-out split (HH-RLHF)",
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="the RM scorer actor pool")
 
 
@@ -604,7 +607,7 @@ class Config(StrictModel):
     runs_dir: Path = Path("runs")
     ray: RayConfig = Field(default_factory=RayConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    demo: DemoConfig = Field(default_factory=DemoConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     queries: QueriesConfig = Field(default_factory=QueriesConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     train_rm: TrainRMConfig = Field(default_factory=TrainRMConfig)

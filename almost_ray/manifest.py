@@ -102,3 +102,20 @@ def write_manifest(
     write_card(stage_dir, stage, manifest)
     write_json(Path(stage_dir) / MANIFEST, manifest)
     return manifest
+
+
+def reset_if_changed(out_dir: str | Path, sources: list[str | Path]) -> None:
+    """Empty `out_dir` when the files it was computed from changed since the last call.
+
+    For outputs whose own skip check knows a model only by its path (`eval.run`, `generate.run`): a
+    model retrained at the same path must not be answered from the old model's cached results.
+    """
+    import shutil
+
+    stamp = json.dumps([input_hash(p) for p in sources if Path(p).exists()])
+    out_dir = Path(out_dir)
+    marker = out_dir / "sources.hash"
+    if marker.is_file() and marker.read_text() != stamp:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(stamp)

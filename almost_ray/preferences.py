@@ -16,11 +16,13 @@ Each becomes a `PreferencePair` of two conversations ending with the judged assi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.records import Messages, RecordError, numbered_rows
+from almost_ray.records import Messages, RecordError, atomic_open, numbered_rows
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
@@ -144,3 +146,31 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePai
     if not pairs:
         raise RecordError(f"{path}: no preference pairs")
     return pairs
+
+
+def is_heldout(context: Messages, fraction: float) -> bool:
+    """Whether the pairs of this query (the conversation before the judged reply) are held out.
+
+    A stable hash of the query decides, so every pair of one query lands on the same side, the split
+    does not depend on file order, and a re-run splits the same way: the RM's held-out accuracy then
+    measures queries it never saw, not other rung pairs of queries it trained on.
+    """
+    digest = hashlib.sha256(json.dumps(context, sort_keys=True, ensure_ascii=False).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_by_query(path: str | Path, fraction: float, train_out: str | Path, heldout_out: str | Path) -> tuple[int, int]:
+    """Copy each line of a preference file to `train_out` or `heldout_out` (`is_heldout`); returns both counts."""
+    counts = [0, 0]
+    with atomic_open(train_out) as train, atomic_open(heldout_out) as heldout:
+        for lineno, obj in numbered_rows(path):
+            try:
+                pair = pair_from_record(obj) if isinstance(obj, dict) else None
+            except ValueError as err:
+                raise RecordError(f"{path}:{lineno}: {err}") from None
+            if pair is None:
+                raise RecordError(f"{path}:{lineno}: expected a JSON object")
+            side = int(is_heldout(pair.chosen[:-1], fraction))
+            (heldout if side else train).write(json.dumps(obj, ensure_ascii=False) + "\n")
+            counts[side] += 1
+    return counts[0], counts[1]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from almost_ray.config import EvalRMConfig, RayConfig
+from almost_ray.manifest import is_done, write_manifest
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.pools import stream_pool
 from almost_ray.preferences import PreferencePair, load_pairs
@@ -90,12 +91,18 @@ def plot(results: list[dict], png: Path) -> None:
 
 
 def run(model: str, inputs: Sequence[str | Path], cfg: EvalRMConfig, ray_cfg: RayConfig, output: str | Path) -> dict:
-    """Evaluate `model` on every file; print the table, write JSON (and a PNG beside it)."""
+    """Evaluate `model` on every file; print the table, write JSON (and a PNG and manifest.json beside it).
+
+    Skipped when the manifest beside `output` matches the config, the model and the files."""
     from almost_ray.cluster import init_ray
 
+    output = Path(output)
+    model_dir = resolve_model_dir(model)  # a bad reference fails early; a GGUF is converted once, not per actor
+    hashed = {"reward_model": model_dir, **{f"pairs_{i}": path for i, path in enumerate(inputs)}}
+    if is_done(output.parent, cfg, hashed) and output.is_file():
+        return json.loads(output.read_text())
     started = time.time()
     data = [(path, load_pairs(path, limit=cfg.limit)) for path in inputs]  # bad input fails before Ray starts
-    resolve_model_dir(model)  # a bad reference too; a GGUF is converted once, not once per actor
     init_ray(ray_cfg)
     # one actor pool for all files: each replica loads the RM once
     chosen, rejected = score_pairs(model, [p for _, pairs in data for p in pairs], cfg)
@@ -106,8 +113,11 @@ def run(model: str, inputs: Sequence[str | Path], cfg: EvalRMConfig, ray_cfg: Ra
         start = end
     report = {"model": model, "config": cfg.model_dump(mode="json"), "results": results,
               "wall_time_s": round(time.time() - started, 2)}
-    output = Path(output)
     write_json(output, report)
     plot(results, output.with_suffix(".png"))
+    write_manifest(output.parent, "eval-rm", cfg, hashed, started,
+                   counts={Path(r["file"]).stem: r["pairs"] for r in results},
+                   metrics={Path(r["file"]).stem: {k: r[k] for k in ("rm_accuracy", "length_baseline")}
+                            for r in results})
     print(format_table(results))
     return report

@@ -36,6 +36,56 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a new Ray even when another `ray start` left /tmp/ray/ray_current_cluster
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+TINY_SEEDS = ["How do I clean a cast iron pan?", "What is the tallest building in the world?",
+              "Can you suggest a name for my new puppy?", "Why do leaves change colour in autumn?",
+              "How long should I boil an egg?", "What are some tips for a first marathon?"]
+
+
+def tiny_pipeline_config(tmp_path: Path, shared: Path | None = None) -> dict:
+    """The pipeline at tiny sizes on `tiny:llama` (random weights): every stage in seconds, for tests.
+
+    With `shared` (../shared/data) the eval stages score a few items of the real benchmarks; without, the
+    eval stage has no data and says so.
+    """
+    (tmp_path / "seeds.txt").write_text("\n".join(TINY_SEEDS) + "\n")
+    tiny = {"ref": "tiny:llama", "dtype": "float32", "max_batch_size": 4}
+    res = {"concurrency": 1, "num_cpus": 1, "batch_size": 4}
+    rung = {"model": tiny, "sampling": {"max_new_tokens": 8}, "resources": res}
+    role = {"model": tiny, "shots": 1, "sampling": {"max_new_tokens": 6}, "resources": {**res, "num_cpus": 0.3}}
+    trainer = {"model": "tiny:llama", "num_workers": 0, "global_batch_size": 4, "micro_batch_size": 4,
+               "max_length": 64, "epochs": 1}
+    cfg = {
+        "run_name": "tiny", "runs_dir": str(tmp_path / "runs"),
+        "generate": {"model": tiny, "sampling": {"temperature": 0, "max_new_tokens": 6}, "resources": res},
+        "report": {"seed_queries": str(tmp_path / "seeds.txt"), "num_queries": 2},
+        "queries": {"seeds": str(tmp_path / "seeds.txt"), "target": 4, "prompts_per_round": 4, "max_rounds": 6,
+                    "static_shots": 3, "dynamic_shots": 1, "min_chars": 1, "end_chars": "", "banned_words": [],
+                    "rouge_threshold": 0.9, "shard_size": 2, "model": tiny, "sampling": {"max_new_tokens": 16},
+                    "resources": res},
+        "compare": {
+            "shard_size": 4, "trim_to_sentence": False,
+            "ladder": [{"name": "hhh-2", "prompt": "hhh", "shots": 2, **rung},
+                       {"name": "hhh-1-l1", "prompt": "hhh", "shots": 1, **rung, "model": {**tiny, "num_layers": 1}}],
+            "heuristic_filter": {"min_chars": 0, "required_endings": [], "bad_endings": [], "bad_starts": [],
+                                 "bad_patterns": [], "length_rule": False},
+        },
+        "train_rm": {**trainer, "heldout_fraction": 0.3},
+        "eval_rm": {"max_length": 64, "resources": res},
+        "train_sft": trainer,
+        "rmsp": {"best_of": 2, "shard_size": 2, "num_queries": 3, "assistant": role, "user": role,
+                 "reward_model": {"max_length": 64, "resources": {**res, "num_cpus": 0.3}}},
+        "eval": {"model": tiny, "suites": ["hhh", "truthfulqa"], "resources": res, "shard_size": 8},
+    }
+    if shared is not None:
+        cfg["eval_rm"].update(inputs=[str(shared / "hh_helpful_base_test_500.jsonl")], limit=4)
+        cfg["eval"].update(hhh={"data": str(shared / "hhh_alignment.jsonl"), "limit": 3},
+                           truthfulqa={"data": str(shared / "truthfulqa_mc.jsonl"), "limit": 3},
+                           judge={"questions": {"vicuna": str(shared / "vicuna_questions.jsonl")}, "limit": 2,
+                                  "model": tiny, "sampling": {"temperature": 0, "max_new_tokens": 6}})
+    return cfg

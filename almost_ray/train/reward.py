@@ -19,9 +19,12 @@ import torch
 from almost_ray.config import RayConfig, TrainRMConfig
 from almost_ray.models import loading
 from almost_ray.models.reward import rm_text
-from almost_ray.preferences import PreferencePair, load_pairs
+from almost_ray.preferences import PreferencePair, load_pairs, split_by_query
 from almost_ray.train.data import pad_batch
 from almost_ray.train.losses import pairwise_loss, pairwise_stats
+
+TRAIN_SPLIT = "train_comparisons.jsonl"  # with train_rm.heldout_fraction > 0
+HELDOUT_SPLIT = "heldout_comparisons.jsonl"
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -101,8 +104,14 @@ def run(cfg: TrainRMConfig, ray_cfg: RayConfig, input_path: str | Path, stage_di
     from almost_ray.train.stage import run_stage
 
     def prepare(model_dir: Path):
-        pairs = load_pairs(input_path)
-        return encode_pairs(pairs, load_tokenizer(model_dir), cfg.max_length), {"pairs": len(pairs)}
+        counts = {}
+        train_path = input_path
+        if cfg.heldout_fraction > 0:  # eval_rm measures the RM on queries it never trained on
+            train_path = Path(stage_dir) / TRAIN_SPLIT
+            _, counts["heldout_pairs"] = split_by_query(input_path, cfg.heldout_fraction, train_path,
+                                                        Path(stage_dir) / HELDOUT_SPLIT)
+        pairs = load_pairs(train_path)
+        return encode_pairs(pairs, load_tokenizer(model_dir), cfg.max_length), {"pairs": len(pairs), **counts}
 
     return run_stage("train-rm", "rm", cfg, ray_cfg, {"comparisons": input_path}, stage_dir, prepare,
                      (["loss", "accuracy"], "reward model"))

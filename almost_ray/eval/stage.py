@@ -1,0 +1,165 @@
+"""The pipeline's eval stage: what each step of alignment changed, measured (ALMoST Section 3).
+
+- the base model (`train_sft.model`), the SFT model and the PPO model, each on the suites of
+  `eval.suites` that score one model (Static HHH, TruthfulQA MC1, ranking), through `eval.run` into
+  `<run>/eval/<base|sft|ppo>/`;
+- the PPO model against the SFT model under the order-swapped judge (`eval.judge`; both models answer in
+  the format they were trained on, `train_sft.prompt_format`) into `<run>/eval/ppo-vs-sft/`;
+- RMSP against plain self-play, scored by the same RM (`rmsp.compare.run_compare`, ALMoST Table 5) into
+  `<run>/rmsp-compare/`.
+
+A model that does not exist yet (no PPO stage, an SFT not trained) or a suite whose third-party data is
+absent is not faked: `summary.json` lists it under `not_run` with the reason, and the report says so.
+Each evaluation is skipped by `eval.run` when already done; a retrained model invalidates its folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from almost_ray.config import Config, EvalConfig
+from almost_ray.manifest import is_done, read_manifest, reset_if_changed, write_manifest
+from almost_ray.records import write_json
+
+SINGLE_MODEL_SUITES = ("hhh", "truthfulqa", "ranking")
+JUDGE_DIR = "ppo-vs-sft"
+
+
+def models(cfg: Config) -> dict[str, str | None]:
+    """base, sft, ppo -> model reference, or None when that model has not been trained."""
+    from almost_ray.stages import ppo_model, sft_model
+
+    trained = {name: path for name, path in (("sft", sft_model(cfg)), ("ppo", ppo_model(cfg)))}
+    return {"base": cfg.train_sft.model,
+            **{name: str(p) if (p / "config.json").is_file() else None for name, p in trained.items()}}
+
+
+def data_files(e: EvalConfig, suite: str) -> list[Path]:
+    if suite == "judge":
+        return [Path(p) for p in e.judge.questions.values()]
+    return [Path(p)] if (p := getattr(e, suite).data) is not None else []
+
+
+def missing_data(e: EvalConfig, suite: str) -> str | None:
+    files = data_files(e, suite)
+    if not files:
+        return f"eval.{suite}: no data file configured"
+    absent = [str(p) for p in files if not p.is_file()]
+    return f"data not found: {', '.join(absent)} (third-party, see docs/evaluation.md)" if absent else None
+
+
+def plan(cfg: Config) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(what runs: evaluation -> suites, what does not: key -> reason)."""
+    e = cfg.eval
+    refs = models(cfg)
+    runs: dict[str, list[str]] = {}
+    not_run: dict[str, str] = {}
+    suites = [s for s in e.suites if s in SINGLE_MODEL_SUITES]
+    for s in suites:
+        if (why := missing_data(e, s)) is not None:
+            not_run[s] = why
+    usable = [s for s in suites if s not in not_run]
+    for name, ref in refs.items():
+        if ref is None:
+            not_run[name] = f"no {name} model: the {'train_sft' if name == 'sft' else 'ppo'} stage has not run"
+        elif usable:
+            runs[name] = usable
+    if refs["ppo"] is None or refs["sft"] is None:
+        not_run[JUDGE_DIR] = "needs both the PPO and the SFT model"
+    elif (why := missing_data(e, "judge")) is not None:
+        not_run[JUDGE_DIR] = why
+    else:
+        runs[JUDGE_DIR] = ["judge"]
+    from almost_ray.rmsp import stage as rmsp
+
+    if rmsp.mode(cfg.rmsp) != "rmsp":
+        not_run["rmsp_vs_self_play"] = "rmsp runs as plain self-play (no reward model or best_of 1)"
+    elif read_manifest(cfg.run_dir / rmsp.STAGE) is None:
+        not_run["rmsp_vs_self_play"] = "the rmsp stage has not run"
+    else:
+        runs["rmsp_vs_self_play"] = []
+    return runs, not_run
+
+
+def notes(cfg: Config) -> list[str]:
+    return [f"{key}: not run: {why}" for key, why in plan(cfg)[1].items()]
+
+
+def _model_cfg(cfg: Config, name: str, suites: list[str]) -> Config:
+    """`cfg` with `eval.model` pointing at one of the pipeline's models (`ppo` vs `sft` for the judge)."""
+    refs = models(cfg)
+    e = cfg.eval
+    update: dict = {"suites": suites}
+    if name == JUDGE_DIR:
+        update["model"] = e.model.model_copy(update={"ref": refs["ppo"]})
+        update["vs"] = e.model.model_copy(update={"ref": refs["sft"], "rules": e.model.rules.model_copy(
+            update={"enabled": False})})
+        update["judge"] = e.judge.model_copy(update={"prompt_format": cfg.train_sft.prompt_format})
+    else:
+        update["model"] = e.model.model_copy(update={"ref": refs[name]})
+    return cfg.model_copy(update={"eval": e.model_copy(update=update)})
+
+
+def _inputs(cfg: Config, runs: dict[str, list[str]]) -> dict[str, Path]:
+    from almost_ray.stages import dialogues_file, local
+
+    inputs = {f"model_{k}": p for k, ref in models(cfg).items() if ref and (p := local(ref)) is not None}
+    for suite in {s for suites in runs.values() for s in suites}:
+        inputs.update({f"{suite}_{i}": p for i, p in enumerate(data_files(cfg.eval, suite))})
+    if "rmsp_vs_self_play" in runs:
+        inputs["dialogues"] = dialogues_file(cfg)
+    return inputs
+
+
+def run(cfg: Config) -> Path:
+    """Run every evaluation the plan allows into `<run>/eval/`; write summary.json and manifest.json last."""
+    from almost_ray.eval import run as evaluate
+    from almost_ray.rmsp.compare import COMPARE_DIR, run_compare
+    from almost_ray.stages import local
+
+    stage_dir = cfg.run_dir / "eval"
+    runs, not_run = plan(cfg)
+    inputs = _inputs(cfg, runs)
+    if is_done(stage_dir, cfg.eval, inputs) and (stage_dir / "summary.json").is_file():
+        return stage_dir
+    started = time.time()
+    counts: dict = {}
+    metrics: dict = {}
+    refs = models(cfg)
+    for name, suites in runs.items():
+        if name == "rmsp_vs_self_play":
+            report = run_compare(cfg.rmsp, cfg.ray, cfg.run_dir)
+            metrics[name] = {t: {k: row[k] for k in ("rmsp_mean_reward", "self_play_mean_reward", "mean_difference")}
+                             for t, row in report["per_turn"].items()}
+            counts[name] = {t: row["paired_dialogues"] for t, row in report["per_turn"].items()}
+            continue
+        out_dir = stage_dir / name
+        sub = _model_cfg(cfg, name, suites)
+        sources = [refs["ppo"], refs["sft"]] if name == JUDGE_DIR else [refs[name]]
+        reset_if_changed(out_dir, [p for ref in sources if (p := local(ref)) is not None])
+        print(f"eval: {name} ({sub.eval.model.ref}) on {', '.join(suites)}", flush=True)
+        evaluate.run(sub, out_dir)
+        m = read_manifest(out_dir) or {}
+        counts[name], metrics[name] = m.get("counts", {}), m.get("metrics", {})
+    summary = {"models": refs, "runs": runs, "not_run": not_run,
+               "dirs": {**{name: str(stage_dir / name) for name in runs if name != "rmsp_vs_self_play"},
+                        "rmsp_vs_self_play": str(cfg.run_dir / COMPARE_DIR)},
+               "subsets": subsets(cfg.eval)}
+    write_json(stage_dir / "summary.json", summary)
+    write_manifest(stage_dir, "eval", cfg.eval, inputs, started, counts=counts, metrics=metrics)
+    return stage_dir
+
+
+def subsets(e: EvalConfig) -> dict[str, str]:
+    """Which part of each benchmark the config scores, in words, for the report."""
+    def part(limit: int | None, unit: str) -> str:
+        return f"the first {limit} {unit}" if limit else f"all {unit}"
+
+    described = {"hhh": part(e.hhh.limit, "items") + f" ({e.hhh.mode} mode)",
+                 "truthfulqa": part(e.truthfulqa.limit, "questions") + f" ({e.truthfulqa.mode} mode)",
+                 "ranking": part(e.ranking.limit, "dialogues")}
+    out = {s: text for s, text in described.items() if s in e.suites}
+    out["judge (PPO vs SFT)"] = (part(e.judge.limit, "questions of each set") + f" ({', '.join(e.judge.questions) or 'none'}), "
+                                 f"at most {e.judge.sampling.max_new_tokens} new tokens, decision {e.judge.decision}")
+    return out

@@ -1,0 +1,358 @@
+"""The report stage: `<run>/report/report.md`, `report.json` and PNG plots for the whole pipeline.
+
+What a reader needs to judge a run, read from the stages' manifests and reports (never recomputed):
+
+- per stage: whether it ran, its headline counts and metrics, its wall time;
+- the results table: base vs SFT vs PPO on Static HHH and TruthfulQA MC1, the RM on held-out synthetic
+  comparisons and on HH-RLHF next to the prefer-longer baseline (ALMoST Table 3), RMSP vs plain self-play
+  (Table 5), PPO vs SFT under the order-swapped judge; every proportion with its 95 % Wilson interval
+  (`eval/stats.py`), every row whose stage did not run saying so and why;
+- which subsets of the benchmarks the config scored;
+- the same seed queries answered greedily by the base, SFT and PPO models side by side (through
+  `generate.run`), so a regression shows instead of hiding behind an average.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+from almost_ray.config import Config
+from almost_ray.eval.stats import proportion
+from almost_ray.manifest import MANIFEST, is_done, read_manifest, reset_if_changed, write_manifest
+from almost_ray.records import Response, atomic_open, load_queries, read_jsonl, write_json, write_jsonl
+from almost_ray.templates import packaged_text
+
+STAGE_DIR = "report"
+MODELS = ("base", "sft", "ppo")
+BENCHMARKS = {"hhh": "Static HHH accuracy", "truthfulqa": "TruthfulQA MC1 accuracy"}
+
+
+def seed_queries(cfg: Config) -> list[tuple[str, str]]:
+    """The first `report.num_queries` of `report.seed_queries` (default: the project's own seed queries)."""
+    if cfg.report.seed_queries is not None:
+        queries = [(q.id, q.text) for q in load_queries(cfg.report.seed_queries)]
+    else:
+        lines = [t.strip() for t in packaged_text("seed_queries.txt").splitlines() if t.strip()]
+        queries = [(f"seed-{i}", t) for i, t in enumerate(lines, 1)]
+    return queries[: cfg.report.num_queries]
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- the side-by-side answers ---------------------------------------------------------------------------
+
+def answers(cfg: Config, out_dir: Path) -> dict[str, dict[str, str]]:
+    """model name -> query id -> greedy answer, for every model the pipeline has (base, SFT, PPO).
+
+    A finetuned model is prompted in the format it was trained on (`train_sft.prompt_format`), the base
+    model in `generate.prompt_format`.
+    """
+    from almost_ray import generate
+    from almost_ray.eval.stage import models
+    from almost_ray.stages import local
+
+    prompts = out_dir / "answers" / "prompts.jsonl"
+    write_jsonl(prompts, ({"id": i, "text": t} for i, t in seed_queries(cfg)))
+    out: dict[str, dict[str, str]] = {}
+    for name, ref in models(cfg).items():
+        if ref is None:
+            continue
+        model_dir = out_dir / "answers" / name
+        reset_if_changed(model_dir, [p for p in [local(ref)] if p is not None])
+        gen = cfg.generate.model_copy(update={
+            "model": cfg.generate.model.model_copy(update={"ref": ref}),
+            "sampling": cfg.generate.sampling.model_copy(update={"temperature": 0.0, "n": 1}),
+            "prompt_format": cfg.generate.prompt_format if name == "base" else cfg.train_sft.prompt_format,
+        })
+        path = generate.run(gen, cfg.ray, prompts, model_dir / "responses.jsonl")
+        out[name] = {r.query_id: r.responses[0] for r in read_jsonl(path, Response)}
+    return out
+
+
+# --- the results table ------------------------------------------------------------------------------------
+
+def row(group: str, what: str, p: dict | None = None, note: str = "", text: str | None = None) -> dict:
+    """One line of the results table: a proportion with its interval, or a text value, or why it is missing."""
+    return {"result": group, "what": what, "value": None if p is None else p.get("value"),
+            "ci_low": None if p is None else p.get("ci_low"), "ci_high": None if p is None else p.get("ci_high"),
+            "n": None if p is None else p.get("n"), "text": text, "note": note}
+
+
+def benchmark_rows(run_dir: Path) -> list[dict]:
+    summary = _read_json(run_dir / "eval" / "summary.json")
+    rows = []
+    for suite, title in BENCHMARKS.items():
+        for name in MODELS:
+            if summary is None:
+                rows.append(row(title, name, note="did not run: the eval stage has not run"))
+                continue
+            why = summary["not_run"].get(name) or summary["not_run"].get(suite)
+            rep = _read_json(run_dir / "eval" / name / "report.json")
+            if why or rep is None or suite not in rep["suites"]:
+                rows.append(row(title, name, note=f"did not run: {why or 'not in eval.suites'}"))
+                continue
+            s = rep["suites"][suite]
+            note = f"chance {100 * s['chance']:.1f} %" if "chance" in s else "chance 50 %"
+            if s.get("subsets"):
+                note += "; items: " + ", ".join(f"{k} {v['n']}" for k, v in s["subsets"].items() if v["n"])
+            rows.append(row(title, name, s["accuracy"], note=note))
+    return rows
+
+
+def rm_rows(cfg: Config) -> list[dict]:
+    """RM accuracy and prefer-longer on each file eval_rm scored (ties count half, as `rm_accuracy` does)."""
+    from almost_ray.stages import EVAL_RM_DIR, heldout_file
+
+    rep = _read_json(cfg.run_dir / EVAL_RM_DIR / "rm_accuracy.json")
+    heldout = heldout_file(cfg)
+    wanted = ([("held-out synthetic comparisons", heldout)] if heldout else []) + \
+             [(f"HH-RLHF {Path(p).stem}", Path(p)) for p in cfg.eval_rm.inputs]
+    if not wanted:
+        return [row("RM accuracy", "—", note="did not run: no held-out split (train_rm.heldout_fraction) "
+                                              "and no eval_rm.inputs")]
+    by_file = {Path(r["file"]): r for r in (rep or {}).get("results", [])}
+    rows = []
+    for label, path in wanted:
+        r = by_file.get(path)
+        if r is None:
+            why = ("the eval_rm stage has not run" if rep is None else f"{path} was not scored ("
+                   + ("no held-out pairs" if label.startswith("held-out") else "file not found") + ")")
+            rows.append(row(f"RM accuracy, {label}", "reward model", note=f"did not run: {why}"))
+            continue
+        n = r["pairs"]
+        for what, key in (("reward model", "rm_accuracy"), ("prefer-longer baseline", "length_baseline")):
+            rows.append(row(f"RM accuracy, {label}", what, proportion(round(r[key] * n), n)))
+    return rows
+
+
+def rmsp_rows(run_dir: Path) -> list[dict]:
+    from almost_ray.rmsp.compare import COMPARE_DIR
+
+    rep = _read_json(run_dir / COMPARE_DIR / "report.json")
+    title = "RMSP vs plain self-play (RM score of the kept reply)"
+    if rep is None:
+        why = (_read_json(run_dir / "eval" / "summary.json") or {}).get("not_run", {}).get(
+            "rmsp_vs_self_play", "the eval stage has not run")
+        return [row(title, "—", note=f"did not run: {why}")]
+    rows = []
+    for t, r in rep["per_turn"].items():
+        n = r["paired_dialogues"]
+        if not n:
+            rows.append(row(title, f"turn {t}", note="no dialogue reached this turn in both arms"))
+            continue
+        text = f"{r['rmsp_mean_reward']:.3f} vs {r['self_play_mean_reward']:.3f} ({r['mean_difference']:+.3f})"
+        rows.append(row(title, f"turn {t}: mean score, RMSP vs self-play", text=text, note=f"{n} paired dialogues"))
+        rows.append(row(title, f"turn {t}: RMSP scored higher", proportion(round(r["rmsp_higher_share"] * n), n)))
+    return rows
+
+
+def judge_rows(run_dir: Path) -> list[dict]:
+    from almost_ray.eval.stage import JUDGE_DIR
+
+    title = "PPO vs SFT, order-swapped judge"
+    rep = _read_json(run_dir / "eval" / JUDGE_DIR / "report.json")
+    if rep is None:
+        why = (_read_json(run_dir / "eval" / "summary.json") or {}).get("not_run", {}).get(
+            JUDGE_DIR, "the eval stage has not run")
+        return [row(title, "—", note=f"did not run: {why}")]
+    s = rep["suites"]["judge"]
+    return [row(title, f"PPO {k}", s["overall"][k], note=s["judge_label"] if k == "win" else "")
+            for k in ("win", "tie", "loss")]
+
+
+def results(cfg: Config) -> list[dict]:
+    return [*benchmark_rows(cfg.run_dir), *rm_rows(cfg), *rmsp_rows(cfg.run_dir), *judge_rows(cfg.run_dir)]
+
+
+def stage_rows(cfg: Config) -> list[dict]:
+    """Every stage of the pipeline: done or not (and why), headline numbers, wall time."""
+    from almost_ray.pipeline import summary, summary_line
+    from almost_ray.stages import STAGES
+
+    out = []
+    for st in STAGES:
+        if st.name == "report":
+            continue
+        m = read_manifest(st.stage_dir(cfg))
+        if not st.built():
+            out.append({"stage": st.name, "status": "not built", "summary": f"{st.module} is not in this checkout",
+                        "wall_time_s": None})
+        elif m is None:
+            out.append({"stage": st.name, "status": "did not run", "summary": "", "wall_time_s": None})
+        else:
+            s = summary(m)
+            out.append({"stage": st.name, "status": "done", "summary": summary_line(st, s),
+                        "wall_time_s": s["wall_time_s"], "counts": s["counts"], "metrics": s["metrics"]})
+    return out
+
+
+def subsets(cfg: Config) -> dict[str, str]:
+    from almost_ray.eval.stage import subsets as eval_subsets
+
+    out = eval_subsets(cfg.eval)
+    out["eval_rm"] = (f"held-out: the comparisons of {100 * cfg.train_rm.heldout_fraction:.0f} % of queries "
+                      f"(stable hash); HH-RLHF: " + (f"the first {cfg.eval_rm.limit} pairs of each file"
+                                                     if cfg.eval_rm.limit else "every pair"))
+    queries = f"the first {cfg.rmsp.num_queries} queries" if cfg.rmsp.num_queries else "every query"
+    out["rmsp_vs_self_play"] = f"{queries}, {cfg.rmsp.max_turns} assistant turns, best of {cfg.rmsp.best_of}"
+    return out
+
+
+# --- rendering ---------------------------------------------------------------------------------------------
+
+def _pct(r: dict) -> tuple[str, str]:
+    if r["text"] is not None:
+        return r["text"], ""
+    if r["value"] is None:
+        return "—", ""
+    return f"{100 * r['value']:.1f}", f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}"
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def results_markdown(rows: list[dict]) -> list[str]:
+    lines = ["| result | model / arm | % (or score) | 95 % CI | n | note |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        value, ci = _pct(r)
+        lines.append(f"| {r['result']} | {r['what']} | {value} | {ci} | {r['n'] if r['n'] is not None else ''} "
+                     f"| {_cell(r['note'])} |")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Pipeline report: run `{report['run_name']}`", "",
+             "Every proportion has its 95 % Wilson score interval. RM accuracies count a tie as half a pair.", "",
+             "## Results", "", *results_markdown(report["results"]), "", "## Subsets scored (from the config)", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report["subsets"].items()]
+    lines += ["", "## Stages", "", "| stage | status | wall time s | counts and key metrics |", "|---|---|---:|---|"]
+    for s in report["stages"]:
+        wall = f"{s['wall_time_s']:.0f}" if s["wall_time_s"] is not None else ""
+        lines.append(f"| {s['stage']} | {s['status']} | {wall} | {_cell(s['summary'])} |")
+    names = [m for m in MODELS if m in report["answers"]]
+    lines += ["", "## The same queries, answered by each model (greedy)", ""]
+    if not names:
+        lines.append("No model answered (the report ran without Ray models).")
+    else:
+        lines += ["| query | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for qid, text in report["queries"]:
+            cells = [_cell(report["answers"][m].get(qid, "")) or "(empty)" for m in names]
+            lines.append(f"| {_cell(text)} | " + " | ".join(cells) + " |")
+        missing = [m for m in MODELS if m not in report["answers"]]
+        if missing:
+            lines.append(f"\nNot answered: {', '.join(missing)} (no such model in this run).")
+    lines += ["", "## Plots", "", *[f"![{Path(p).stem}]({Path(p).name})" for p in report["plots"]], ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, out_dir: Path) -> list[Path]:
+    """`results.png` (benchmarks and RM accuracy with Wilson error bars) and `stage_times.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    bench = [r for r in report["results"] if r["result"] in BENCHMARKS.values()]
+    for k, name in enumerate(MODELS):
+        rs = [r for r in bench if r["what"] == name]
+        xs = [i + (k - 1) * 0.27 for i in range(len(rs))]
+        vals = [r["value"] or 0 for r in rs]
+        errs = [[(r["value"] - r["ci_low"]) if r["value"] is not None else 0 for r in rs],
+                [(r["ci_high"] - r["value"]) if r["value"] is not None else 0 for r in rs]]
+        ax1.bar(xs, vals, 0.27, yerr=errs, capsize=3, label=name)
+    ax1.set_xticks(range(len(BENCHMARKS)), list(BENCHMARKS.values()))
+    ax1.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax1.set_ylim(0, 1)
+    ax1.set_title("base vs SFT vs PPO (missing bar: did not run)")
+    ax1.legend(fontsize=8)
+    rm = [r for r in report["results"] if r["result"].startswith("RM accuracy") and r["value"] is not None]
+    labels = [f"{r['result'].removeprefix('RM accuracy, ')}\n{r['what']}" for r in rm]
+    ax2.barh(range(len(rm)), [r["value"] for r in rm],
+             xerr=[[r["value"] - r["ci_low"] for r in rm], [r["ci_high"] - r["value"] for r in rm]], capsize=3,
+             color=["#36a" if r["what"] == "reward model" else "#bbb" for r in rm])
+    ax2.set_yticks(range(len(rm)), labels, fontsize=7)
+    ax2.invert_yaxis()
+    ax2.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax2.set_xlim(0, 1)
+    ax2.set_title("RM pairwise accuracy vs prefer-longer" if rm else "RM accuracy: did not run")
+    fig.tight_layout()
+    paths = [out_dir / "results.png", out_dir / "stage_times.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    timed = [s for s in report["stages"] if s["wall_time_s"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(report["stages"]) + 1))
+    ax.barh([s["stage"] for s in timed], [s["wall_time_s"] for s in timed], color="#3a7")
+    ax.invert_yaxis()
+    ax.set_xlabel("wall time, s (from each stage's manifest)")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def _inputs(cfg: Config) -> dict[str, Path]:
+    from almost_ray.rmsp.compare import COMPARE_DIR
+    from almost_ray.stages import STAGES
+
+    found = {f"{s.name}_manifest": s.stage_dir(cfg) / MANIFEST for s in STAGES if s.name != "report"}
+    found["rmsp_compare"] = cfg.run_dir / COMPARE_DIR / "report.json"
+    return {k: p for k, p in found.items() if p.is_file()}
+
+
+def write_report(cfg: Config, out_dir: Path, answered: dict[str, dict[str, str]]) -> dict:
+    """Collect everything from the run's files, plot, write report.json and report.md; returns the report."""
+    report = {"run_name": cfg.run_name, "results": results(cfg), "subsets": subsets(cfg),
+              "stages": stage_rows(cfg), "queries": seed_queries(cfg), "answers": answered}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = [str(p) for p in plot(report, out_dir)]
+    write_json(out_dir / "report.json", report)
+    with atomic_open(out_dir / "report.md") as f:
+        f.write(markdown(report))
+    return report
+
+
+def run(cfg: Config) -> Path:
+    """Write `<run>/report/`: report.md, report.json, results.png, stage_times.png, manifest.json last."""
+    import time
+
+    out_dir = cfg.run_dir / STAGE_DIR
+    inputs = _inputs(cfg)
+    if is_done(out_dir, cfg.report, inputs) and (out_dir / "report.json").is_file():
+        return out_dir
+    started = time.time()
+    report = write_report(cfg, out_dir, answers(cfg, out_dir))
+    write_manifest(out_dir, "report", cfg.report, inputs, started,
+                   counts={"stages_done": sum(s["status"] == "done" for s in report["stages"]),
+                           "result_rows": len(report["results"]),
+                           "rows_not_run": sum(r["note"].startswith("did not run") for r in report["results"]),
+                           "answers": sum(len(a) for a in report["answers"].values())})
+    return out_dir
+
+
+def terminal_summary(out_dir: Path) -> str:
+    """The results table as text, the answers in short, and where the report and plots are."""
+    report = json.loads((Path(out_dir) / "report.json").read_text())
+    width = min(shutil.get_terminal_size((120, 40)).columns, 140)
+    lines = ["Results (95 % Wilson intervals):"]
+    for r in report["results"]:
+        value, ci = _pct(r)
+        n = f"n={r['n']}" if r["n"] is not None else ""
+        lines.append(f"  {r['result'][:44]:<44} {r['what'][:34]:<34} {value:>9} {ci:>12} {n:>6}  {r['note'][:60]}")
+    lines.append("\nThe same queries, greedy:")
+    for qid, text in report["queries"]:
+        lines.append(f"  Q: {text}")
+        for m in MODELS:
+            if m in report["answers"]:
+                answer = " ".join(report["answers"][m].get(qid, "").split()) or "(empty)"
+                lines.append(textwrap.shorten(f"    {m:>4}: {answer}", width=width, placeholder=" …"))
+    lines.append(f"\nreport: {Path(out_dir) / 'report.md'}")
+    lines += [f"plot:   {p}" for p in report["plots"]]
+    return "\n".join(lines)
+
