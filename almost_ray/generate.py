@@ -17,7 +17,7 @@ from almost_ray.generation_pool import stream_generation
 from almost_ray.manifest import is_done, write_manifest
 from almost_ray.metrics import run_of
 from almost_ray.models.loading import ModelRefError, resolve_model_dir
-from almost_ray.records import RecordError, Response, numbered_rows
+from almost_ray.records import RecordError, Response, numbered_rows, row_id
 from almost_ray.shards import ShardedJsonl
 from almost_ray.templates import default_stop
 
@@ -29,7 +29,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     for number, obj in numbered_rows(path):
         if not isinstance(obj, dict):
             raise RecordError(f"{path}:{number}: expected a JSON object")
-        rid = str(obj.get("id", obj.get("query_id", number)))
+        rid = str(obj.get("id", obj.get("query_id", row_id(path, number))))
         if "messages" in obj:
             messages = obj["messages"]
         elif "text" in obj or "prompt" in obj:

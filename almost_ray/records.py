@@ -147,18 +147,22 @@ def read_jsonl(path: str | Path, record_type: type[R] | None = None) -> Iterator
             raise RecordError(f"{path}:{lineno}: {field_error(err)} (in a {record_type.__name__} record)") from None
 
 
+def row_id(path: str | Path, number: int) -> str:
+    """The id of a row that has none: `<file stem>-<row number>` (a .txt query file's ids since the start)."""
+    return f"{Path(str(path).split('?', 1)[0]).stem}-{number}"
+
+
 def load_queries(path: str | Path) -> list[Query]:
     """Queries from any source (`sources.py`): Query rows, or one query per line of a `.txt`.
 
     A row without an `id` gets `<file stem>-<row number>`, so a plain prompts dataset (a `text`
     column, or another column renamed with `?columns=prompt:text`) needs no ids.
     """
-    stem = Path(str(path).split("?", 1)[0]).stem
     queries: list[Query] = []
     first_seen: dict[str, int] = {}
     for number, obj in numbered_rows(path):
         if isinstance(obj, dict) and "id" not in obj:
-            obj = {**obj, "id": f"{stem}-{number}"}
+            obj = {**obj, "id": row_id(path, number)}
         try:
             queries.append(Query.model_validate(obj))
         except ValidationError as err:

@@ -113,21 +113,24 @@ def iter_rows(spec: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def source_hash(spec: str | Path) -> str:
-    """Content hash of a local file; for a directory its files' names, sizes and mtimes; a hub id hashes
-    its spec (the manifest then says which id, split and subset were read, not their content)."""
-    source = parse_source(spec)
+    """Content hash of an input: a file's bytes; for a directory (a dataset, or a model) its files' names,
+    sizes and mtimes; a hub id hashes its spec (the manifest then says which id, split and subset were
+    read, not their content). Column renames count."""
+    local = Path(str(spec)).expanduser()
+    source = None if local.exists() else parse_source(spec)
+    path = local if source is None else source.path
     h = hashlib.sha256()
-    if source.kind == "hub":
+    if source is not None and source.kind == "hub":
         h.update(source.spec.encode())
-    elif source.path.is_dir():
-        for f in sorted(p for p in source.path.rglob("*") if p.is_file()):
+    elif path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
             st = f.stat()
-            h.update(f"{f.relative_to(source.path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     else:
-        with source.path.open("rb") as fh:
+        with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-    if source.columns:
+    if source is not None and source.columns:
         h.update(json.dumps(source.columns, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

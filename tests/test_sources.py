@@ -121,6 +121,12 @@ def test_manifest_hashes_follow_the_content(tmp_path):
     assert before == source_hash(forms["disk"])
     assert source_hash(forms["jsonl"]) != source_hash(forms["jsonl"] + "?columns=a:b")
     assert source_hash("someorg/somedata?split=test") != source_hash("someorg/somedata?split=train")
+    model_dir = tmp_path / "model"  # a model folder is an input too (not a dataset): hashed by its files
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    first = source_hash(model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    assert source_hash(model_dir) != first
 
 
 def _finished_stage(tmp_path, stage, filename, rows, config):
