@@ -14,6 +14,8 @@ from almost_ray.generate import read_prompts
 from almost_ray.manifest import write_manifest
 from almost_ray.preferences import load_pairs
 from almost_ray.records import RecordError, load_queries, write_jsonl
+from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.prompts import load_prompts
 from almost_ray.sources import parse_source, source_hash
 from almost_ray.train.sft import load_conversations
 
@@ -61,6 +63,8 @@ def test_every_reader_takes_every_form(tmp_path, form):
     assert [(q.id, q.text) for q in queries] == [(q["id"], q["text"]) for q in QUERIES]
     prompts = read_prompts(_forms(tmp_path, "gen", QUERIES)[form])  # generate
     assert prompts[1] == {"id": "q1", "messages": [{"role": "user", "content": QUERIES[1]["text"]}]}
+    ppo_prompts = load_prompts(PPOConfig(), tmp_path, _forms(tmp_path, "ppo", DIALOGUES)[form])  # ppo
+    assert ppo_prompts == [d["messages"][0]["content"] for d in DIALOGUES]
 
 
 def test_columns_are_renamed_and_missing_ids_assigned(tmp_path):
