@@ -34,7 +34,13 @@ CHILD = textwrap.dedent('''
         res = ResourcesConfig(concurrency=2, num_cpus=1, batch_size=2)
         got = list(stream_generation(rows, model, SamplingParams(max_new_tokens=4), res, "chat"))
         out["generation_rows"] = len(got)
-        out["generation_nodes"] = sorted({r["node_id"] for r in got})
+        out["row_nodes_known"] = {r["node_id"] for r in got} <= set(out["workers"])
+        # where the pool's replicas were placed (each 1-CPU node fits one): the actor table keeps finished
+        # actors with their node; which replica answered which rows depends on start-up order, so rows
+        # alone cannot show both nodes
+        actors = ray._private.state.actors().values()
+        out["generation_nodes"] = sorted({a["Address"]["NodeID"] for a in actors
+                                          if a["ActorClassName"].startswith(("MapWorker(", "_MapWorker"))})
 
         t0 = time.time()
         try:
@@ -69,6 +75,7 @@ def test_pools_and_train_workers_run_on_both_nodes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert out["generation_rows"] == 8
+    assert out["row_nodes_known"]  # every row names the node of the replica that answered it
     assert out["generation_nodes"] == out["workers"]  # one replica on each 1-CPU node
     assert out["train_nodes"] == out["workers"]  # one Ray Train rank on each node
     assert out["model_saved"]

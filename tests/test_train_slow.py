@@ -80,7 +80,7 @@ def test_train_rm_cli_on_the_embedded_model(tmp_path, ray_local):
     _pairs(tmp_path / "pairs.jsonl", 16)
     code = main(["train-rm", "-c", "configs/demo.yaml", "--input", str(tmp_path / "pairs.jsonl"),
                  "--output", str(tmp_path / "rm"), "--set", "train_rm.max_steps=2",
-                 "--set", "train_rm.max_length=64"])
+                 "--set", "train_rm.max_length=64", "--set", "train_rm.heldout_fraction=0"])
     assert code == 0
     rows = read_metrics(tmp_path / "rm" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 8 for r in rows)
