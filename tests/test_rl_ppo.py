@@ -195,7 +195,7 @@ def test_engine_log_probs_equal_policy_after_weight_sync():
 
 def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
     from almost_ray.rl.checkpoint import CHECKPOINTS, atomic_dir, checkpoint_dirs
-    from almost_ray.rl.trainer import MetricsLog
+    from almost_ray.train.report import MetricsLog
 
     root = tmp_path / CHECKPOINTS
     with atomic_dir(root / "iter_0000002") as tmp:
@@ -205,8 +205,8 @@ def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
         raise RuntimeError("killed while writing")
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["iter_0000002"]
     assert [p.name for p in root.iterdir()] == ["iter_0000002"]  # the half-written one is gone
-    log = MetricsLog(tmp_path / "metrics.jsonl", keep_until=0)
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_until=0, key="iteration")
     for it in (1, 2, 3):
         log.write({"iteration": it})
-    MetricsLog(tmp_path / "metrics.jsonl", keep_until=2)  # resuming after iteration 2
+    MetricsLog(tmp_path / "metrics.jsonl", keep_until=2, key="iteration")  # resuming after iteration 2
     assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

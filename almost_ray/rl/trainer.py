@@ -34,6 +34,7 @@ from almost_ray.rl.rollout import (
     open_vllm_sync,
     sync_weights,
 )
+from almost_ray.train.report import MetricsLog
 
 METRICS = "metrics.jsonl"
 MODEL_DIR = "model"
@@ -232,7 +233,7 @@ def train(
         start = checkpoint.restore(stage_dir, trainables)
         if start:
             sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
-        log = MetricsLog(stage_dir / METRICS, keep_until=start)
+        log = MetricsLog(stage_dir / METRICS, keep_until=start, key="iteration")
         total = cfg.iterations
         _say(f"[ppo] {len(prompts)} prompts, {total} iterations of {cfg.rollout_batch_size} episodes"
              f"{f', resuming after iteration {start}' if start else ''}")
@@ -264,20 +265,3 @@ def progress_line(m: dict, total: int) -> str:
 def _say(line: str) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-class MetricsLog:
-    """`metrics.jsonl`, one line per iteration; on resume, lines after the checkpoint are dropped."""
-
-    def __init__(self, path: Path, keep_until: int):
-        self.path = path
-        kept = []
-        if keep_until and path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["iteration"] <= keep_until]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, metrics: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")

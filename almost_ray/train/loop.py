@@ -44,6 +44,7 @@ from almost_ray.config import TrainConfig, config_hash
 from almost_ray.records import write_json
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
+from almost_ray.train.report import MetricsLog
 
 TASKS = {"rm": "almost_ray.train.reward", "sft": "almost_ray.train.sft"}
 METRICS = "metrics.jsonl"
@@ -146,7 +147,7 @@ def train_worker(job: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     start = load_checkpoint(ray.train.get_checkpoint(), model, optimizer, scheduler, rank)
-    log = _MetricsLog(stage_dir / METRICS, keep_until=start) if rank == 0 else None
+    log = MetricsLog(stage_dir / METRICS, keep_until=start) if rank == 0 else None
     if rank == 0:
         _say(f"[train {job['task']}] {len(examples)} examples, {total} steps of {cfg.global_batch_size} "
              f"on {world} worker(s){', resuming after step ' + str(start) if start else ''}")
@@ -316,22 +317,6 @@ def _progress_line(m: dict[str, Any], total: int) -> str:
     extra = "".join(f" {k} {m[k]:.4g}" for k in ("accuracy", "margin") if k in m)
     return (f"[train] step {m['step']}/{total} loss {m['loss']:.4f}{extra} lr {m['lr']:.3g} "
             f"{m['samples_per_s']:.2f} samples/s")
-
-
-class _MetricsLog:
-    """`metrics.jsonl`, one line per step; on resume, the lines after the checkpoint are dropped."""
-
-    def __init__(self, path: Path, keep_until: int):
-        self.path = path
-        kept = []
-        if keep_until and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, metrics: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
 
 
 def save_checkpoint(metrics, model, optimizer, scheduler, step: int, rank: int) -> None:

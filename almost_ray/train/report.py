@@ -6,6 +6,23 @@ import json
 from pathlib import Path
 
 
+class MetricsLog:
+    """`metrics.jsonl`, one line per step (training) or iteration (PPO), keyed by `key`; on resume, the
+    lines after the checkpoint are dropped so a resumed run's log reads as an uninterrupted one's."""
+
+    def __init__(self, path: Path, keep_until: int, key: str = "step"):
+        self.path = path
+        kept = []
+        if keep_until and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)[key] <= keep_until]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     lines = Path(path).read_text().splitlines() if Path(path).exists() else []
     return [json.loads(ln) for ln in lines if ln.strip()]
