@@ -55,5 +55,12 @@ def stream_pool(rows: list[dict], cls: type, kwargs: dict, res: ResourcesConfig,
 
     if not rows:
         return
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // res.batch_size))
-    yield from map_pool(ds, cls, kwargs, res, name).iter_rows()
+    blocks = max(1, len(rows) // res.batch_size)
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    yield from map_pool(ds, cls, kwargs, right_sized(res, blocks), name).iter_rows()
+
+
+def right_sized(res: ResourcesConfig, blocks: int) -> ResourcesConfig:
+    """`res` with no more replicas than there are blocks to answer: a replica without a block would only
+    load its model (on a small machine, beside the replicas that work) and wait."""
+    return res if res.concurrency <= blocks else res.model_copy(update={"concurrency": blocks})

@@ -12,7 +12,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from almost_ray.config import ResourcesConfig
-from almost_ray.pools import pool_args, stream_pool
+from almost_ray.pools import pool_args, right_sized, stream_pool
 
 # test classes are pickled by value: Ray workers cannot import the tests folder
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -31,6 +31,13 @@ def test_pool_args_from_config():
     assert "concurrency" not in args and "max_restarts" not in args  # Ray Data's defaults, nothing deprecated
     changed = pool_args(ResourcesConfig(max_restarts=2, max_task_retries=1))
     assert (changed["max_restarts"], changed["max_task_retries"]) == (2, 1)
+
+
+def test_a_pool_starts_no_more_replicas_than_it_has_blocks():
+    res = ResourcesConfig(concurrency=2, num_cpus=1, batch_size=16)
+    assert right_sized(res, blocks=1).concurrency == 1  # 8 judge questions: one block, one model load
+    assert right_sized(res, blocks=1).num_cpus == 1
+    assert right_sized(res, blocks=5) is res
 
 
 class _Records(logging.Handler):
