@@ -36,6 +36,23 @@ def test_sampling_is_seeded_per_prompt_not_per_batch(tiny_generator):
     assert a != c
 
 
+def test_a_checkpoint_saved_without_cache_still_decodes_one_token_per_step(tiny_generator):
+    """A trained model's generation config says use_cache false (training turned it off); generating
+    must still feed one new token per step, not the whole sequence again (quadratic and ~4x slower)."""
+    model = tiny_generator.model
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    saved = model.generation_config.use_cache
+    model.generation_config.use_cache = False
+    try:
+        tiny_generator.generate(PROMPTS[:1], GREEDY)
+    finally:
+        model.generation_config.use_cache = saved
+        hook.remove()
+    assert len(widths) == GREEDY.max_new_tokens and widths[1:] == [1] * (len(widths) - 1)
+
+
 def test_stop_string_cuts_the_completion(tiny_generator):
     params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=3)
     full = tiny_generator.generate([PROMPTS[0]], params)[0][0]

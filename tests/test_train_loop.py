@@ -81,7 +81,9 @@ def test_sft_loss_falls(tmp_path):
     losses = [r["loss"] for r in read_metrics(tmp_path / "sft" / "metrics.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
-    assert AutoModelForCausalLM.from_pretrained(out).config.architectures == ["LlamaForCausalLM"]
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert saved.config.architectures == ["LlamaForCausalLM"]
+    assert saved.config.use_cache and saved.generation_config.use_cache  # trained with it off, saved to generate
 
 
 def test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process(tmp_path, ray_local):

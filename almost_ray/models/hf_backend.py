@@ -202,6 +202,7 @@ class HFGenerator:
             **enc,
             do_sample=False,  # sampling, when wanted, is done by SeededSampler
             num_beams=1,
+            use_cache=True,  # whatever a (trained) checkpoint's generation config says: one new token per step
             max_new_tokens=params.max_new_tokens,
             logits_processor=processors,
             stop_strings=params.stop or None,

@@ -41,6 +41,7 @@ import torch
 
 from almost_ray import metrics as dashboard
 from almost_ray.config import TrainConfig, config_hash
+from almost_ray.models.loading import ready_for_generation
 from almost_ray.records import write_json
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
@@ -402,6 +403,7 @@ def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed:
         fresh = task.empty_model(model.config)
         fresh.load_state_dict(full, assign=True)
         fresh.tie_weights()
+        ready_for_generation(fresh)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
