@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from almost_ray import pipeline
-from almost_ray.config import Config, ConfigError, load_config
+from almost_ray.config import Config, load_config
+from almost_ray.config_base import ConfigError
 
 
 def _generate(args: argparse.Namespace, cfg: Config) -> None:
@@ -62,7 +63,7 @@ def _train_sft(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _eval_rm(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray import rm_accuracy
+    from almost_ray.eval import rm_accuracy
 
     model = args.model or cfg.eval_rm.model or str(cfg.run_dir / "rm" / "model")
     output = args.output or cfg.run_dir / "eval_rm" / "rm_accuracy.json"
@@ -82,16 +83,16 @@ def _eval(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray import rmsp
+    from almost_ray.rmsp import stage
 
     if args.compare_plain:
-        from almost_ray.rmsp.compare import COMPARE_DIR, summary_lines
+        from almost_ray.rmsp.compare import COMPARE_DIR, run_compare, summary_lines
 
-        report = rmsp.run_compare(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
+        report = run_compare(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
         print("\n".join(summary_lines(report)))
         print(f"wrote {cfg.run_dir / COMPARE_DIR / 'report.json'} and report.png")
         return
-    out = rmsp.run(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
+    out = stage.run(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
     print(f"wrote {out / 'dialogues.jsonl'} and {out / 'manifest.json'}")
 
 

@@ -7,7 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
-from almost_ray.config import RayConfig
+from almost_ray.cluster_config import RayConfig
 
 
 def init_ray(cfg: RayConfig) -> None:

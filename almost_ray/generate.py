@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from almost_ray.cluster import init_ray
-from almost_ray.config import GenerateConfig, RayConfig
+from almost_ray.cluster_config import RayConfig
+from almost_ray.generate_config import GenerateConfig
 from almost_ray.generation_pool import stream_generation
 from almost_ray.manifest import is_done, write_manifest
 from almost_ray.metrics import run_of

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 
 import pandas as pd
 
-from almost_ray.config import ModelConfig, PromptFormat, ResourcesConfig, SamplingParams
+from almost_ray.cluster_config import ResourcesConfig
 from almost_ray.metrics import add_counts
+from almost_ray.models.config import ModelConfig, PromptFormat, SamplingParams
 from almost_ray.models.generator import make_generator
 from almost_ray.pools import stream_pool
 from almost_ray.templates import render_prompt

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from almost_ray.config import Config, ConfigError
+from almost_ray.config import Config
+from almost_ray.config_base import ConfigError
 from almost_ray.manifest import MANIFEST, read_manifest
 
 

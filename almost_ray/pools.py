@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from almost_ray.config import ResourcesConfig
+from almost_ray.cluster_config import ResourcesConfig
 from almost_ray.preflight import pool_bundles, preflight
 
 # Ray Data's own actor defaults (ActorPoolMapOperator._apply_default_remote_args).

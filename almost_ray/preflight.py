@@ -15,7 +15,9 @@ nodes already up; give the autoscaler a minimum that covers the largest pool.
 
 from __future__ import annotations
 
-from almost_ray.config import ConfigError, ResourcesConfig, TrainConfig
+from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.config_base import ConfigError
+from almost_ray.train.config import TrainConfig
 
 Bundle = dict[str, float]
 # resource key -> how a person reads it

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from almost_ray.config import ResourcesConfig
+from almost_ray.cluster_config import ResourcesConfig
 from almost_ray.preflight import pool_bundles, preflight
 
 IN_FLIGHT = 2  # batches queued per actor: one running, one waiting, so an actor never idles between calls

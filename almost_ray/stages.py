@@ -86,11 +86,11 @@ def eval_rm_files(cfg: Config) -> tuple[list[Path], list[Path]]:
 
 
 def _eval_rm(cfg: Config) -> None:
-    from almost_ray import rm_accuracy
+    from almost_ray.eval import rm_accuracy
 
     files, _ = eval_rm_files(cfg)
     if not files:
-        from almost_ray.config import ConfigError
+        from almost_ray.config_base import ConfigError
 
         raise ConfigError("eval_rm: nothing to score: set train_rm.heldout_fraction > 0 or eval_rm.inputs")
     model = cfg.eval_rm.model or str(rm_model(cfg))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from almost_ray.config import PromptFormat
+from almost_ray.models.config import PromptFormat
 from almost_ray.records import Messages
 
 # ALMoST / HH-RLHF / BIG-bench turn prefixes. The prompt ends at "Assistant:" without a trailing

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from almost_ray.config import ModelConfig, ResourcesConfig, SamplingParams
+from almost_ray.cluster_config import ResourcesConfig
 from almost_ray.generation_pool import stream_generation
 from almost_ray.models import hf_backend
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.hf_backend import HFGenerator, PrefixCache
 from almost_ray.templates import fewshot_header, human_assistant, load_prompt_text, packaged_text
 

@@ -220,7 +220,7 @@ def run_ours(spec: dict, work: Path) -> dict:
         from almost_ray.rl import stage
     except ImportError as err:
         return {"method": "almost_ray ppo", "skipped": f"almost_ray.rl.stage not available: {err}"}
-    from almost_ray.config import RayConfig
+    from almost_ray.cluster_config import RayConfig
 
     run_dir = work / "ours"
     start = time.perf_counter()

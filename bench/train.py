@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from almost_ray.config import RayConfig, TrainRMConfig, TrainSFTConfig
+from almost_ray.cluster_config import RayConfig
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.models.reward import rm_text
 from almost_ray.preferences import load_pairs
 from almost_ray.records import write_jsonl
 from almost_ray.templates import human_assistant
+from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
 
 REF = "embedded:smollm2-135m-instruct"
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_helpful_base_test_500.jsonl"

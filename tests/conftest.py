@@ -24,7 +24,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_generator():
     """One HF generator on `tiny:llama` (random weights, the embedded model's real tokenizer)."""
-    from almost_ray.config import ModelConfig
+    from almost_ray.models.config import ModelConfig
     from almost_ray.models.hf_backend import HFGenerator
 
     return HFGenerator(ModelConfig(ref="tiny:llama", dtype="float32", max_batch_size=4), device="cpu")

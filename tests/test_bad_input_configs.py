@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from almost_ray.cli import main
-from almost_ray.config import Config, ConfigError, load_config
+from almost_ray.config import Config, load_config
+from almost_ray.config_base import ConfigError
 
 CORPUS_DIR = Path(__file__).resolve().parent / "bad_inputs" / "configs"
 CORPUS = sorted(CORPUS_DIR.glob("*.yaml"))

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from almost_ray.cli import main
-from almost_ray.config import Config, ConfigError, load_config
+from almost_ray.config import Config, load_config
+from almost_ray.config_base import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -16,7 +16,9 @@ CHILD = textwrap.dedent('''
     import json, socket, sys, threading, time, urllib.request
     from pathlib import Path
     import ray
-    from almost_ray.config import QueriesConfig, RayConfig, TrainRMConfig
+    from almost_ray.cluster_config import RayConfig
+    from almost_ray.synth.config import QueriesConfig
+    from almost_ray.train.config import TrainRMConfig
     from almost_ray.synth import queries
     from almost_ray.train import reward
 

@@ -1,6 +1,6 @@
 """Integration: the embedded SmolLM2-135M-Instruct answers a factual question correctly."""
 
-from almost_ray.config import ModelConfig, SamplingParams
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.hf_backend import HFGenerator
 
 

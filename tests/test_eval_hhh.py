@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from almost_ray.config import EvalPrompt, HHHEvalConfig
 from almost_ray.eval import hhh
+from almost_ray.eval.config import EvalPrompt, HHHEvalConfig
 from almost_ray.records import RecordError
 
 ITEMS = [

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from almost_ray.config import JudgeEvalConfig, RankingEvalConfig
 from almost_ray.eval import judge, ranking
+from almost_ray.eval.config import JudgeEvalConfig, RankingEvalConfig
 from almost_ray.records import RecordError
 
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from almost_ray.config import ConfigError, EvalPrompt
+from almost_ray.config_base import ConfigError
+from almost_ray.eval.config import EvalPrompt
 from almost_ray.eval.prompts import continuation, load_template, parse_dialogue, render
 from almost_ray.eval.report import markdown, summary_lines, write_report
 from almost_ray.eval.stats import proportion, wilson_interval

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from almost_ray.config import ModelConfig, ResourcesConfig
+from almost_ray.cluster_config import ResourcesConfig
 from almost_ray.eval.scoring import score_in_process, score_on_ray, score_rows, scores_path
+from almost_ray.models.config import ModelConfig
 
 ROWS = [
     {"key": "0", "context": "\n\nHuman: Which is better?\n\nAssistant: The better reply is Reply",

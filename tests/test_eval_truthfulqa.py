@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from almost_ray.config import TruthfulQAEvalConfig
 from almost_ray.eval import truthfulqa
+from almost_ray.eval.config import TruthfulQAEvalConfig
 from almost_ray.records import RecordError
 
 QUESTIONS = [

@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
-from almost_ray.config import Config, RayConfig
+from almost_ray.cluster_config import RayConfig
+from almost_ray.config import Config
 from almost_ray.manifest import read_manifest
 from almost_ray.synth import compare
 

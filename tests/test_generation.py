@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from almost_ray.config import SamplingParams
+from almost_ray.models.config import SamplingParams
 from almost_ray.models.hf_backend import SeededSampler
 from almost_ray.models.text import encode_pair, prompt_seed, truncate_at_stop
 

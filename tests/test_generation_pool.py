@@ -3,9 +3,10 @@
 import json
 
 from almost_ray.cli import main
-from almost_ray.config import ModelConfig, ResourcesConfig, SamplingParams
+from almost_ray.cluster_config import ResourcesConfig
 from almost_ray.generation_pool import stream_generation
 from almost_ray.manifest import read_manifest
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.records import Response, read_jsonl
 from almost_ray.templates import render_prompt
 

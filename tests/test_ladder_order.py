@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from almost_ray.config import ModelConfig
+from almost_ray.models.config import ModelConfig
 from almost_ray.synth.ladder_order import JUDGES, PMIJudge, ladder_order, pmi, win_rate
 
 

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from almost_ray.config import ModelConfig, SamplingParams
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.generator import make_generator
 from almost_ray.models.hf_backend import HFGenerator
 from almost_ray.models.loading import ModelRefError, load_causal_lm, resolve_model_dir

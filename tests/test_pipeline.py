@@ -13,7 +13,8 @@ import yaml
 from conftest import tiny_pipeline_config
 
 from almost_ray.cli import main
-from almost_ray.config import ConfigError, load_config
+from almost_ray.config import load_config
+from almost_ray.config_base import ConfigError
 from almost_ray.pipeline import flatten, select, summary, summary_line
 from almost_ray.preferences import is_heldout, split_by_query
 from almost_ray.stages import STAGES

@@ -11,7 +11,7 @@ import pandas as pd
 import ray
 from ray.data import ActorPoolStrategy
 
-from almost_ray.config import ResourcesConfig
+from almost_ray.cluster_config import ResourcesConfig
 from almost_ray.pools import pool_args, right_sized, stream_pool
 
 # test classes are pickled by value: Ray workers cannot import the tests folder

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from almost_ray.config import CompareConfig, Config, QueriesConfig, RayConfig, TrainRMConfig, config_hash
+from almost_ray.cluster_config import RayConfig
+from almost_ray.config import Config, config_hash
 from almost_ray.manifest import read_manifest, write_manifest
+from almost_ray.synth.config import CompareConfig, QueriesConfig
+from almost_ray.train.config import TrainRMConfig
 
 TINY = {"ref": "tiny:llama", "dtype": "float32", "max_batch_size": 4}
 

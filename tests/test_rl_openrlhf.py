@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from almost_ray.config import Config, ConfigError, load_config
+from almost_ray.config import Config, load_config
+from almost_ray.config_base import ConfigError
 from almost_ray.rl import openrlhf
 
 ROOT = Path(__file__).resolve().parents[1]

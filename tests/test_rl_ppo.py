@@ -12,7 +12,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from almost_ray.config import ConfigError, RayConfig
+from almost_ray.cluster_config import RayConfig
+from almost_ray.config_base import ConfigError
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
 from almost_ray.records import RecordError
 from almost_ray.rl import stage

@@ -10,7 +10,9 @@ import torch
 from transformers import LogitsProcessor
 
 from almost_ray.cli import SUBCOMMANDS, main
-from almost_ray.config import ConfigError, SamplingParams, load_config
+from almost_ray.config import load_config
+from almost_ray.config_base import ConfigError
+from almost_ray.models.config import SamplingParams
 from almost_ray.rmsp import turns
 from almost_ray.rmsp.compare import compare_records
 from almost_ray.rmsp.replicas import generate_candidates, score_candidates

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from almost_ray.adapters.config import RulesConfig, TokenBias
 from almost_ray.adapters.rules import (
     RULES_EXTRA_ARG,
     RULES_VLLM_PROCESSOR,
@@ -17,7 +18,7 @@ from almost_ray.adapters.rules import (
     resolve_strings,
     token_surfaces,
 )
-from almost_ray.config import ModelConfig, RulesConfig, SamplingParams, TokenBias
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import load_tokenizer, resolve_model_dir
 
 
@@ -287,7 +288,7 @@ def test_default_rules_reproduce_listing1_step_by_step(smollm_tokenizer):
 
 def test_repeat_scope_options_and_table8_what(smollm_tokenizer):
     tok = smollm_tokenizer
-    from almost_ray.config import WHAT_WEIGHT_TABLE8
+    from almost_ray.adapters.config import WHAT_WEIGHT_TABLE8
     from almost_ray.templates import tulu
 
     turns = [{"role": "user", "content": "apple"}, {"role": "assistant", "content": "banana"},

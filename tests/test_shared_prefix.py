@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from almost_ray.config import SamplingParams
 from almost_ray.models import hf_backend
+from almost_ray.models.config import SamplingParams
 from almost_ray.models.hf_backend import common_prefix_length, pad_after_prefix
 
 HEADER = ("Below are conversations between a curious human and a helpful, honest and harmless assistant. "

@@ -134,7 +134,7 @@ def test_manifest_hashes_follow_the_content(tmp_path):
 
 
 def _finished_stage(tmp_path, stage, filename, rows, config):
-    from almost_ray.config import ModelConfig
+    from almost_ray.models.config import ModelConfig
 
     stage_dir = tmp_path / stage
     write_jsonl(stage_dir / filename, rows)
@@ -152,7 +152,7 @@ def test_data_stages_write_a_hub_card(tmp_path):
     assert "embedded:smollm2-135m-instruct" in text and "rows: 6" in text
     # a stage that generates no data gets no card
     other = tmp_path / "rm"
-    from almost_ray.config import ModelConfig
+    from almost_ray.models.config import ModelConfig
 
     write_manifest(other, "train-rm", ModelConfig(), {}, time.time())
     assert not (other / "README.md").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from almost_ray.config import HeuristicFilterConfig
+from almost_ray.synth.config import HeuristicFilterConfig
 from almost_ray.synth.filters import (
     Candidate,
     binarize,

@@ -8,9 +8,10 @@ import random
 import pytest
 from rouge_score import rouge_scorer
 
-from almost_ray.config import QueriesConfig, RayConfig
+from almost_ray.cluster_config import RayConfig
 from almost_ray.records import read_jsonl
 from almost_ray.synth import queries as mining
+from almost_ray.synth.config import QueriesConfig
 from almost_ray.synth.queries import (
     RougeDedup,
     build_prompt,

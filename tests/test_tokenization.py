@@ -17,11 +17,12 @@ import pandas as pd
 import pytest
 from transformers import LogitsProcessor
 
-from almost_ray.config import ModelConfig, SamplingParams, TrainSFTConfig
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import load_tokenizer, resolve_model_dir
 from almost_ray.models.text import OverlongPromptError, drop_last_shot, fit_prompt, prompt_token_ids
 from almost_ray.records import RecordError
 from almost_ray.templates import fewshot_header, human_assistant, load_prompt_text, tulu
+from almost_ray.train.config import TrainSFTConfig
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=4)
 

@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from almost_ray.config import TrainSFTConfig
 from almost_ray.preferences import load_pairs, pair_from_record, parse_human_assistant, split_hh
 from almost_ray.records import RecordError
 from almost_ray.templates import human_assistant, tulu
+from almost_ray.train.config import TrainSFTConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import IGNORE_INDEX
 from almost_ray.train.sft import encode_conversations, load_conversations, render

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from almost_ray.eval.rm_accuracy import length_baseline, pairwise_accuracy
 from almost_ray.preferences import PreferencePair
-from almost_ray.rm_accuracy import length_baseline, pairwise_accuracy
 
 
 def _pair(chosen: str, rejected: str) -> PreferencePair:

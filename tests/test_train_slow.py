@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from almost_ray.config import TrainRMConfig, TrainSFTConfig
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.preferences import load_pairs
 from almost_ray.train import loop, reward, sft
+from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
 from almost_ray.train.report import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import LogitsProcessor
 
-from almost_ray.config import RulesConfig
+from almost_ray.adapters.config import RulesConfig
 
 # How the vLLM backend names the processor class and the per-request switch (see rules_vllm.py).
 RULES_VLLM_PROCESSOR = "almost_ray.adapters.rules_vllm:RulesAdapterProcessor"

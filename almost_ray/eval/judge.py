@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from almost_ray.config import JUDGE_TEMPLATE, JudgeEvalConfig
-from almost_ray.eval.prompts import continuation, load_template, render
+from almost_ray.eval.config import JudgeEvalConfig
+from almost_ray.eval.prompts import JUDGE_TEMPLATE, continuation, load_template, render
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
 from almost_ray.records import RecordError, read_jsonl

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.config import RankingEvalConfig
+from almost_ray.eval.config import RankingEvalConfig
 from almost_ray.eval.prompts import continuation, parse_dialogue, render_messages
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion

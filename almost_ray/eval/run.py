@@ -17,11 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.config import Config, ConfigError, EvalConfig, JudgeEvalConfig, ModelConfig, ResourcesConfig
+from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.config import Config
+from almost_ray.config_base import ConfigError
 from almost_ray.eval import hhh, judge, ranking, truthfulqa
+from almost_ray.eval.config import EvalConfig, JudgeEvalConfig
 from almost_ray.eval.report import write_report
 from almost_ray.eval.scoring import Scorer, reward_on_ray, score_on_ray
 from almost_ray.manifest import is_done, write_manifest
+from almost_ray.models.config import ModelConfig
 from almost_ray.records import atomic_open, read_jsonl
 from almost_ray.shards import ShardedJsonl
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from almost_ray.config import ModelConfig, ResourcesConfig
+from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.models.config import ModelConfig
 from almost_ray.models.generator import Generator, make_generator
 from almost_ray.models.text import encode_pair
 from almost_ray.pools import stream_pool

@@ -18,7 +18,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from almost_ray.config import Config, EvalConfig
+from almost_ray.config import Config
+from almost_ray.eval.config import EvalConfig
 from almost_ray.manifest import is_done, read_manifest, reset_if_changed, write_manifest
 from almost_ray.records import write_json
 

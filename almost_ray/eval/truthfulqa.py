@@ -19,8 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from almost_ray.config import ANSWER_TEMPLATE, TRUE_FALSE_TEMPLATE, TruthfulQAEvalConfig
-from almost_ray.eval.prompts import continuation, load_template, render
+from almost_ray.eval.config import TruthfulQAEvalConfig
+from almost_ray.eval.prompts import ANSWER_TEMPLATE, TRUE_FALSE_TEMPLATE, continuation, load_template, render
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
 from almost_ray.records import read_jsonl

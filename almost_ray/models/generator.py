@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Protocol, runtime_checkable
 
-from almost_ray.config import ModelConfig, SamplingParams
+from almost_ray.models.config import ModelConfig, SamplingParams
 
 
 @runtime_checkable

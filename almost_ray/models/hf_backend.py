@@ -17,7 +17,7 @@ import copy
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from almost_ray.config import ModelConfig, SamplingParams
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
 from almost_ray.models.text import (
     FittedPrompt,

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from almost_ray.adapters.config import RulesConfig
 from almost_ray.adapters.rules import RULES_EXTRA_ARG, RULES_VLLM_PROCESSOR
-from almost_ray.config import ModelConfig, RulesConfig, SamplingParams
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import resolve_model_dir, truncated_model_dir
 from almost_ray.models.text import (
     FittedPrompt,

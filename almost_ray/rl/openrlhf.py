@@ -31,7 +31,8 @@ import shlex
 from pathlib import Path
 from typing import NamedTuple
 
-from almost_ray.config import Config, ConfigError
+from almost_ray.config import Config
+from almost_ray.config_base import ConfigError
 from almost_ray.records import write_json, write_jsonl
 from almost_ray.rl.config import ROLES, PPOConfig
 from almost_ray.rl.prompts import load_prompts

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from almost_ray.config import ConfigError
+from almost_ray.config_base import ConfigError
 from almost_ray.rl import losses
 from almost_ray.rl.config import ROLES, PPOConfig
 from almost_ray.rl.episodes import pack, response_logprobs, response_values, split_rows, take

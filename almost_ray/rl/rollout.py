@@ -46,7 +46,7 @@ class HFRolloutEngine(RoleActor):
 
     def __init__(self, cfg: dict, model_dir: str, *, rank: int = 0, world: int = 1):
         super().__init__(cfg, "rollout", rank, world)
-        from almost_ray.config import ModelConfig
+        from almost_ray.models.config import ModelConfig
         from almost_ray.models.hf_backend import HFGenerator
 
         model = ModelConfig(ref=model_dir, backend="hf", dtype=self.cfg.dtype,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from almost_ray.config import RayConfig
+from almost_ray.cluster_config import RayConfig
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
 from almost_ray.records import RecordError
 from almost_ray.rl.config import PPOConfig

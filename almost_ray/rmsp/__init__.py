@@ -4,8 +4,3 @@
 best-of-N), `replicas` the Ray Data actor classes (role generators, the RM scorer), `stage` the
 streaming pipeline and its outputs, `compare` the RMSP-vs-self-play report (Table 5).
 """
-
-from almost_ray.rmsp.compare import run_compare
-from almost_ray.rmsp.stage import run
-
-__all__ = ["run", "run_compare"]

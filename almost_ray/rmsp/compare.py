@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from almost_ray.config import ConfigError, RayConfig, RMSPConfig
+from almost_ray.cluster_config import RayConfig
+from almost_ray.config_base import ConfigError
 from almost_ray.manifest import read_manifest
 from almost_ray.records import read_jsonl, write_json
 from almost_ray.rmsp import stage, turns
+from almost_ray.rmsp.config import RMSPConfig
 
 COMPARE_DIR = "rmsp-compare"
 

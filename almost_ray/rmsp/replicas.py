@@ -12,7 +12,7 @@ import json
 
 import pandas as pd
 
-from almost_ray.config import ModelConfig, SamplingParams
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.generator import make_generator
 from almost_ray.models.reward import RewardModel
 from almost_ray.rmsp.turns import role_prompt, role_stop

@@ -96,7 +96,7 @@ class ChatModel:
     """One chat model replica (HF backend). Called by the ingress through a deployment handle."""
 
     def __init__(self, chat: dict, model_ref: str):
-        from almost_ray.config import ModelConfig
+        from almost_ray.models.config import ModelConfig
         from almost_ray.models.hf_backend import HFGenerator
 
         self.cfg = ChatDeploymentConfig.model_validate(chat)
@@ -140,7 +140,7 @@ class ChatModel:
         return await asyncio.to_thread(self.generate_batch, items)
 
     def generate_batch(self, items: list[tuple[ChatJob, str, int]]) -> list[list[Choice]]:
-        from almost_ray.config import SamplingParams
+        from almost_ray.models.config import SamplingParams
 
         results: list[list[Choice]] = [[] for _ in items]
         groups: dict[tuple, list[int]] = {}

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from almost_ray.adapters.config import RulesConfig
 from almost_ray.config_base import StrictModel
 
 ServePromptFormat = Literal["auto", "chat", "human_assistant", "tulu", "raw"]
@@ -77,14 +78,9 @@ class ChatDeploymentConfig(StrictModel):
     @field_validator("rules")
     @classmethod
     def _rules_config(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # validated as `almost_ray.config.RulesConfig`, imported here: almost_ray.config imports this module
-        from almost_ray.config import RulesConfig
-
         return RulesConfig.model_validate(value).model_dump(mode="json")
 
-    def rules_config(self):
-        from almost_ray.config import RulesConfig
-
+    def rules_config(self) -> RulesConfig:
         return RulesConfig.model_validate(self.rules)
 
 

@@ -15,13 +15,14 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from almost_ray.config import CompareConfig, RayConfig
+from almost_ray.cluster_config import RayConfig
 from almost_ray.manifest import is_done, read_manifest, write_manifest
 from almost_ray.metrics import add_counts, run_of
 from almost_ray.pools import stream_pool
 from almost_ray.records import Comparison, RecordError, atomic_open, load_queries, read_jsonl, write_jsonl
 from almost_ray.shards import ShardedJsonl
 from almost_ray.sources import parse_source
+from almost_ray.synth.config import CompareConfig
 from almost_ray.synth.filters import Candidate, binarize, rm_agrees
 from almost_ray.synth.ladder import generate_responses, remove_parts
 

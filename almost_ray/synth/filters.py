@@ -23,7 +23,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from almost_ray.config import HeuristicFilterConfig
+from almost_ray.synth.config import HeuristicFilterConfig
 
 
 @dataclass(frozen=True)

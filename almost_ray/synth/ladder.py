@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from almost_ray.config import CompareConfig, ModelConfig, RayConfig, RungConfig, SamplingParams
+from almost_ray.cluster_config import RayConfig
+from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.pools import stream_pool
 from almost_ray.records import Query, atomic_open, read_jsonl
 from almost_ray.shards import ShardedJsonl
+from almost_ray.synth.config import CompareConfig, RungConfig
 from almost_ray.templates import default_stop, fewshot_header, human_assistant, load_prompt_text
 
 # A sentence ends at ., ! or ? followed by a closing quote/bracket or nothing, then whitespace or the end.

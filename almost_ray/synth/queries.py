@@ -27,13 +27,15 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer, tokenizers
 
-from almost_ray.config import QueriesConfig, RayConfig, config_hash
+from almost_ray.cluster_config import RayConfig
+from almost_ray.config import config_hash
 from almost_ray.generation_pool import GenerationReplica
 from almost_ray.manifest import is_done, read_manifest, write_manifest
 from almost_ray.metrics import add_counts, progress, run_of
 from almost_ray.records import Query, RecordError, atomic_open, read_jsonl, write_json, write_jsonl
 from almost_ray.replicas import ReplicaSet
 from almost_ray.shards import ShardedJsonl
+from almost_ray.synth.config import QueriesConfig
 from almost_ray.templates import packaged_text
 
 INSTRUCTION_LINE = "### Instruction:"

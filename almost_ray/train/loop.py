@@ -40,9 +40,10 @@ from typing import Any
 import torch
 
 from almost_ray import metrics as dashboard
-from almost_ray.config import TrainConfig, config_hash
+from almost_ray.config import config_hash
 from almost_ray.models.loading import ready_for_generation
 from almost_ray.records import write_json
+from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
 from almost_ray.train.report import MetricsLog

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from almost_ray.config import RayConfig
+from almost_ray.cluster_config import RayConfig
 
 # model_dir -> (encoded examples, counts for the manifest)
 Prepare = Callable[[Path], tuple[list[Any], dict[str, int]]]

@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from almost_ray.config import EvalRMConfig, RayConfig
+from almost_ray.cluster_config import RayConfig
+from almost_ray.eval.config import EvalRMConfig
 from almost_ray.manifest import is_done, write_manifest
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.pools import stream_pool
