@@ -20,7 +20,7 @@ takes fewer optimizer steps than we do (one per minibatch).
 
 Ours: `almost_ray.rl.stage.run(PPOConfig, RayConfig, run_dir, prompts)` on a local Ray; its
 `<run dir>/ppo/metrics.jsonl` gives `episodes_per_s` and the seconds of each phase per iteration
-(whatever `*_s`/`seconds*` keys it writes are summed over iterations; the loop time is the sum of
+(its `time_*_s` keys summed over iterations; the loop time is the sum of
 `rollout_batch_size / episodes_per_s`).
 
 Episodes/s = episodes / wall time of the training loop (TRL: `train()`; ours: the sum of iteration
@@ -95,7 +95,8 @@ def settings(args, policy: Path, rm: Path) -> dict:
     return {"policy": str(policy), "reward_model": str(rm), "episodes": args.episodes,
             "rollout_batch": args.rollout_batch, "minibatch": args.minibatch, "ppo_epochs": args.ppo_epochs,
             "response_length": args.response_length, "lr": 1e-6, "kl_coef": 0.05, "seed": 0,
-            "threads": args.threads, "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+            "threads": args.threads, "torch_threads": args.torch_threads,
+            "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
             "prompts": [PROMPTS[i % len(PROMPTS)] for i in range(max(len(PROMPTS), args.rollout_batch))]}
 
 
@@ -197,6 +198,9 @@ def run_trl(spec: dict, work: Path) -> dict:
 # -- our side ------------------------------------------------------------------------------------------
 
 
+PHASE_NAMES = {"time_sync_s": "weight_sync_s"}  # our metrics' phase keys, named as the TRL side's
+
+
 def ours_config(spec: dict, prompts: Path):
     """Our PPOConfig with the settings TRL gets (critic from the RM, constant lr, no checkpoints)."""
     from almost_ray.rl.config import PPOConfig
@@ -208,6 +212,13 @@ def ours_config(spec: dict, prompts: Path):
         temperature=1.0, kl_coef=spec["kl_coef"], kl_estimator="k1", gamma=1.0, lam=0.95, clip_range=0.2,
         clip_range_value=0.2, value_loss_coef=0.1, lr=spec["lr"], min_lr=spec["lr"], critic_lr=spec["lr"],
         seed=spec["seed"], dtype="float32", checkpoint_every=10_000, critic_init="reward",
+        # configs/demo.yaml's layout on `threads` CPUs: the four roles share one bundle, the rollout engine
+        # has the rest; the phases run one after another, so each actor may use every thread
+        colocate=[["policy", "critic", "reference", "reward"]],
+        **{f"{role}_resources": {"replicas": 1, "num_cpus": 0.25} for role in ("policy", "critic", "reference", "reward")},
+        rollout={"backend": "hf", "engines": 1, "num_cpus": max(spec["threads"] - 1, 1),
+                 "max_batch_size": spec["rollout_batch"]},
+        torch_threads=spec["torch_threads"] or spec["threads"],
     )
 
 
@@ -230,8 +241,9 @@ def run_ours(spec: dict, work: Path) -> dict:
     phases: dict[str, float] = {}
     for row in rows:
         for key, val in row.items():
-            if isinstance(val, (int, float)) and (key.endswith("_s") or key.startswith("seconds")):
-                phases[key] = phases.get(key, 0.0) + float(val)
+            if isinstance(val, (int, float)) and key.startswith("time_"):  # time_rollout_s -> TRL's rollout_s
+                name = PHASE_NAMES.get(key, key.removeprefix("time_"))
+                phases[name] = phases.get(name, 0.0) + float(val)
     episodes = cfg.iterations * cfg.rollout_batch_size
     # an iteration's time is its episodes over its episodes/s; without that key, the phases' sum
     loop = sum(cfg.rollout_batch_size / r["episodes_per_s"] for r in rows if r.get("episodes_per_s"))
@@ -269,6 +281,7 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--response-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--torch-threads", type=int, help="ours: threads per role actor (default: --threads)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (ours: off)")
     ap.add_argument("--side", choices=["both", "trl", "ours"], default="both")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ppo.json"))
