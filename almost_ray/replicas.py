@@ -12,7 +12,9 @@ batch as it finishes (any order: stages key rows and put them back in order with
 and all actors of the chain work at the same time.
 
 Fault tolerance is Ray's: actors are created with the pool's `max_restarts`/`max_task_retries`
-(a crashed replica is restarted, reloading its model, and its batch is retried).
+(by default -1: a crashed replica is restarted, reloading its model, and the batches queued on it are
+retried there; tests/test_faults.py kills an RMSP reward-model replica mid-stage and gets the
+uninterrupted run's dialogues byte for byte).
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ class ReplicaSet:
         )
         if res.memory_gb:
             options["memory"] = res.memory_gb * 2**30
-        actor = ray.remote(_Holder).options(**options)
+        # A subclass named after the replica class, so the dashboard and the actor table say what an
+        # actor holds ("CandidateScorerReplica", "RoleReplica"; not "_Holder" for every role).
+        name = self.cls.__name__
+        holder = type(name if name.endswith("Replica") else f"{name}Replica", (_Holder,), {})
+        actor = ray.remote(holder).options(**options)
         self.actors = [actor.remote(self.cls, self.kwargs) for _ in range(res.concurrency)]
         self.started += len(self.actors)
 

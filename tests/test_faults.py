@@ -1,7 +1,11 @@
 """Fault tests (issue 14): a killed generator actor, a lost node, a killed driver, an output that
-cannot be written. Each compares record counts and content hashes with an uninterrupted run of the
-same config and seed, not just that the stage finished. They drive the stages' public `run` functions
-and the CLI only, so they hold whatever pools the stages use inside. `make test-faults` runs them.
+cannot be written, a killed RMSP reward-model replica and a killed eval scorer. Each compares record
+counts and content hashes with an uninterrupted run of the same config and seed, not just that the
+stage finished. They drive the stages' public `run` functions and the CLI only, so they hold whatever
+pools the stages use inside. `make test-faults` runs them.
+
+PPO (a killed role actor, a killed driver) is in tests/test_faults_ppo.py; the pipeline job killed and
+submitted again in tests/test_faults_job.py.
 
 A killed Ray Train worker is covered in tests/test_train_loop.py
 (`test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process`: metrics and weights equal a run
@@ -306,3 +310,139 @@ def test_a_full_disk_leaves_the_previous_outputs_intact(tmp_path):
     assert {name: (stage / name).read_bytes() for name in kept} == before
     assert sorted(p.name for p in (stage / "model").iterdir()) == sorted(n[6:] for n in kept if n.startswith("model/"))
     assert not list(stage.glob(".model.*"))  # the half-written model was removed
+
+
+def _alive_actors(class_name: str) -> list[dict]:
+    """Alive actors of one class in the connected cluster's actor table (see `_generator_actors`)."""
+    import ray
+
+    return [a for a in ray._private.state.actors().values()
+            if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
+
+
+def _kill_when(ready, actors, fault: dict, timeout: float = 600) -> threading.Thread:
+    """A thread that SIGKILLs the first of `actors()` once `ready()` returns something truthy (kept in
+    `fault["at"]`); errors go to the main thread in `fault["error"]`."""
+
+    def kill():
+        try:
+            fault["at"] = _wait_for(ready, timeout, "the moment to kill")
+            actor = _wait_for(actors, 60, "an alive actor to kill")[0]
+            os.kill(actor["Pid"], signal.SIGKILL)
+            fault["actor"] = actor["ActorID"]
+        except BaseException as err:  # reported by the main thread
+            fault["error"] = err
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+RMSP_QUERIES = [f"How would you explain topic number {i} to a friend?" for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """tiny:llama with a seeded one-output score head, saved as `train-rm` saves a reward model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from almost_ray.models.loading import resolve_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir("tiny:llama"))
+    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _rmsp(tmp_path: Path, tiny_rm: Path, run_name: str) -> Path:
+    """RMSP on tiny:llama: 8 queries, best-of-3 scored by one RM replica, 2 turns, one dialogue per shard."""
+    from almost_ray.config import load_config
+    from almost_ray.rmsp import stage as rmsp
+
+    queries = tmp_path / "rmsp-queries.txt"
+    queries.write_text("\n".join(RMSP_QUERIES) + "\n")
+    pools = [f"rmsp.{r}.resources.{k}={v}" for r in ("assistant", "user", "reward_model")
+             for k, v in (("num_cpus", 0.1), ("batch_size", 2))]
+    cfg = load_config(None, [
+        f"runs_dir={tmp_path / 'runs'}", f"run_name={run_name}", f"rmsp.queries={queries}", "rmsp.shard_size=1",
+        "rmsp.best_of=3", f"rmsp.reward_model.ref={tiny_rm}", "rmsp.max_turns=2",
+        "rmsp.assistant.model.ref=tiny:llama", "rmsp.user.model.ref=tiny:llama", "rmsp.assistant.shots=1",
+        "rmsp.user.shots=1", "rmsp.assistant.sampling.max_new_tokens=8", "rmsp.user.sampling.max_new_tokens=6",
+        *pools,
+    ])
+    return rmsp.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+
+
+def _file_hashes(stage: Path, names: tuple[str, ...]) -> dict[str, tuple[int, str]]:
+    found = {}
+    for name in names:
+        data = (stage / name).read_bytes()
+        found[name] = (data.count(b"\n"), hashlib.sha256(data).hexdigest())
+    return found
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_rmsp_survives_a_killed_reward_model_replica(tmp_path, ray_local, tiny_rm):
+    """SIGKILL the RMSP reward-model replica (a `replicas.ReplicaSet` actor, `CandidateScorerReplica`)
+    once the first dialogue is on disk: Ray restarts it (max_restarts=-1), the batches queued on it are
+    retried (max_task_retries=-1), and dialogues.jsonl / dropped.jsonl equal the uninterrupted run's."""
+    names = ("dialogues.jsonl", "dropped.jsonl")
+    ref_stage = _rmsp(tmp_path, tiny_rm, "ref")
+    ref = _file_hashes(ref_stage, names)
+    assert ref["dialogues.jsonl"][0] + ref["dropped.jsonl"][0] == len(RMSP_QUERIES)
+
+    stage = tmp_path / "runs" / "killed" / "rmsp"
+    fault: dict = {}
+    killer = _kill_when(lambda: len(list(stage.glob(".selfplay-*.jsonl.shards/shard-*.jsonl"))),
+                        lambda: _alive_actors("CandidateScorerReplica"), fault)
+    _rmsp(tmp_path, tiny_rm, "killed")
+    killer.join(timeout=60)
+    assert "error" not in fault, fault.get("error")
+    assert 1 <= fault["at"] < len(RMSP_QUERIES), f"killed after {fault['at']} of {len(RMSP_QUERIES)} dialogues"
+    import ray
+
+    assert ray._private.state.actors(fault["actor"])["NumRestarts"] >= 1  # Ray restarted the replica
+    assert _file_hashes(stage, names) == ref
+    assert read_manifest(stage)["counts"] == read_manifest(ref_stage)["counts"]
+
+
+EVAL_ROWS = [{"key": f"{i:02d}", "context": f"\n\nHuman: Question {i}: which answer is right?\n\nAssistant: Answer",
+              "continuations": [" A", " B", f" C is right for {i}", " none of them"]} for i in range(24)]
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_eval_scoring_survives_a_killed_scorer_replica(tmp_path, ray_local):
+    """The eval scorer (`eval.scoring.score_on_ray`: a Ray Data pool of 2 `ScorerReplica`s, 24 rows in
+    batches and shards of 2): one replica SIGKILLed once a shard is on disk; Ray Data restarts it and
+    retries its batch, and the scores file equals the uninterrupted run's byte for byte."""
+    from almost_ray.config import ModelConfig, ResourcesConfig
+    from almost_ray.eval.scoring import score_on_ray, scores_path
+
+    model = ModelConfig(ref="tiny:llama", dtype="float32", max_batch_size=2)
+    res = ResourcesConfig(concurrency=2, num_cpus=1, batch_size=2)
+    score_on_ray(model, res, tmp_path / "ref", shard_size=2)(EVAL_ROWS, "hhh")
+    ref_file = scores_path(tmp_path / "ref", "hhh", model, EVAL_ROWS)
+    ref = _file_hashes(ref_file.parent, (ref_file.name,))
+    assert ref[ref_file.name][0] == len(EVAL_ROWS)
+
+    work = tmp_path / "killed"
+    final = scores_path(work, "hhh", model, EVAL_ROWS)
+    shards = work / f".{final.name}.shards"
+    fault: dict = {}
+
+    killer = _kill_when(lambda: len(list(shards.glob("shard-*.jsonl"))), _generator_actors, fault)  # its only pool
+    score_on_ray(model, res, work, shard_size=2)(EVAL_ROWS, "hhh")
+    killer.join(timeout=60)
+    assert "error" not in fault, fault.get("error")
+    assert 1 <= fault["at"] < len(EVAL_ROWS) // 2, f"killed after {fault['at']} of {len(EVAL_ROWS) // 2} shards"
+    import ray
+
+    assert ray._private.state.actors(fault["actor"])["NumRestarts"] >= 1  # Ray Data restarted the replica
+    assert _file_hashes(work, (final.name,)) == {final.name: ref[ref_file.name]}

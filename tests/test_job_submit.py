@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -72,11 +73,11 @@ def wait_for(client, job_id: str, timeout_s: float) -> str:
     return "TIMEOUT"
 
 
-def test_pipeline_job_succeeds_on_a_local_head_and_a_bad_flag_fails_it(tmp_path):
+@contextmanager
+def local_head():
+    """A private Ray head of 2 CPUs (its own temp dir and ports); yields its Jobs SDK client; always stopped."""
     from ray.job_submission import JobSubmissionClient
 
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_pipeline_config(tmp_path)))
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Unix socket paths are limited to ~107 bytes
     dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -94,7 +95,16 @@ def test_pipeline_job_succeeds_on_a_local_head_and_a_bad_flag_fails_it(tmp_path)
                         "--include-dashboard=true", "--disable-usage-stats"],
                        env=env, timeout=240, capture_output=True, text=True)
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
-        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+        yield JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+    finally:
+        stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_pipeline_job_succeeds_on_a_local_head_and_a_bad_flag_fails_it(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_pipeline_config(tmp_path)))
+    with local_head() as client:
         entry = f"{sys.executable} jobs/rlsf.py --config {config}"
         job = client.submit_job(entrypoint=f"{entry} --until train_sft", runtime_env=RUNTIME_ENV)
         status = wait_for(client, job, 900)
@@ -109,6 +119,3 @@ def test_pipeline_job_succeeds_on_a_local_head_and_a_bad_flag_fails_it(tmp_path)
         bad = client.submit_job(entrypoint=f"{entry} --only no_such_stage", runtime_env=RUNTIME_ENV)
         assert wait_for(client, bad, 120) == "FAILED"
         assert "unknown stage 'no_such_stage'" in client.get_job_logs(bad)
-    finally:
-        stop_head(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -56,6 +56,12 @@ def save(stage_dir: Path, iteration: int, trainables: dict, keep: int) -> Path:
     return out
 
 
+def latest_iteration(stage_dir: Path) -> int:
+    """The iteration of the latest complete checkpoint (0: none)."""
+    found = checkpoint_dirs(stage_dir)
+    return int(json.loads((found[-1] / "state.json").read_text())["iteration"]) if found else 0
+
+
 def restore(stage_dir: Path, trainables: dict) -> int:
     """Load the latest checkpoint into every replica; returns the iterations already done (0: none)."""
     import ray

@@ -115,6 +115,11 @@ class PPOConfig(StrictModel):
     # Durability
     checkpoint_every: int = Field(default=10, ge=1, description="iterations between checkpoints")
     checkpoints_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(
+        default=3, ge=-1,
+        description="role actor deaths survived by restarting every role from the latest checkpoint "
+        "(as Ray Train's FailureConfig.max_failures); 0: fail at once; -1: no limit",
+    )
     engine: Literal["almost_ray", "openrlhf"] = Field(
         default="almost_ray", description="openrlhf: map this config onto OpenRLHF's train_ppo_ray and submit it"
     )

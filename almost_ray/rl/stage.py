@@ -5,7 +5,8 @@ else `<run dir>/rm/model`) and prompts: the FIRST USER TURN of each RMSP dialogu
 dialogues.jsonl`, as in the paper), or any `.jsonl`/`.txt` of queries (`ppo.prompts` or `--prompts`).
 Everything is checked here, before a single actor starts. Outputs in `<run dir>/ppo/`: `model/` (the
 final policy, an HF directory like `sft/model`), `metrics.jsonl`, `ppo.png` (reward and KL per
-iteration), `placement.json` (the node of every role replica), `checkpoints/`, and `manifest.json` last.
+iteration), `placement.json` (the node of every role replica), `checkpoints/`, `restarts.jsonl` (role
+actor deaths survived, if any) and `manifest.json` last.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from almost_ray.cluster_config import RayConfig
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
 from almost_ray.records import RecordError
 from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.failures import restarts
 from almost_ray.rl.prompts import load_prompts, prompts_path
 from almost_ray.rl.trainer import METRICS, MODEL_DIR, Prompt
 from almost_ray.templates import render_prompt
@@ -120,5 +122,6 @@ def run(
                  x="iteration", xlabel="PPO iteration")
     counts = {"prompts": len(texts), "prompts_dropped_too_long": dropped, "iterations": cfg.iterations,
               "episodes": cfg.iterations * cfg.rollout_batch_size}
-    write_manifest(stage_dir, STAGE, cfg, inputs, started, counts=counts, metrics=summarize(stage_dir / METRICS))
+    metrics = {**summarize(stage_dir / METRICS), "role_restarts": restarts(stage_dir)}  # rl/failures.py
+    write_manifest(stage_dir, STAGE, cfg, inputs, started, counts=counts, metrics=metrics)
     return stage_dir

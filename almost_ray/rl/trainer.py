@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from almost_ray import metrics as dashboard
-from almost_ray.rl import checkpoint, losses
+from almost_ray.rl import checkpoint, failures, losses
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.episodes import split_rows, take
 from almost_ray.rl.roles import CriticActor, Placement, PolicyActor, ReferenceActor, RewardActor, reserve
@@ -221,10 +221,38 @@ def train(
 ) -> Path:
     """Run (or resume) all iterations; returns the final policy's HF directory `stage_dir/model`.
 
-    `scorer` replaces the RM inside the reward actor (a planted reward in tests); `fault_at_iteration`
-    raises after that iteration (first attempt only) to exercise resume.
+    A dead role actor restarts every role from the latest checkpoint, at most `cfg.max_failures` times
+    (rl/failures.py). `scorer` replaces the RM inside the reward actor (a planted reward in tests);
+    `fault_at_iteration` raises after that iteration (first attempt only) to exercise resume.
     """
+    deaths = 0
+    while True:
+        attempt = failures.Attempt()
+        try:
+            return _attempt(cfg, prompts, stage_dir, policy_dir, critic_dir, rm_dir, tokenizer, run_name, scorer,
+                            fault_at_iteration, attempt)
+        except Exception as err:
+            if not failures.is_role_death(err, attempt):
+                raise
+            deaths += 1
+            resume_from = checkpoint.latest_iteration(stage_dir)
+            if 0 <= cfg.max_failures < deaths:
+                raise failures.RoleActorDied(
+                    f"ppo: a role actor died {failures.describe(err, attempt)} and ppo.max_failures="
+                    f"{cfg.max_failures} restarts are used up; run the command again to resume from the "
+                    f"checkpoint after iteration {resume_from}") from err
+            failures.record_restart(stage_dir, err, attempt, resume_from, deaths)
+            dashboard.add_counts(run_name, "ppo", {"role_restarts": 1})
+            _say(failures.restart_line(err, attempt, resume_from, deaths, cfg.max_failures))
+            fault_at_iteration = None  # an injected fault is for the first attempt only
+
+
+def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir: str, critic_dir: str, rm_dir: str,
+             tokenizer, run_name: str, scorer: Callable | None, fault_at_iteration: int | None,
+             attempt: failures.Attempt) -> Path:
+    """Start the roles, restore the latest checkpoint, run the remaining iterations, save the policy."""
     import ray
+    from ray.exceptions import RayError
 
     roles = start_roles(cfg, policy_dir, critic_dir, rm_dir, scorer)
     try:
@@ -238,6 +266,7 @@ def train(
         _say(f"[ppo] {len(prompts)} prompts, {total} iterations of {cfg.rollout_batch_size} episodes"
              f"{f', resuming after iteration {start}' if start else ''}")
         for it in range(start, total):
+            attempt.iteration = it + 1
             batch = [prompts[i] for i in prompt_order(len(prompts), it, cfg.rollout_batch_size, cfg.seed)]
             metrics = ppo_iteration(roles, cfg, batch, it, tokenizer)
             log.write(metrics)
@@ -248,7 +277,11 @@ def train(
                 checkpoint.save(stage_dir, it + 1, trainables, cfg.checkpoints_to_keep)
             if fault_at_iteration == it + 1 and start == 0 and it + 1 < total:
                 raise RuntimeError(f"fault injected after iteration {it + 1}")
+        attempt.iteration, attempt.phase = None, "while saving the final policy"
         ray.get(roles["policy"][0].save_hf.remote(str(stage_dir / MODEL_DIR)))
+    except RayError:
+        attempt.dead = failures.dead_replicas(roles.placement.actors)
+        raise
     finally:
         roles.placement.remove()
     return stage_dir / MODEL_DIR
