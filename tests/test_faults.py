@@ -422,8 +422,9 @@ def test_eval_scoring_survives_a_killed_scorer_replica(tmp_path, ray_local):
     """The eval scorer (`eval.scoring.score_on_ray`: a Ray Data pool of 2 `ScorerReplica`s, 24 rows in
     batches and shards of 2): one replica SIGKILLed once a shard is on disk; Ray Data restarts it and
     retries its batch, and the scores file equals the uninterrupted run's byte for byte."""
-    from almost_ray.config import ModelConfig, ResourcesConfig
+    from almost_ray.cluster_config import ResourcesConfig
     from almost_ray.eval.scoring import score_on_ray, scores_path
+    from almost_ray.models.config import ModelConfig
 
     model = ModelConfig(ref="tiny:llama", dtype="float32", max_batch_size=2)
     res = ResourcesConfig(concurrency=2, num_cpus=1, batch_size=2)

@@ -20,7 +20,7 @@ import torch
 import yaml
 from test_faults import _alive_actors, _kill_group, _subprocess_env, _wait_for
 
-from almost_ray.config import RayConfig
+from almost_ray.cluster_config import RayConfig
 from almost_ray.manifest import read_manifest
 from almost_ray.models.loading import load_tokenizer, resolve_model_dir
 from almost_ray.rl import stage
