@@ -22,16 +22,19 @@ from itertools import islice
 from typing import Any
 
 from almost_ray.config import ResourcesConfig
+from almost_ray.memory import MeasuredReplica, ensure_ledger
+from almost_ray.pools import role_name
 from almost_ray.preflight import pool_bundles, preflight
 
 IN_FLIGHT = 2  # batches queued per actor: one running, one waiting, so an actor never idles between calls
 
 
 class _Holder:
-    """The actor: holds one `cls(**kwargs)` and answers a list of rows with a list of rows."""
+    """The actor: holds one `cls(**kwargs)` and answers a list of rows with a list of rows; reports its
+    peak memory after each call, as a Ray Data pool replica does (`memory.MeasuredReplica`)."""
 
-    def __init__(self, cls: type, kwargs: dict):
-        self.replica = cls(**kwargs)
+    def __init__(self, cls: type, kwargs: dict, role: str):
+        self.replica = MeasuredReplica(cls, kwargs, role)
 
     def run(self, rows: list[dict]) -> list[dict]:
         import pandas as pd
@@ -61,8 +64,9 @@ class ReplicaSet:
         )
         if res.memory_gb:
             options["memory"] = res.memory_gb * 2**30
+        ensure_ledger()
         actor = ray.remote(_Holder).options(**options)
-        self.actors = [actor.remote(self.cls, self.kwargs) for _ in range(res.concurrency)]
+        self.actors = [actor.remote(self.cls, self.kwargs, role_name(self.name)) for _ in range(res.concurrency)]
         self.started += len(self.actors)
 
     def map(self, rows: Iterable[dict]) -> Iterator[dict]:
