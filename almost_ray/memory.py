@@ -160,8 +160,8 @@ class MeasuredReplica:
         self.role = role
         report_peak(role)  # the model is loaded: a replica that never gets a batch still counts
 
-    def __call__(self, batch):
-        out = self.replica(batch)
+    def __call__(self, batch, **call):
+        out = self.replica(batch, **call)
         report_peak(self.role)
         return out
 
