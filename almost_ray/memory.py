@@ -90,19 +90,22 @@ class PeakLedger:
 def ensure_ledger() -> None:
     """Create the job's ledger when absent; called by the driver before it starts a stage's actors.
 
-    It is not detached: it lives as long as the driver's job, on the driver's node, and reserves no CPU.
+    It is not detached: the driver holds its handle (a named actor without handles is still garbage
+    collected), so it lives as long as the driver's job, on the driver's node, and reserves no CPU.
     """
+    global _held
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
-    ray.remote(PeakLedger).options(
+    _held = ray.remote(PeakLedger).options(
         name=LEDGER, get_if_exists=True, num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
     ).remote()
 
 
-_ledger = None
+_held = None  # the driver's handle of the ledger
+_ledger = None  # an actor's handle of the ledger
 _reported: dict[str, tuple] = {}  # role -> last peaks sent from this process
 
 
@@ -132,7 +135,7 @@ def report_peak(role: str) -> None:
     _reported[role] = peaks
 
 
-def gather(actors: dict[str, list], timeout_s: float = 30.0) -> None:
+def gather(actors: dict[str, list], timeout_s: float = 10.0) -> None:
     """From the driver, before it kills actors it holds (role -> handles): each reports its peak."""
     import ray
 
