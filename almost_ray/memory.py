@@ -97,6 +97,12 @@ def ensure_ledger() -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if _held is not None:
+        try:
+            ray.get_actor(LEDGER)
+            return  # keep the handle that created it: replacing it would let the ledger be collected
+        except ValueError:  # a new Ray session since
+            pass
     node = ray.get_runtime_context().get_node_id()
     _held = ray.remote(PeakLedger).options(
         name=LEDGER, get_if_exists=True, num_cpus=0,

@@ -74,3 +74,14 @@ def test_actors_asked_before_they_are_killed_report_to_the_ledger(ray_local):
     s = memory.summarize(0, "stage", reports)
     assert s["actors_peak_mib"]["by_role"]["test.holder"] == max(r["rss_mib"] for r in reports)
     assert not memory.actor_reports(time.time() + 60)  # reports from before a stage started are not its
+
+
+def test_the_ledger_outlives_a_second_stage_start(ray_local):
+    """Every pool start calls `ensure_ledger`; the second must not drop the handle that keeps it alive."""
+    memory.ensure_ledger()
+    memory.ensure_ledger()
+    import gc
+
+    gc.collect()
+    time.sleep(1)
+    assert ray.get(ray.get_actor(memory.LEDGER).since.remote(time.time() + 60)) == []

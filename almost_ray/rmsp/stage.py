@@ -147,11 +147,11 @@ def selfplay(rows: Iterable[dict], sets: dict[str, ReplicaSet], max_turns: int, 
     the next role's start — nothing stalls waiting for resources, at the price of loading each role's
     model once per turn instead of once per run (`docs/architecture.md`, Scale-out).
     """
-    def step(role: str, stream: Iterable[dict], **call) -> Iterable[dict]:
+    def step(pool: str, stream: Iterable[dict], **call) -> Iterable[dict]:
         if together:
-            return sets[role].map(stream, **call)
-        with sets[role]:
-            return list(sets[role].map(stream, **call))
+            return sets[pool].map(stream, **call)
+        with sets[pool]:
+            return list(sets[pool].map(stream, **call))
 
     stream: Iterable[dict] = rows
     for turn in range(1, max_turns + 1):
