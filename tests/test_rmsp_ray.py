@@ -127,6 +127,7 @@ def test_roles_that_do_not_fit_together_take_turns_with_the_same_dialogues(ray_l
     assert started["in_turn"] == {"assistant+user": 3, "reward_model": 2}  # assistant, user, assistant
 
 
+@pytest.mark.slow
 def test_assistant_and_user_share_replicas_when_they_can_with_the_same_dialogues(ray_local, tmp_path, tiny_rm):
     """Same model and resources: one replica set plays both roles (one model load, one copy in memory);
     different resources: a set each. The dialogues are the same bytes, and the manifest says where the
