@@ -111,11 +111,12 @@ def test_plain_self_play_without_rm(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_roles_that_do_not_fit_together_take_turns_with_the_same_dialogues(ray_local, tmp_path, tiny_rm):
-    """On 2 CPUs, three 1-CPU role pools cannot all hold a replica at once: each role starts, answers a
-    whole turn and is freed before the next (no stall), loading its model once per turn; roles that
-    fit (0.1 CPU each) are started once per run. The dialogues are the same bytes either way."""
+    """On 2 CPUs, 1.5-CPU role pools (the assistant's and the user's are one set) cannot all hold a
+    replica at once: each role starts, answers a whole turn and is freed before the next (no stall),
+    loading its model once per turn; roles that fit (0.1 CPU each) are started once per run. The
+    dialogues are the same bytes either way."""
     dialogues, started = {}, {}
-    for name, cpus in (("together", 0.1), ("in_turn", 1)):
+    for name, cpus in (("together", 0.1), ("in_turn", 1.5)):
         pools = [f"rmsp.{r}.resources.num_cpus={cpus}" for r in ("assistant", "user", "reward_model")]
         cfg = _cfg(tmp_path / name, f"rmsp.reward_model.ref={tiny_rm}", "rmsp.max_turns=2", *pools)
         stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
