@@ -1,8 +1,9 @@
 """Stage bookkeeping: `runs/<run>/<stage>/manifest.json`, and whether a stage can be skipped.
 
 A manifest records the stage's config and its hash, every seed in that config (`seeds`, by dotted
-path), the hashes of its inputs, record counts, metrics, package versions and wall time. A stage whose manifest matches its current config and
-inputs is skipped on re-run, so a crashed pipeline resumes; anything else is redone.
+path), the hashes of its inputs, record counts, metrics, package versions, wall time and peak memory
+(`memory.py`: the driver's, and that of each actor the stage started). A stage whose manifest matches
+its current config and inputs is skipped on re-run, so a crashed pipeline resumes; anything else is redone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 
 from almost_ray.cards import write_card
 from almost_ray.config import config_hash
+from almost_ray.memory import stage_memory
 from almost_ray.records import write_json
 from almost_ray.sources import source_hash
 
@@ -97,6 +99,7 @@ def write_manifest(
         "metrics": metrics or {},
         "versions": versions(),
         "wall_time_s": round(time.time() - started, 2),
+        "memory": stage_memory(started),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_card(stage_dir, stage, manifest)

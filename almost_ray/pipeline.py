@@ -23,6 +23,7 @@ from pathlib import Path
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
 from almost_ray.manifest import MANIFEST, read_manifest
+from almost_ray.memory import reset_driver_peak
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def summary(manifest: dict) -> dict:
         "metrics": flatten(manifest.get("metrics", {})),
         "wall_time_s": manifest.get("wall_time_s"),
         "finished_at": manifest.get("finished_at"),
+        "memory": manifest.get("memory"),
     }
 
 
@@ -162,6 +164,7 @@ def run(cfg: Config, selected: list[Stage], stages: list[Stage] | None = None) -
         for note in stage.notes(cfg):
             print(f"{stage.name}: note: {note}", flush=True)
         before = _stamp(stage.stage_dir(cfg))
+        reset_driver_peak()  # the manifest's driver peak is this stage's, not the pipeline's so far
         t0 = time.time()
         s = stage.run(cfg)
         skipped = before is not None and before == _stamp(stage.stage_dir(cfg))

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.memory import MeasuredReplica, ensure_ledger
 from almost_ray.preflight import pool_bundles, preflight
 
 # Ray Data's own actor defaults (ActorPoolMapOperator._apply_default_remote_args).
@@ -44,9 +45,18 @@ def pool_args(res: ResourcesConfig) -> dict[str, Any]:
 
 
 def map_pool(ds, cls: type, kwargs: dict, res: ResourcesConfig, name: str):
-    """`ds` mapped through a pool of `cls(**kwargs)` replicas; `name` is the pool's config path."""
+    """`ds` mapped through a pool of `cls(**kwargs)` replicas; `name` is the pool's config path.
+
+    Each replica reports its actor's peak memory for the stage's manifest (`memory.MeasuredReplica`)."""
     preflight(name, pool_bundles(res))
-    return ds.map_batches(cls, fn_constructor_kwargs=kwargs, **pool_args(res))
+    ensure_ledger()
+    return ds.map_batches(MeasuredReplica, fn_constructor_kwargs=dict(cls=cls, kwargs=kwargs, role=role_name(name)),
+                          **pool_args(res))
+
+
+def role_name(pool: str) -> str:
+    """A pool's config path as the role its memory is reported under (`rmsp.assistant.resources` -> `rmsp.assistant`)."""
+    return pool.removesuffix(".resources")
 
 
 def stream_pool(rows: list[dict], cls: type, kwargs: dict, res: ResourcesConfig, name: str) -> Iterator[dict]:

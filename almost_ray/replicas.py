@@ -19,26 +19,36 @@ uninterrupted run's dialogues byte for byte).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
 from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.memory import MeasuredReplica, ensure_ledger
+from almost_ray.pools import role_name
 from almost_ray.preflight import pool_bundles, preflight
 
 IN_FLIGHT = 2  # batches queued per actor: one running, one waiting, so an actor never idles between calls
 
 
 class _Holder:
-    """The actor: holds one `cls(**kwargs)` and answers a list of rows with a list of rows."""
+    """The actor: holds one `cls(**kwargs)` and answers a list of rows with a list of rows; reports its
+    peak memory after each call, as a Ray Data pool replica does (`memory.MeasuredReplica`), and says how
+    long the replica took to build (its model load, with the first answer) and to answer."""
 
-    def __init__(self, cls: type, kwargs: dict):
-        self.replica = cls(**kwargs)
+    def __init__(self, cls: type, kwargs: dict, role: str):
+        t0 = time.perf_counter()
+        self.replica = MeasuredReplica(cls, kwargs, role)
+        self.load_s = time.perf_counter() - t0
 
-    def run(self, rows: list[dict]) -> list[dict]:
+    def run(self, rows: list[dict], call: dict) -> dict:
         import pandas as pd
 
-        return self.replica(pd.DataFrame(rows)).to_dict("records")
+        t0 = time.perf_counter()
+        out = self.replica(pd.DataFrame(rows), **call).to_dict("records")
+        load_s, self.load_s = self.load_s, 0.0
+        return {"rows": out, "call_s": time.perf_counter() - t0, "load_s": load_s}
 
 
 class ReplicaSet:
@@ -51,6 +61,9 @@ class ReplicaSet:
         self.cls, self.kwargs, self.res, self.name = cls, kwargs, res, name
         self.actors: list = []
         self.started = 0  # actors created by this set: once per replica, whatever the number of passes
+        # where the time went, summed over replicas, per kind of call (its `call` values, "all" for none):
+        # seconds building replicas (model loads, counted with the first call), seconds answering, batches, rows
+        self.work: dict[str, dict[str, float]] = {}
 
     def _start(self) -> None:
         import ray
@@ -63,16 +76,20 @@ class ReplicaSet:
         )
         if res.memory_gb:
             options["memory"] = res.memory_gb * 2**30
+        ensure_ledger()
         # A subclass named after the replica class, so the dashboard and the actor table say what an
         # actor holds ("CandidateScorerReplica", "RoleReplica"; not "_Holder" for every role).
         name = self.cls.__name__
         holder = type(name if name.endswith("Replica") else f"{name}Replica", (_Holder,), {})
         actor = ray.remote(holder).options(**options)
-        self.actors = [actor.remote(self.cls, self.kwargs) for _ in range(res.concurrency)]
+        self.actors = [actor.remote(self.cls, self.kwargs, role_name(self.name)) for _ in range(res.concurrency)]
         self.started += len(self.actors)
 
-    def map(self, rows: Iterable[dict]) -> Iterator[dict]:
-        """Every row through one replica call (in batches); rows of a batch come back when it is done."""
+    def map(self, rows: Iterable[dict], **call) -> Iterator[dict]:
+        """Every row through one replica call (in batches); rows of a batch come back when it is done.
+
+        `call` is passed to each replica call (`replica(batch, **call)`): one set of replicas can serve
+        several maps that ask it different things (RMSP's assistant and user on one model)."""
         import ray
 
         if not self.actors:
@@ -89,13 +106,20 @@ class ReplicaSet:
                     exhausted = True
                     break
                 i = min(load, key=load.get)  # the least busy actor
-                pending[self.actors[i].run.remote(batch)] = i
+                pending[self.actors[i].run.remote(batch, call)] = i
                 load[i] += 1
             if not pending:
                 return
             [done], _ = ray.wait(list(pending), num_returns=1)
             load[pending.pop(done)] -= 1
-            yield from ray.get(done)
+            answer = ray.get(done)
+            work = self.work.setdefault("/".join(map(str, call.values())) or "all",
+                                        {"load_s": 0.0, "busy_s": 0.0, "batches": 0, "rows": 0})
+            work["load_s"] += answer["load_s"]
+            work["busy_s"] += answer["call_s"]
+            work["batches"] += 1
+            work["rows"] += len(answer["rows"])
+            yield from answer["rows"]
 
     def close(self) -> None:
         import ray

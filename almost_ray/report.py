@@ -2,7 +2,8 @@
 
 What a reader needs to judge a run, read from the stages' manifests and reports (never recomputed):
 
-- per stage: whether it ran, its headline counts and metrics, its wall time;
+- per stage: whether it ran, its headline counts and metrics, its wall time and peak memory (driver /
+  the most any of its actors used);
 - the results table: base vs SFT vs PPO on Static HHH and TruthfulQA MC1, the RM on held-out synthetic
   comparisons and on HH-RLHF next to the prefer-longer baseline (ALMoST Table 3), RMSP vs plain self-play
   (Table 5), PPO vs SFT under the order-swapped judge; every proportion with its 95 % Wilson interval
@@ -22,6 +23,7 @@ from pathlib import Path
 from almost_ray.config import Config
 from almost_ray.eval.stats import proportion
 from almost_ray.manifest import MANIFEST, is_done, read_manifest, reset_if_changed, write_manifest
+from almost_ray.memory import peak_cell
 from almost_ray.records import Response, atomic_open, load_queries, read_jsonl, write_json, write_jsonl
 from almost_ray.templates import packaged_text
 
@@ -187,7 +189,8 @@ def stage_rows(cfg: Config) -> list[dict]:
         else:
             s = summary(m)
             out.append({"stage": st.name, "status": "done", "summary": summary_line(st, s),
-                        "wall_time_s": s["wall_time_s"], "counts": s["counts"], "metrics": s["metrics"]})
+                        "wall_time_s": s["wall_time_s"], "memory": s["memory"], "counts": s["counts"],
+                        "metrics": s["metrics"]})
     return out
 
 
@@ -231,10 +234,11 @@ def markdown(report: dict) -> str:
              "Every proportion has its 95 % Wilson score interval. RM accuracies count a tie as half a pair.", "",
              "## Results", "", *results_markdown(report["results"]), "", "## Subsets scored (from the config)", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["subsets"].items()]
-    lines += ["", "## Stages", "", "| stage | status | wall time s | counts and key metrics |", "|---|---|---:|---|"]
+    lines += ["", "## Stages", "", "| stage | status | wall time s | peak MiB (driver / actors) | counts and key metrics |",
+              "|---|---|---:|---:|---|"]
     for s in report["stages"]:
         wall = f"{s['wall_time_s']:.0f}" if s["wall_time_s"] is not None else ""
-        lines.append(f"| {s['stage']} | {s['status']} | {wall} | {_cell(s['summary'])} |")
+        lines.append(f"| {s['stage']} | {s['status']} | {wall} | {peak_cell(s.get('memory'))} | {_cell(s['summary'])} |")
     names = [m for m in MODELS if m in report["answers"]]
     lines += ["", "## The same queries, answered by each model (greedy)", ""]
     if not names:

@@ -116,6 +116,9 @@ def test_queries_stage_runs_then_is_skipped_when_done(tmp_path, ray_local, capsy
     assert "queries: done in" in out and "kept=4" in out
     manifest = tmp_path / "runs" / "tiny" / "queries" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
+    mem = json.loads(manifest.read_text())["memory"]  # both processes loaded torch and a model
+    assert mem["driver_peak_mib"] > 50 and mem["driver_window"] == "stage"
+    assert mem["actors_peak_mib"]["actors"] == 1 and mem["actors_peak_mib"]["by_role"]["queries"] > 50
     assert main(["pipeline", "--config", str(path), "--only", "queries"]) == 0
     out = capsys.readouterr().out
     assert "queries: skipped (done; it took" in out and "kept=4" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
 
 import pandas as pd
@@ -12,6 +13,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.memory import actor_reports
 from almost_ray.pools import pool_args, right_sized, stream_pool
 
 # test classes are pickled by value: Ray workers cannot import the tests folder
@@ -53,6 +55,7 @@ def test_a_tiny_pool_runs_without_any_deprecation_warning(ray_local):
     import ray.data
 
     records = _Records()
+    started = time.time()
     logging.getLogger("ray.data").addHandler(records)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -60,6 +63,8 @@ def test_a_tiny_pool_runs_without_any_deprecation_warning(ray_local):
             rows = list(stream_pool([{"x": i} for i in range(6)], AddOne, {}, ResourcesConfig(num_cpus=0.5,
                                     concurrency=2, batch_size=2), "test.resources"))
         assert sorted((r["x"], r["y"]) for r in rows) == [(i, i + 1) for i in range(6)]
+        # each replica reported its peak memory under the pool's name (memory.MeasuredReplica)
+        assert [r["role"] for r in actor_reports(started)].count("test") == 2
         assert not [m for m in records.messages if "deprecat" in m.lower()]
         # Ray Data's own DataContext warns about its internal `use_push_based_shuffle` default; nothing
         # may come from the arguments we pass (`concurrency=`, `**ray_remote_args`) or from our code.

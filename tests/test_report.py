@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from importlib.util import find_spec
 
@@ -82,6 +83,9 @@ def test_report_tables_did_not_run_rows_and_plots(tmp_path):
     assert "| PPO vs SFT, order-swapped judge | — | — |  |  | did not run: needs both the PPO and the SFT model |" in md
     assert "| query | base | sft |" in md and "Paris \\| a logical fallacy" in md
     assert "Not answered: ppo" in md
+    assert "| stage | status | wall time s | peak MiB (driver / actors) | counts and key metrics |" in md
+    peak = stages["queries"]["memory"]["driver_peak_mib"]  # this test process's, in MiB (not KiB or bytes)
+    assert 20 < peak < 100_000 and re.search(rf"\| queries \| done \| \d+ \| {peak:.0f} / (\d+|—) \| kept=40", md)
     for name in ("results.png", "stage_times.png"):
         assert (out / name).read_bytes()[:8] == PNG and f"]({name})" in md
     text = terminal_summary(out)

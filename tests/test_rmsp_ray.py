@@ -111,16 +111,45 @@ def test_plain_self_play_without_rm(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_roles_that_do_not_fit_together_take_turns_with_the_same_dialogues(ray_local, tmp_path, tiny_rm):
-    """On 2 CPUs, three 1-CPU role pools cannot all hold a replica at once: each role starts, answers a
-    whole turn and is freed before the next (no stall), loading its model once per turn; roles that
-    fit (0.1 CPU each) are started once per run. The dialogues are the same bytes either way."""
+    """On 2 CPUs, 1.5-CPU role pools (the assistant's and the user's are one set) cannot all hold a
+    replica at once: each role starts, answers a whole turn and is freed before the next (no stall),
+    loading its model once per turn; roles that fit (0.1 CPU each) are started once per run. The
+    dialogues are the same bytes either way."""
     dialogues, started = {}, {}
-    for name, cpus in (("together", 0.1), ("in_turn", 1)):
+    for name, cpus in (("together", 0.1), ("in_turn", 1.5)):
         pools = [f"rmsp.{r}.resources.num_cpus={cpus}" for r in ("assistant", "user", "reward_model")]
         cfg = _cfg(tmp_path / name, f"rmsp.reward_model.ref={tiny_rm}", "rmsp.max_turns=2", *pools)
         stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
         dialogues[name] = (cfg.run_dir / "rmsp" / "dialogues.jsonl").read_bytes()
         started[name] = read_manifest(cfg.run_dir / "rmsp")["metrics"]["replicas_started"]
     assert dialogues["together"] == dialogues["in_turn"]
-    assert started["together"] == {"assistant": 1, "reward_model": 1, "user": 1}
-    assert started["in_turn"] == {"assistant": 2, "reward_model": 2, "user": 1}
+    # the assistant and the user have the same model and resources: one set of replicas plays both
+    assert started["together"] == {"assistant+user": 1, "reward_model": 1}
+    assert started["in_turn"] == {"assistant+user": 3, "reward_model": 2}  # assistant, user, assistant
+
+
+@pytest.mark.slow
+def test_assistant_and_user_share_replicas_when_they_can_with_the_same_dialogues(ray_local, tmp_path, tiny_rm):
+    """Same model and resources: one replica set plays both roles (one model load, one copy in memory);
+    different resources: a set each. The dialogues are the same bytes, and the manifest says where the
+    time and the memory went."""
+    dialogues, manifests = {}, {}
+    for name, user_cpus in (("shared", 0.1), ("separate", 0.15)):
+        cfg = _cfg(tmp_path / name, f"rmsp.reward_model.ref={tiny_rm}", "rmsp.max_turns=2", "rmsp.num_queries=3",
+                   f"rmsp.user.resources.num_cpus={user_cpus}")
+        assert stage.shares_generator(cfg.rmsp) == (name == "shared")
+        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+        dialogues[name] = (cfg.run_dir / "rmsp" / "dialogues.jsonl").read_bytes()
+        manifests[name] = read_manifest(cfg.run_dir / "rmsp")
+    assert dialogues["shared"] == dialogues["separate"]
+    assert manifests["shared"]["metrics"]["replicas_started"] == {"assistant+user": 1, "reward_model": 1}
+    assert manifests["separate"]["metrics"]["replicas_started"] == {"assistant": 1, "reward_model": 1, "user": 1}
+    timing = manifests["shared"]["metrics"]["timing"]
+    work = timing["replicas"]["assistant+user"]
+    assert set(work) == {"assistant", "user"} and work["assistant"]["rows"] >= 3 and work["user"]["busy_s"] > 0
+    assert work["assistant"]["load_s"] + work["user"]["load_s"] > 0 and timing["replicas"]["reward_model"]["all"]["busy_s"] > 0
+    assert timing["selfplay_s"] > 0 and timing["roles_together"] is True and "write_s" in timing
+    for name, roles in (("shared", {"rmsp.assistant", "rmsp.reward_model"}),
+                        ("separate", {"rmsp.assistant", "rmsp.reward_model", "rmsp.user"})):
+        mem = manifests[name]["memory"]["actors_peak_mib"]
+        assert set(mem["by_role"]) == roles and mem["max"] > 50  # each actor loaded torch and a model

@@ -55,3 +55,18 @@ def test_the_prefix_is_computed_once_per_replica(tiny_generator, monkeypatch):
     assert cache.cache is first and cache.hits == 2  # the second batch reused the first one's prefix
     tiny_generator.generate(["Human: hello there\n\nAssistant:", "Human: bye\n\nAssistant:"], params)
     assert cache.hits == 2  # no shared header: plain generation
+
+
+def test_a_replica_playing_two_roles_keeps_both_headers(tiny_generator, monkeypatch):
+    """RMSP's assistant and user on one replica alternate two headers: each is prefilled once, and the
+    outputs equal plain generation."""
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=6, seed=5)
+    other = HEADER.replace("assistant answers carefully", "human asks a follow-up question")
+    batches = [[HEADER + q for q in QUERIES[:2]], [other + q for q in QUERIES[1:]],
+               [HEADER + QUERIES[2], HEADER + QUERIES[0]], [other + QUERIES[0], other + QUERIES[2]]]
+    plain = [_generate(tiny_generator, b, params, False, monkeypatch)[0] for b in batches]
+    monkeypatch.setattr(hf_backend, "PREFIX_MIN_TOKENS", 8)
+    cache = tiny_generator.prefix_cache = hf_backend.PrefixCache()
+    shared = [tiny_generator.generate(b, params) for b in batches]
+    assert shared == plain
+    assert (cache.prefills, cache.hits) == (2, 4)  # one prefill per header, every batch from a cache

@@ -12,6 +12,7 @@ import torch
 
 from almost_ray.cluster_config import RayConfig
 from almost_ray.eval.rm_accuracy import pairwise_accuracy
+from almost_ray.memory import actor_reports
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.preferences import load_pairs
 from almost_ray.train import loop, reward, sft
@@ -102,8 +103,12 @@ def test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process(tmp_path, ray
                 checkpoint_every=2)
     ref_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=0, micro_batch_size=8), examples, model_dir,
                        tmp_path / "one")
+    started = time.time()
     run_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=2, micro_batch_size=2, max_failures=1), examples,
                        model_dir, tmp_path / "two", fault_at_step=5)
+    # both workers of the group that finished reported their peak memory for the manifest (memory.py)
+    workers = [r for r in actor_reports(started) if r["role"] == "train_rm.worker"]
+    assert len(workers) == 2 and all(r["rss_mib"] > 50 for r in workers)
 
     ref = read_metrics(tmp_path / "one" / "metrics.jsonl")
     run = read_metrics(tmp_path / "two" / "metrics.jsonl")

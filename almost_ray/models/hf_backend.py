@@ -4,8 +4,8 @@ Prompts become ids through `models.text` (no special tokens, the shared length p
 
 Shared-prefix generation: every prompt of a ladder rung or an RMSP role starts with the same few-shot
 header (ALMoST Appendix A/C), hundreds of tokens that plain batching prefills again for every prompt.
-A replica keeps the key/value cache of the last shared prefix it saw (`PrefixCache`) and starts each
-batch from a copy of it; the batch is padded *between* the prefix and each prompt's own tokens
+A replica keeps the key/value caches of the last few shared prefixes it saw (`PrefixCache`) and starts
+each batch from a copy of the one its prompts start with; the batch is padded *between* the prefix and each prompt's own tokens
 (`[prefix][pad...][rest]`, pads masked out), so every token keeps the position it has in its unpadded
 prompt and the result equals plain left-padded generation. vLLM does the same with its prefix cache.
 """
@@ -87,30 +87,46 @@ def pad_after_prefix(rows: list[list[int]], prefix_len: int, pad_id: int) -> tup
 
 
 class PrefixCache:
-    """The key/value cache of one prompt prefix, computed once per replica and copied for each batch."""
+    """The key/value caches of the few prompt prefixes a replica sees, each computed once per replica and
+    copied for each batch: a ladder rung has one few-shot header, an RMSP replica that plays both the
+    assistant and the user has two and alternates between them (`rmsp.stage.shares_generator`)."""
+
+    KEEP = 4  # prefixes kept, the most recently used last
 
     def __init__(self):
-        self.ids: list[int] = []
-        self.cache = None
+        self.entries: list[tuple[list[int], object]] = []
         self.hits = 0
+        self.prefills = 0  # prefixes computed
         self.prefill_tokens_saved = 0
+
+    @property
+    def ids(self) -> list[int]:
+        return self.entries[-1][0] if self.entries else []
+
+    @property
+    def cache(self):
+        return self.entries[-1][1] if self.entries else None
 
     @torch.inference_mode()
     def for_batch(self, model, rows: list[list[int]]) -> tuple[int, object | None]:
         """(prefix length, a fresh cache for the batch) — (0, None) when the batch shares no long prefix."""
         shared = common_prefix_length(rows)
-        known = len(self.ids)
-        if not (known and known <= shared and rows[0][:known] == self.ids):
+        known = next((e for e in reversed(self.entries) if len(e[0]) <= shared and rows[0][: len(e[0])] == e[0]), None)
+        if known is not None:
+            self.entries.remove(known)
+        else:
             if shared < PREFIX_MIN_TOKENS:
                 return 0, None
-            self.ids = rows[0][:shared]
-            ids = torch.tensor([self.ids], device=model.device)
-            self.cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
-        cache = copy.deepcopy(self.cache)
+            ids = torch.tensor([rows[0][:shared]], device=model.device)
+            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+            known = (rows[0][:shared], cache)
+            self.prefills += 1
+        self.entries = [*self.entries, known][-self.KEEP :]
+        cache = copy.deepcopy(known[1])
         cache.batch_repeat_interleave(len(rows))
         self.hits += 1
-        self.prefill_tokens_saved += len(self.ids) * (len(rows) - 1)
-        return len(self.ids), cache
+        self.prefill_tokens_saved += len(known[0]) * (len(rows) - 1)
+        return len(known[0]), cache
 
 
 class HFGenerator:

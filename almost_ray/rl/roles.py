@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from almost_ray import memory
 from almost_ray.config_base import ConfigError
 from almost_ray.rl import losses
 from almost_ray.rl.config import ROLES, PPOConfig
@@ -69,7 +70,8 @@ def plan_bundles(cfg: PPOConfig) -> tuple[list[dict[str, float]], dict[str, list
 
 @dataclass
 class Placement:
-    """The placement group and the actor groups in it; `remove` kills the actors and frees the bundles."""
+    """The placement group and the actor groups in it; `remove` has each actor report its peak memory
+    (`memory.gather`, for the manifest), kills the actors and frees the bundles."""
 
     group: object
     where: dict[str, list[int]]
@@ -80,6 +82,7 @@ class Placement:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         _, res = role_resources(cfg, role)
+        memory.ensure_ledger()
         handles = []
         for rank, bundle in enumerate(self.where[role]):
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
@@ -94,6 +97,7 @@ class Placement:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        memory.gather({f"ppo.{role}": handles for role, handles in self.actors.items()})  # for the manifest
         for handles in self.actors.values():
             for actor in handles:
                 ray.kill(actor)

@@ -1,6 +1,6 @@
 """The replica classes of self-play: one model per actor, one `replicas.ReplicaSet` per role for the run.
 
-`RoleReplica` plays the assistant (N samples per active dialogue) or the user (one follow-up);
+`RoleReplica` plays the assistant (N samples per active dialogue), the user (one follow-up), or both;
 `CandidateScorer` holds one reward model and scores every candidate in its conversation, so the
 generators and the RM have separate pools with their own resources (e.g. GPUs for the generator,
 a smaller device for the RM). Dialogues that already ended pass through untouched.
@@ -19,17 +19,23 @@ from almost_ray.rmsp.turns import role_prompt, role_stop
 
 
 class RoleReplica:
-    """Holds one generator playing `role`; writes the `candidates` column (a JSON list) of active rows."""
+    """Holds one generator playing the roles of `roles` (role -> {"sampling": ..., "header": ...}); writes
+    the `candidates` column (a JSON list) of active rows for the role a call names.
 
-    def __init__(self, model: dict, sampling: dict, role: str, header: str):
+    The assistant and the user share one replica when they have the same model (`stage.role_pools`):
+    one model load and one copy in memory instead of two, and the same outputs, since every prompt's
+    samples are seeded by the prompt itself (`models/generator.py`), not by the replica that answers."""
+
+    def __init__(self, model: dict, roles: dict[str, dict]):
         self.generator = make_generator(ModelConfig.model_validate(model))
-        params = SamplingParams.model_validate(sampling)
-        self.sampling = params.model_copy(update={"stop": role_stop(role, params.stop)})
-        self.role = role
-        self.header = header
+        self.roles = {}
+        for role, spec in roles.items():
+            params = SamplingParams.model_validate(spec["sampling"])
+            self.roles[role] = (params.model_copy(update={"stop": role_stop(role, params.stop)}), spec["header"])
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return generate_candidates(self.generator, self.sampling, self.role, self.header, batch)
+    def __call__(self, batch: pd.DataFrame, role: str) -> pd.DataFrame:
+        sampling, header = self.roles[role]
+        return generate_candidates(self.generator, sampling, role, header, batch)
 
 
 def generate_candidates(generator, sampling: SamplingParams, role: str, header: str, batch: pd.DataFrame) -> pd.DataFrame:

@@ -100,24 +100,44 @@ def role_header(role_cfg, field: str) -> str:
         raise ConfigError(f"rmsp.{field}: {err}") from None
 
 
+def shares_generator(cfg: RMSPConfig) -> bool:
+    """The assistant and the user run on one set of replicas when both roles have the same model and the
+    same resources: one model load per replica instead of two, and one copy of the model in memory.
+    The dialogues are the same bytes (every prompt's samples are seeded by the prompt, not the replica)."""
+    return cfg.max_turns > 1 and cfg.assistant.model == cfg.user.model and cfg.assistant.resources == cfg.user.resources
+
+
 def role_pools(cfg: RMSPConfig, rm_ref: str | None, headers: dict[str, str]) -> dict[str, ReplicaSet]:
-    """One `ReplicaSet` per role (assistant, RM, user), each started at its first use and reused by
-    every turn: a role's model is loaded once per run, not once per turn."""
+    """A `ReplicaSet` per role (assistant, RM, user; the assistant's and the user's may be one set,
+    `shares_generator`), each started at its first use and reused by every turn: a role's model is
+    loaded once per run, not once per turn."""
     a, u = cfg.assistant, cfg.user
-    sets = {
-        "assistant": ReplicaSet(RoleReplica, dict(
-            model=a.model.model_dump(), sampling={**a.sampling.model_dump(), "n": samples_per_turn(cfg)},
-            role="assistant", header=headers["assistant"]), a.resources, "rmsp.assistant.resources"),
-    }
+    spec = {"assistant": {"sampling": {**a.sampling.model_dump(), "n": samples_per_turn(cfg)},
+                          "header": headers["assistant"]},
+            "user": {"sampling": u.sampling.model_dump(), "header": headers["user"]}}
+
+    def generators(role_cfg, roles: list[str], field: str) -> ReplicaSet:
+        return ReplicaSet(RoleReplica, dict(model=role_cfg.model.model_dump(), roles={r: spec[r] for r in roles}),
+                          role_cfg.resources, f"rmsp.{field}.resources")
+
+    shared = shares_generator(cfg)
+    sets = {"assistant": generators(a, ["assistant", "user"] if shared else ["assistant"], "assistant")}
     if rm_ref is not None:
         rm = cfg.reward_model
         sets["reward_model"] = ReplicaSet(CandidateScorer, dict(
             ref=rm_ref, dtype=rm.dtype, max_length=rm.max_length,
             batch_size=max(rm.resources.batch_size, samples_per_turn(cfg))), rm.resources, "rmsp.reward_model.resources")
     if cfg.max_turns > 1:
-        sets["user"] = ReplicaSet(RoleReplica, dict(model=u.model.model_dump(), sampling=u.sampling.model_dump(),
-                                                    role="user", header=headers["user"]), u.resources, "rmsp.user.resources")
+        sets["user"] = sets["assistant"] if shared else generators(u, ["user"], "user")
     return sets
+
+
+def distinct(sets: dict[str, ReplicaSet]) -> dict[str, ReplicaSet]:
+    """Each replica set once, named by the roles it plays (`assistant+user` when they share one)."""
+    roles: dict[int, list[str]] = {}
+    for role, replica_set in sets.items():
+        roles.setdefault(id(replica_set), []).append(role)
+    return {"+".join(roles[id(s)]): s for s in {id(s): s for s in sets.values()}.values()}
 
 
 def selfplay(rows: Iterable[dict], sets: dict[str, ReplicaSet], max_turns: int, together: bool) -> Iterator[dict]:
@@ -130,20 +150,20 @@ def selfplay(rows: Iterable[dict], sets: dict[str, ReplicaSet], max_turns: int, 
     the next role's start — nothing stalls waiting for resources, at the price of loading each role's
     model once per turn instead of once per run (`docs/architecture.md`, Scale-out).
     """
-    def step(role: str, stream: Iterable[dict]) -> Iterable[dict]:
+    def step(pool: str, stream: Iterable[dict], **call) -> Iterable[dict]:
         if together:
-            return sets[role].map(stream)
-        with sets[role]:
-            return list(sets[role].map(stream))
+            return sets[pool].map(stream, **call)
+        with sets[pool]:
+            return list(sets[pool].map(stream, **call))
 
     stream: Iterable[dict] = rows
     for turn in range(1, max_turns + 1):
-        stream = step("assistant", stream)
+        stream = step("assistant", stream, role="assistant")
         if "reward_model" in sets:
             stream = step("reward_model", stream)
         stream = map(partial(turns.take_assistant_turn, turn=turn, max_turns=max_turns), stream)  # binds this turn
         if turn < max_turns:
-            stream = map(turns.take_user_turn, step("user", stream))
+            stream = map(turns.take_user_turn, step("user", stream, role="user"))
     yield from stream
 
 
@@ -198,16 +218,19 @@ def run(
     trace = stage_dir / f"selfplay-{key.hexdigest()[:12]}.jsonl"
     _remove_stale(stage_dir, trace)
     meta = run_meta(cfg, rm_ref)
-    replicas_started: dict[str, int] = {}  # per role: model loads in this process (once per run when they fit)
+    replicas_started: dict[str, int] = {}  # per replica set: model loads in this process (once per run when they fit)
+    timing: dict = {"prepare_s": round(time.time() - started, 2)}  # where the stage's wall time went
     if not trace.exists():
         shards = ShardedJsonl(trace, cfg.shard_size)
         todo = shards.pending([turns.start_row(q.id, q.text) for q in query_rows])
         if todo:
             init_ray(ray_cfg)
             sets = role_pools(cfg, rm_ref, headers)
-            for replica_set in sets.values():  # each role alone must fit, or the stage stops here, in seconds
+            pools = distinct(sets)
+            for replica_set in pools.values():  # each role alone must fit, or the stage stops here, in seconds
                 preflight(replica_set.name, pool_bundles(replica_set.res))
-            together = fits_together({s.name: pool_bundles(s.res) for s in sets.values()})
+            together = fits_together({s.name: pool_bundles(s.res) for s in pools.values()})
+            t0 = time.time()
             try:
                 records = (
                     {**turns.dialogue_record(r, meta), SHARD_KEY: int(r[SHARD_KEY]), ROW_KEY: int(r[ROW_KEY])}
@@ -215,11 +238,17 @@ def run(
                 )
                 shards.collect(_progress(records, len(todo), stage_dir / "metrics.jsonl", cfg, started))
             finally:
-                for replica_set in sets.values():
+                for replica_set in pools.values():
                     replica_set.close()
-            replicas_started = {role: s.started for role, s in sets.items()}
+            timing["selfplay_s"] = round(time.time() - t0, 2)
+            timing["roles_together"] = together
+            timing["replicas"] = {name: {call: {k: round(v, 2) for k, v in w.items()} for call, w in s.work.items()}
+                                  for name, s in pools.items()}
+            replicas_started = {name: s.started for name, s in pools.items()}
         shards.finalize()
+    t0 = time.time()
     records = _split(trace, out, stage_dir / "dropped.jsonl")
+    timing["write_s"] = round(time.time() - t0, 2)
     counts = {
         "queries": len(query_rows),
         "dialogues": sum(r["num_turns"] > 0 for r in records),
@@ -228,7 +257,7 @@ def run(
         **turns.end_counts(records),
     }
     metrics = {"switches": meta, "per_turn": turns.turn_metrics(records, cfg.max_turns),
-               "replicas_started": replicas_started}
+               "replicas_started": replicas_started, "timing": timing}
     write_manifest(stage_dir, stage, cfg, inputs, started, counts=counts, metrics=metrics)
     trace.unlink()  # after the manifest: a crash before it still finds the finished trace
     return stage_dir

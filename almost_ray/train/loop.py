@@ -41,6 +41,7 @@ import torch
 
 from almost_ray import metrics as dashboard
 from almost_ray.config import config_hash
+from almost_ray.memory import ensure_ledger, report_peak
 from almost_ray.models.loading import ready_for_generation
 from almost_ray.records import write_json
 from almost_ray.train.config import TrainConfig
@@ -99,6 +100,10 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
         ),
     )
+    import ray
+
+    if ray.is_initialized():
+        ensure_ledger()  # the workers report their peak memory to it (memory.py)
     trainer.fit()
     return stage_dir / MODEL_DIR
 
@@ -200,6 +205,7 @@ def train_worker(job: dict[str, Any]) -> None:
             if rank == world - 1:
                 os._exit(1)  # a worker dies without warning; FailureConfig restarts the group
     save_hf_model(model, task, job["model_dir"], stage_dir / MODEL_DIR, rank, distributed)
+    report_peak(f"train_{job['task']}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
 
 
 def _say(line: str) -> None:
