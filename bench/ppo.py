@@ -213,12 +213,12 @@ def ours_config(spec: dict, prompts: Path):
         clip_range_value=0.2, value_loss_coef=0.1, lr=spec["lr"], min_lr=spec["lr"], critic_lr=spec["lr"],
         seed=spec["seed"], dtype="float32", checkpoint_every=10_000, critic_init="reward",
         # configs/demo.yaml's layout on `threads` CPUs: the four roles share one bundle, the rollout engine
-        # has the rest; the phases run one after another, so each actor may use every thread
+        # has the rest
         colocate=[["policy", "critic", "reference", "reward"]],
         **{f"{role}_resources": {"replicas": 1, "num_cpus": 0.25} for role in ("policy", "critic", "reference", "reward")},
         rollout={"backend": "hf", "engines": 1, "num_cpus": max(spec["threads"] - 1, 1),
                  "max_batch_size": spec["rollout_batch"]},
-        torch_threads=spec["torch_threads"] or spec["threads"],
+        torch_threads=spec["torch_threads"],
     )
 
 
@@ -281,7 +281,8 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--response-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--torch-threads", type=int, help="ours: threads per role actor (default: --threads)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="ours: threads per role actor (configs/demo.yaml's 1: actors that run side by side do not oversubscribe)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (ours: off)")
     ap.add_argument("--side", choices=["both", "trl", "ours"], default="both")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ppo.json"))
