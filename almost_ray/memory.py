@@ -18,10 +18,15 @@ Limits (docs/performance.md, "Peak memory"): memory of processes an actor starts
 core) is not in its `ru_maxrss`; GPU memory is what torch allocated, not what the CUDA context or vLLM's
 preallocation hold; the ledger's clock is the driver's node's (it is placed there), and a report counts
 for a stage when it arrived after the stage started.
+
+Measuring never fails the work it measures: when the ledger is gone (its node was lost, as in
+tests/test_faults.py's lost-node test) a replica's report is dropped with one warning and the manifest
+records the peaks that did arrive (`actors_peak_mib.ledger: "lost"`).
 """
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 import time
@@ -30,6 +35,8 @@ from typing import Any
 
 LEDGER = "almost_ray_peak_ledger"
 MIB = 2**20
+REPORT_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _driver_window = "process"  # "stage" once reset_driver_peak has worked in this process
@@ -113,6 +120,16 @@ def ensure_ledger() -> None:
 _held = None  # the driver's handle of the ledger
 _ledger = None  # an actor's handle of the ledger
 _reported: dict[str, tuple] = {}  # role -> last peaks sent from this process
+_warned = False
+
+
+def _ledger_lost(err: Exception) -> None:
+    """A report that cannot reach the ledger is dropped (warned once per process), never raised."""
+    global _ledger, _warned
+    _ledger = None  # look it up again next time: a new Ray session may have made another
+    if not _warned:
+        log.warning("peak memory not recorded: the ledger actor is unreachable (%s)", type(err).__name__)
+        _warned = True
 
 
 def report_peak(role: str) -> None:
@@ -137,7 +154,12 @@ def report_peak(role: str) -> None:
             _ledger = ray.get_actor(LEDGER)
         except ValueError:
             return
-    ray.get(_ledger.report.remote(actor, role, round(rss, 1), None if cuda is None else round(cuda, 1)))
+    try:
+        ray.get(_ledger.report.remote(actor, role, round(rss, 1), None if cuda is None else round(cuda, 1)),
+                timeout=REPORT_TIMEOUT_S)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        _ledger_lost(err)
+        return
     _reported[role] = peaks
 
 
@@ -197,8 +219,9 @@ def summarize(driver_mib: float, driver_window: str, reports: list[dict[str, Any
     return out
 
 
-def actor_reports(started: float) -> list[dict[str, Any]]:
-    """The ledger's reports that arrived since `started` (none when Ray is down or no actor was started)."""
+def actor_reports(started: float) -> list[dict[str, Any]] | None:
+    """The ledger's reports that arrived since `started` ([] when Ray is down or there is no ledger; None
+    when the ledger exists by name but cannot answer, so its reports are lost)."""
     ray = sys.modules.get("ray")  # a driver that never imported Ray started no actor
     if ray is None or not ray.is_initialized():
         return []
@@ -206,12 +229,20 @@ def actor_reports(started: float) -> list[dict[str, Any]]:
         ledger = ray.get_actor(LEDGER)
     except ValueError:
         return []
-    return ray.get(ledger.since.remote(started))
+    try:
+        return ray.get(ledger.since.remote(started), timeout=REPORT_TIMEOUT_S)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        _ledger_lost(err)
+        return None
 
 
 def stage_memory(started: float) -> dict[str, Any]:
     """What `write_manifest` records: this driver's peak in its current window and the stage's actors'."""
-    return summarize(driver_peak_mib(), _driver_window, actor_reports(started))
+    reports = actor_reports(started)
+    out = summarize(driver_peak_mib(), _driver_window, reports or [])
+    if reports is None:
+        out["actors_peak_mib"]["ledger"] = "lost"
+    return out
 
 
 def peak_cell(memory: dict[str, Any] | None) -> str:

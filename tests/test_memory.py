@@ -85,3 +85,31 @@ def test_the_ledger_outlives_a_second_stage_start(ray_local):
     gc.collect()
     time.sleep(1)
     assert ray.get(ray.get_actor(memory.LEDGER).since.remote(time.time() + 60)) == []
+
+
+class Reporter:
+    def report(self) -> None:
+        self.grown = bytearray(64 * 2**20)  # a higher peak each call, so each call sends a report
+        memory.report_peak("test.reporter")
+
+
+def test_a_lost_ledger_never_fails_the_work_it_measures(ray_local, monkeypatch):
+    """The ledger's node can be lost mid-stage (the lost-node fault test): a replica's report is dropped,
+    not raised into its batch, and the manifest says the actors' peaks were lost."""
+    memory.ensure_ledger()
+    reporter = ray.remote(Reporter).options(num_cpus=0.1).remote()
+    ray.get(reporter.report.remote())  # the replica now holds the ledger's handle
+    ray.kill(ray.get_actor(memory.LEDGER))
+    memory._held = None
+    ray.get(reporter.report.remote())  # must not raise
+    ray.kill(reporter)
+
+    class Unreachable:
+        class since:
+            @staticmethod
+            def remote(_started):
+                raise ray.exceptions.ActorUnavailableError("unreachable", None)
+
+    monkeypatch.setattr(ray, "get_actor", lambda name: Unreachable)
+    mem = memory.stage_memory(time.time())
+    assert mem["actors_peak_mib"]["ledger"] == "lost" and mem["actors_peak_mib"]["actors"] == 0
