@@ -12,11 +12,12 @@ subprocess with that directory first on sys.path (it works with our transformers
 warnings the subprocess silences). TRL has no phase timers: we time the functions its `train()` calls
 through its module globals -- `batch_generation` (rollout), `get_reward` and no-grad `forward`
 (scoring: value, reward and reference log-probs) -- and count the rest of the loop (GAE, PPO epochs,
-logging) as training. TRL has no weight sync: it generates with the model it trains. Its micro-batch
-is `per_device_train_batch_size = minibatch`, `gradient_accumulation_steps = rollout / minibatch`,
-`num_mini_batches = rollout / minibatch`: the same forward/backward work per epoch; note that
-accelerate then steps the optimizer once per `gradient_accumulation_steps` micro-batches, so TRL
-takes fewer optimizer steps than we do (one per minibatch).
+logging) as training. TRL has no weight sync: it generates with the model it trains. TRL's rollout
+batch is `per_device_train_batch_size * gradient_accumulation_steps` and accelerate steps the optimizer
+once per `gradient_accumulation_steps` micro-batches, so for one optimizer step per minibatch (the
+paper's PPO and ours) it gets `per_device_train_batch_size = rollout`, `gradient_accumulation_steps =
+1`, `num_mini_batches = rollout / minibatch`: each minibatch is one micro-batch and one step. Its
+optimizer is Trainer's default, fused AdamW, as ours (`train/optim.py`).
 
 Ours: `almost_ray.rl.stage.run(PPOConfig, RayConfig, run_dir, prompts)` on a local Ray; its
 `<run dir>/ppo/metrics.jsonl` gives `episodes_per_s` and the seconds of each phase per iteration
@@ -157,7 +158,7 @@ def trl_worker(spec_file: str, out_file: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(
             output_dir=out, report_to=[], save_strategy="no", logging_steps=1, num_sample_generations=0,
-            per_device_train_batch_size=spec["minibatch"], gradient_accumulation_steps=n_minibatches,
+            per_device_train_batch_size=spec["rollout_batch"], gradient_accumulation_steps=1,
             num_mini_batches=n_minibatches, local_rollout_forward_batch_size=spec["rollout_batch"],
             total_episodes=spec["episodes"], num_ppo_epochs=spec["ppo_epochs"],
             response_length=spec["response_length"], temperature=1.0, stop_token="eos",
@@ -213,11 +214,11 @@ def ours_config(spec: dict, prompts: Path):
         clip_range_value=0.2, value_loss_coef=0.1, lr=spec["lr"], min_lr=spec["lr"], critic_lr=spec["lr"],
         seed=spec["seed"], dtype="float32", checkpoint_every=10_000, critic_init="reward",
         # configs/demo.yaml's layout on `threads` CPUs: the four roles share one bundle, the rollout engine
-        # has the rest
+        # has the rest and generates with every thread (no role works during the rollout)
         colocate=[["policy", "critic", "reference", "reward"]],
         **{f"{role}_resources": {"replicas": 1, "num_cpus": 0.25} for role in ("policy", "critic", "reference", "reward")},
         rollout={"backend": "hf", "engines": 1, "num_cpus": max(spec["threads"] - 1, 1),
-                 "max_batch_size": spec["rollout_batch"]},
+                 "max_batch_size": spec["rollout_batch"], "torch_threads": spec["threads"]},
         torch_threads=spec["torch_threads"],
     )
 

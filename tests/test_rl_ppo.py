@@ -211,3 +211,30 @@ def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
         log.write({"iteration": it})
     MetricsLog(tmp_path / "metrics.jsonl", keep_until=2, key="iteration")  # resuming after iteration 2
     assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_response_logprobs_read_the_lm_head_only_where_responses_are():
+    """Prompts of different lengths, responses of different lengths: the log-probs equal those read off
+    the full logits, and the LM head ran on the rows from the first response position on, not on
+    every prompt token (the policy's training and scoring skip the vocabulary projection there)."""
+    from almost_ray.models.loading import load_causal_lm
+    from almost_ray.rl.episodes import pack, response_logprobs
+
+    model = load_causal_lm("tiny:llama", "float32", device="cpu").eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9], [5, 6, 7, 8, 9, 10]]
+    responses = [[20, 21], [22, 23, 24, 25], [26]]
+    packed = pack(prompts, responses, pad_id=0, width=4)
+    rows_seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        got = response_logprobs(model, packed, temperature=0.7)
+        hook.remove()
+        full = torch.log_softmax(model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits / 0.7, -1)
+    want = torch.zeros(3, 4)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        for j, token in enumerate(r):
+            want[b, j] = full[b, len(p) - 1 + j, token]
+    assert torch.allclose(got, want, atol=1e-5)
+    # rows 4..8: from the shortest prompt's first response position to the last predicting row (8 of
+    # episode 0), not all 10 positions of the packed batch
+    assert rows_seen == [5] and packed.input_ids.shape[1] == 10

@@ -48,6 +48,11 @@ class RolloutConfig(StrictModel):
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM")
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="vLLM, shared with training")
     max_batch_size: int = Field(default=16, ge=1, description="HF backend: prompts per forward pass")
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="CPU threads of each HF engine; null: its num_cpus rounded up. The rollout phase runs "
+        "alone, so on a small machine the engine may use every core while the roles keep `ppo.torch_threads`",
+    )
 
 
 class PPOConfig(StrictModel):
@@ -108,8 +113,9 @@ class PPOConfig(StrictModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     torch_threads: int | None = Field(
         default=None, ge=1,
-        description="CPU threads per role actor; null: its num_cpus rounded up (the phases run one after another, "
-        "so on a small CPU machine each may use every core)",
+        description="CPU threads per role actor (policy, critic, reference, reward; the engines have "
+        "`rollout.torch_threads`); null: its num_cpus rounded up. Roles that work at the same time (policy and "
+        "critic train side by side) should not have more threads together than the node has cores",
     )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     # Durability

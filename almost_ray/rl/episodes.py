@@ -8,6 +8,7 @@ and the critic all read the same positions. Nothing here knows about Ray.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +53,24 @@ def response_logprobs(model, packed: Packed, temperature: float = 1.0) -> torch.
     The logits are divided by the sampling temperature, so these are the log-probabilities of the
     distribution the tokens were drawn from (the paper samples at temperature 1).
     """
-    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
-    rows = logits.gather(1, packed.positions[..., None].expand(-1, -1, logits.size(-1)))
+    first, kept = _response_rows(model, packed)
+    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, **kept).logits
+    index = (packed.positions - first).clamp(min=0)  # padding rows point anywhere; the mask zeroes them
+    rows = logits.gather(1, index[..., None].expand(-1, -1, logits.size(-1)))
     logprobs = torch.log_softmax(rows.float() / temperature, dim=-1)
     return logprobs.gather(-1, packed.targets[..., None]).squeeze(-1) * packed.mask
+
+
+def _response_rows(model, packed: Packed) -> tuple[int, dict]:
+    """The first logits row any response token needs, and the `logits_to_keep` argument that makes the
+    model apply its LM head only from there on: prompt positions never need the vocabulary projection
+    (a 576 x 49152 matrix for SmolLM2: 8 % of a training step, docs/performance.md "PPO"). Models whose
+    forward has no `logits_to_keep` get every row."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters or not packed.mask.any():
+        return 0, {}
+    first = int(packed.positions[packed.mask.bool()].min())
+    last = int(packed.positions.max())
+    return first, {"logits_to_keep": torch.arange(first, last + 1, device=packed.input_ids.device)}
 
 
 def response_values(critic, packed: Packed) -> torch.Tensor:

@@ -30,6 +30,7 @@ from almost_ray.rl import losses
 from almost_ray.rl.config import ROLES, PPOConfig
 from almost_ray.rl.episodes import pack, response_logprobs, response_values, split_rows, take
 from almost_ray.train.losses import cosine_with_warmup
+from almost_ray.train.optim import adamw
 
 ROLLOUT = "rollout"
 
@@ -129,7 +130,8 @@ class RoleActor:
         _, res = role_resources(self.cfg, role)
         self.device = torch.device("cuda" if res["GPU"] > 0 and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(self.cfg.torch_threads or max(1, math.ceil(res["CPU"])))
+            threads = self.cfg.rollout.torch_threads if role == ROLLOUT else self.cfg.torch_threads
+            torch.set_num_threads(threads or max(1, math.ceil(res["CPU"])))
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # a fresh critic head is *meant* to be missing from the SFT checkpoint
@@ -163,9 +165,7 @@ class TrainableActor(RoleActor):
 
     def setup_optimizer(self, lr: float) -> None:
         cfg = self.cfg
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = adamw(self.model.parameters(), lr, cfg.adam_betas, cfg.weight_decay)
         total = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
         min_ratio = min(1.0, cfg.min_lr / cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

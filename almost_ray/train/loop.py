@@ -47,6 +47,7 @@ from almost_ray.records import write_json
 from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
+from almost_ray.train.optim import adamw
 from almost_ray.train.report import MetricsLog
 
 TASKS = {"rm": "almost_ray.train.reward", "sft": "almost_ray.train.sft"}
@@ -143,9 +144,7 @@ def train_worker(job: dict[str, Any]) -> None:
     model = load_for_training(task, job["model_dir"], cfg, device, rank, world, distributed, bf16)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not distributed else nullcontext()
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-    )
+    optimizer = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay)
     lengths = [task.length(ex) for ex in examples]
     plan = global_batches(lengths, cfg.global_batch_size, cfg.epochs, cfg.seed)
     total = min(len(plan), cfg.max_steps or len(plan))
