@@ -19,7 +19,7 @@ from almost_ray.records import RecordError
 from almost_ray.rl import stage
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.roles import plan_bundles
-from almost_ray.rl.rollout import vllm_engine_kwargs, vllm_sampling_kwargs
+from almost_ray.rl.rollout import old_logprobs_source, vllm_engine_kwargs, vllm_sampling_kwargs
 from almost_ray.rl.trainer import prompt_order
 
 SMALL = dict(rollout_batch_size=4, minibatch_size=2, micro_batch_size=2, ppo_epochs=1, max_new_tokens=6,
@@ -176,15 +176,19 @@ def test_engine_log_probs_equal_policy_after_weight_sync():
     policy = PolicyActor(cfg, "tiny:llama")
     engine = HFRolloutEngine(cfg, "tiny:llama")
     prompts = _episodes(engine.generator.tokenizer)
-    responses, ended = engine.generate(prompts, seeds=[1, 2, 3])
+    responses, ended, sampled = engine.generate(prompts, seeds=[1, 2, 3])
     assert all(len(r) == 6 for r in responses) and ended == [False] * 3
     # seeded per episode: the same seed gives the same response alone or in another batch
-    alone, _ = engine.generate(prompts[1:2], seeds=[2])
+    alone, _, _ = engine.generate(prompts[1:2], seeds=[2])
     assert alone[0] == responses[1]
     batch = {"prompt_ids": prompts, "response_ids": responses}
     width = 6
     before = policy.logprobs(batch, width)
     assert torch.allclose(engine.logprobs(prompts, responses), before, atol=1e-5)
+    # the log-probs the engine sampled with are the policy's: PPO reuses them as pi_old (old_logprobs: auto)
+    assert torch.allclose(torch.tensor(sampled), before, atol=1e-4)
+    assert old_logprobs_source(PPOConfig(**SMALL)) == "rollout"
+    assert old_logprobs_source(PPOConfig(**{**SMALL, "dtype": "bfloat16"})) == "policy"
     piece = {**batch, "old_logprobs": before, "advantages": torch.ones(3, width)}
     policy.train_step(piece, minibatch_tokens=18.0, width=width)
     after = policy.logprobs(batch, width)
@@ -238,3 +242,20 @@ def test_response_logprobs_read_the_lm_head_only_where_responses_are():
     # rows 4..8: from the shortest prompt's first response position to the last predicting row (8 of
     # episode 0), not all 10 positions of the packed batch
     assert rows_seen == [5] and packed.input_ids.shape[1] == 10
+
+
+def test_weights_travel_as_arrays_in_any_dtype(ray_local):
+    """The CPU weight sync (rl/weights.py): float32 and bfloat16 (which numpy lacks) arrive bit for bit,
+    through Ray's object store as read-only arrays, and a state dict of another model is refused."""
+    from almost_ray.rl.weights import load_arrays, to_arrays
+
+    src = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, dtype=torch.bfloat16))
+    dst = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, dtype=torch.bfloat16))
+    arrays = ray_local.get(ray_local.put(to_arrays(src.state_dict())))  # zero-copy: read-only arrays
+    assert not next(iter(arrays.values()))[0].flags.writeable
+    load_arrays(dst, arrays)
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with pytest.raises(ValueError, match="missing"):
+        load_arrays(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)),
+                    to_arrays(src.state_dict()))

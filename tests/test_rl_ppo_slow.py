@@ -175,6 +175,7 @@ def test_two_policy_replicas_take_the_step_of_one(local_ray):
 
     from almost_ray.rl.roles import PolicyActor
     from almost_ray.rl.trainer import train_on_replicas
+    from almost_ray.rl.weights import as_tensors
 
     cfg = PPOConfig(**_small(None, lr=1e-3)).model_dump(mode="json")
     Actor = ray.remote(num_cpus=0.5)(PolicyActor)
@@ -195,7 +196,7 @@ def test_two_policy_replicas_take_the_step_of_one(local_ray):
             one = ray.get(train_on_replicas([single], minibatch, 6))
             two = ray.get(train_on_replicas(pair, minibatch, 6))
             assert sum(s["loss"] for s in two) == pytest.approx(one[0]["loss"], rel=1e-4)
-        w1, w2a, w2b = ray.get([single.weights.remote(), pair[0].weights.remote(), pair[1].weights.remote()])
+        w1, w2a, w2b = (as_tensors(w) for w in ray.get([a.weights.remote() for a in (single, *pair)]))
         for name in w1:
             assert torch.allclose(w2a[name], w2b[name], atol=1e-7), name
             assert torch.allclose(w1[name], w2a[name], atol=1e-5), name

@@ -36,15 +36,27 @@ class SeededSampler(LogitsProcessor):
     It runs last in the processor list and returns a one-hot score row, so HF's greedy step takes
     exactly the token it drew. Per-row generators make each prompt's samples independent of the
     other prompts in its batch (and so of sharding across Ray replicas).
+
+    With `record_logprobs`, it also keeps log softmax(scores / T) of each drawn token (before top-p, as
+    the PPO policy scores it): `logprobs` is then `[rows, steps]`, what PPO's rollout engine hands over
+    as pi_old instead of a second forward pass (rl/trainer.py).
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device,
+                 record_logprobs: bool = False):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.record_logprobs = record_logprobs
+        self.steps: list[torch.Tensor] = []
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(self.generators), 0)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        tempered = scores.float() / self.temperature
+        probs = torch.softmax(tempered, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # drop a token when the mass before it already reaches top_p (the first token always stays)
@@ -52,6 +64,8 @@ class SeededSampler(LogitsProcessor):
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         picks = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        if self.record_logprobs:
+            self.steps.append(torch.log_softmax(tempered, dim=-1).gather(-1, picks).squeeze(-1).cpu())
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, picks, 0.0)
 
@@ -140,6 +154,7 @@ class HFGenerator:
         self.max_positions = getattr(self.model.config, "max_position_embeddings", 4096)
         self._rules = None  # RuleTables, resolved on first use when model.rules.enabled
         self.last_fits: list[FittedPrompt] = []
+        self.last_logprobs: torch.Tensor | None = None  # [rows, new tokens] of the last sampled batch
         self.prefix_cache = PrefixCache()
 
     def fit_prompts(self, prompts: list[str], params: SamplingParams) -> list[FittedPrompt]:
@@ -182,6 +197,7 @@ class HFGenerator:
         seeds: list[int] | None = None,
         rules: bool | None = None,
         ids: list[list[int]] | None = None,
+        record_logprobs: bool = False,
     ) -> torch.Tensor:
         """New token ids of one batch, `params.n` rows per prompt, padded after EOS with the pad id.
 
@@ -189,7 +205,7 @@ class HFGenerator:
         does); otherwise the policy runs here and a prompt it would skip is an error. `seeds` (one per
         row) replaces the per-prompt seeds, and `rules` switches the 3-rule adapter on or off whatever
         `ModelConfig.rules.enabled` says: the Serve deployment batches requests that each bring their own
-        seed and adapter switch.
+        seed and adapter switch. `record_logprobs` leaves the sampled tokens' log-probs in `last_logprobs`.
         """
         if ids is None:
             fits = self.fit_prompts(prompts, params)
@@ -213,7 +229,8 @@ class HFGenerator:
         if params.temperature > 0:
             if seeds is None:
                 seeds = [prompt_seed(params.seed, p, j) for p in prompts for j in range(params.n)]
-            processors.append(SeededSampler(seeds, params.temperature, params.top_p, self.device))
+            sampler = SeededSampler(seeds, params.temperature, params.top_p, self.device, record_logprobs)
+            processors.append(sampler)
         out = self.model.generate(
             **enc,
             do_sample=False,  # sampling, when wanted, is done by SeededSampler
@@ -228,28 +245,34 @@ class HFGenerator:
             top_p=None,
             top_k=None,
         )
-        return out[:, enc["input_ids"].shape[1] :]
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        self.last_logprobs = sampler.logprobs if params.temperature > 0 and record_logprobs else None
+        return new_tokens
 
     def generate_token_ids(
         self, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float, top_p: float
-    ) -> tuple[list[list[int]], list[bool]]:
-        """One sampled response per tokenized prompt, as token ids cut after the first EOS (kept), and
-        whether it ended with EOS. Row `i` samples with its own generator seeded `seeds[i]` (PPO rollouts:
-        a response depends on its seed, not on its batch)."""
+    ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
+        """One sampled response per tokenized prompt, as token ids cut after the first EOS (kept), whether
+        it ended with EOS, and the log-prob of each of its tokens under softmax(logits / temperature).
+        Row `i` samples with its own generator seeded `seeds[i]` (PPO rollouts: a response depends on its
+        seed, not on its batch)."""
         eos_ids = set(eos_token_ids(self.tokenizer, self.model.generation_config))
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         responses: list[list[int]] = [[] for _ in prompt_ids]
+        logprobs: list[list[float]] = [[] for _ in prompt_ids]
         ended = [False] * len(prompt_ids)
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         for start in range(0, len(order), self.config.max_batch_size):
             idx = order[start : start + self.config.max_batch_size]
             out = self.generate_ids([""] * len(idx), params, seeds=[seeds[i] for i in idx], rules=False,
-                                    ids=[prompt_ids[i] for i in idx])
+                                    ids=[prompt_ids[i] for i in idx], record_logprobs=True)
             for row, i in enumerate(idx):
                 tokens = out[row].tolist()
                 cut = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), None)
                 responses[i], ended[i] = (tokens[:cut], True) if cut else (tokens, False)
-        return responses, ended
+                if self.last_logprobs is not None:  # greedy decoding draws nothing to score
+                    logprobs[i] = self.last_logprobs[row, : len(responses[i])].tolist()
+        return responses, ended, logprobs
 
     def _rules_processor(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables

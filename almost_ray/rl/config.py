@@ -111,6 +111,12 @@ class PPOConfig(StrictModel):
         description="groups of roles sharing bundles, e.g. [[policy, reference], [critic, reward]]",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    old_logprobs: Literal["auto", "rollout", "policy"] = Field(
+        default="auto",
+        description="pi_old's log-probs: the ones the rollout engine sampled with (rollout; TRL's way, one "
+        "forward pass fewer), or recomputed by the policy (policy; OpenRLHF's way). auto: rollout for the HF "
+        "engine in float32, policy otherwise (rl/rollout.old_logprobs_source)",
+    )
     torch_threads: int | None = Field(
         default=None, ge=1,
         description="CPU threads per role actor (policy, critic, reference, reward; the engines have "

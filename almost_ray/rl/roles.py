@@ -246,9 +246,12 @@ class PolicyActor(TrainableActor):
         return losses.policy_loss(logprobs, tensors["old_logprobs"], tensors["advantages"], packed.mask,
                                   self.cfg.clip_range)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The state dict on CPU; returned through the object store once, loaded by every HF engine."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+    def weights(self) -> dict:
+        """The state dict as arrays (rl/weights.py); returned through the object store once, loaded by
+        every HF engine."""
+        from almost_ray.rl.weights import to_arrays
+
+        return to_arrays(self.model.state_dict())
 
     def save_hf(self, out: str) -> None:
         """The final policy as a plain HF directory (safetensors + tokenizer), written atomically."""

@@ -11,7 +11,8 @@ As in OpenRLHF, generation runs in its own actors, apart from the trainable poli
   from the policy's rank 0 (`collective_rpc("update_weight", ...)` on the engine side). It cannot run
   on this machine; `vllm_engine_kwargs`/`vllm_sampling_kwargs` are pure and tested.
 
-Both return, per prompt, the response token ids (cut after EOS, which is kept) and whether EOS came.
+Both return, per prompt, the response token ids (cut after EOS, which is kept), whether EOS came, and
+the HF engine also the log-prob of each sampled token (`old_logprobs_source`).
 """
 
 from __future__ import annotations
@@ -53,15 +54,18 @@ class HFRolloutEngine(RoleActor):
                             max_batch_size=self.cfg.rollout.max_batch_size)
         self.generator = HFGenerator(model, device=self.device.type)
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool], list]:
         if not prompt_ids:
-            return [], []
+            return [], [], []
         return self.generator.generate_token_ids(
             prompt_ids, seeds, self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p
         )
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.generator.model.load_state_dict(state_dict)
+    def load_weights(self, arrays: dict) -> None:
+        """The policy's `weights()` (rl/weights.py), copied into this engine's model."""
+        from almost_ray.rl.weights import load_arrays
+
+        load_arrays(self.generator.model, arrays)
 
     @torch.no_grad()
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
@@ -105,18 +109,21 @@ class VLLMRolloutEngine(RoleActor):
 
         self.llm = LLM(**vllm_engine_kwargs(self.cfg, model_dir))
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool], list]:
+        """The log-probs are not returned: vLLM's kernels are not the training forward's, so pi_old comes
+        from the policy (`old_logprobs_source`)."""
         from vllm import SamplingParams, TokensPrompt
 
         if not prompt_ids:
-            return [], []
+            return [], [], []
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
             [SamplingParams(**vllm_sampling_kwargs(self.cfg, s)) for s in seeds],
             use_tqdm=False,
         )
         completions = [o.outputs[0] for o in outputs]
-        return [list(c.token_ids) for c in completions], [c.finish_reason == "stop" for c in completions]
+        return ([list(c.token_ids) for c in completions], [c.finish_reason == "stop" for c in completions],
+                [[] for _ in completions])
 
     def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         self.llm.collective_rpc("init_weight_sync", args=(host, port, rank_offset, world_size))
@@ -124,9 +131,11 @@ class VLLMRolloutEngine(RoleActor):
     def update_weight(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         self.llm.collective_rpc("update_weight", args=(name, dtype, shape))
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Object-store fallback (no NCCL group): the workers load the CPU state dict."""
-        self.llm.collective_rpc("load_state_dict", args=(state_dict,))
+    def load_weights(self, arrays: dict) -> None:
+        """Object-store fallback (no NCCL group): the workers load the policy's `weights()`."""
+        from almost_ray.rl.weights import as_tensors
+
+        self.llm.collective_rpc("load_state_dict", args=(as_tensors(arrays),))
 
 
 def engine_class(cfg: PPOConfig):
@@ -155,7 +164,22 @@ def open_vllm_sync(policy_rank0, engines: list, tensor_parallel_size: int) -> No
     ray.get([policy_rank0.open_engine_sync.remote(host, port, world), *pending])
 
 
-def generate_all(engines: list, prompt_ids: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
+def old_logprobs_source(cfg: PPOConfig) -> str:
+    """Where pi_old's log-probs come from: `rollout` reuses the ones the engine sampled with (as TRL's
+    PPO does), saving the policy a forward pass over the batch; `policy` recomputes them with the policy.
+
+    `auto` reuses them only where the engine computes what the policy would: the HF engine in float32
+    (the same model code; incremental decoding matches the full forward to ~1e-6, tests/test_rl_ppo.py).
+    vLLM's kernels and low-precision decoding drift from the training forward (the mismatch OpenRLHF
+    and verl recompute or correct for), so there the policy recomputes them.
+    """
+    if cfg.old_logprobs != "auto":
+        return cfg.old_logprobs
+    return "rollout" if backend(cfg) == "hf" and cfg.dtype == "float32" else "policy"
+
+
+def generate_all(engines: list, prompt_ids: list[list[int]], seeds: list[int]
+                 ) -> tuple[list[list[int]], list[bool], list[list[float]]]:
     """Split the rollout batch across engines, in order; results keep the prompt order."""
     import ray
 
@@ -163,9 +187,10 @@ def generate_all(engines: list, prompt_ids: list[list[int]], seeds: list[int]) -
 
     parts = split_rows(len(prompt_ids), len(engines))
     refs = [e.generate.remote([prompt_ids[i] for i in r], [seeds[i] for i in r]) for e, r in zip(engines, parts)]
-    responses, ended = [], []
-    for out, eos in ray.get(refs):
+    responses, ended, logprobs = [], [], []
+    for out, eos, lp in ray.get(refs):
         responses.extend(out)
         ended.extend(eos)
-    return responses, ended
+        logprobs.extend(lp)
+    return responses, ended, logprobs
 

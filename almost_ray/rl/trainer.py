@@ -31,6 +31,7 @@ from almost_ray.rl.rollout import (
     engine_class,
     episode_seed,
     generate_all,
+    old_logprobs_source,
     open_vllm_sync,
     sync_weights,
 )
@@ -98,6 +99,14 @@ def on_replicas(actors: list, method: str, batch: dict, width: int) -> torch.Ten
     return torch.cat(ray.get(refs))
 
 
+def rows_to_tensor(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Per-token lists, right-padded with zeros to `[len(rows), width]` (the layout of rl/losses.py)."""
+    out = torch.zeros(len(rows), width)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
 def train_on_replicas(actors: list, minibatch: dict, width: int):
     """One optimizer step of a data-parallel role: every replica takes a slice (maybe empty) and all
     divide by the minibatch's response-token count, so the summed gradient is the minibatch mean."""
@@ -117,26 +126,32 @@ def prompt_order(n_prompts: int, iteration: int, batch: int, seed: int) -> list[
     return out
 
 
-def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration: int, tokenizer) -> dict:
-    """One PPO iteration on `rollout_batch_size` prompts; returns its metrics."""
+def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration: int, tokenizer,
+                  sync: bool = True) -> dict:
+    """One PPO iteration on `rollout_batch_size` prompts; returns its metrics. `sync=False` (the last
+    iteration: no rollout follows) leaves the engines' weights as they are."""
     import ray
 
     t0 = time.perf_counter()
     # 1. rollout: one sampled response per prompt, seeded per episode
     first = iteration * cfg.rollout_batch_size
     seeds = [episode_seed(cfg.seed, p.text, first + k) for k, p in enumerate(prompts)]
-    responses, has_eos = generate_all(roles["rollout"], [p.ids for p in prompts], seeds)
+    responses, has_eos, sampled_logprobs = generate_all(roles["rollout"], [p.ids for p in prompts], seeds)
     batch = {"prompt_ids": [p.ids for p in prompts], "response_ids": [r or [tokenizer.eos_token_id] for r in responses]}
     width = max(len(r) for r in batch["response_ids"])
     t1 = time.perf_counter()
 
-    # 2. scoring: pi_old and pi_SFT log-probs, V, and the RM on the Human:/Assistant: text (all in parallel)
+    # 2. scoring: pi_old (unless the engine's are reused) and pi_SFT log-probs, V, and the RM on the
+    #    Human:/Assistant: text (all in parallel)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in batch["response_ids"]]
     conversations = [[{"role": "user", "content": p.text}, {"role": "assistant", "content": t}]
                      for p, t in zip(prompts, texts)]
     reward_parts = split_rows(len(conversations), len(roles["reward"]))
     score_refs = [a.score.remote(conversations[r.start:r.stop]) for a, r in zip(roles["reward"], reward_parts)]
-    old_logprobs = on_replicas(roles["policy"], "logprobs", batch, width)
+    reuse = old_logprobs_source(cfg) == "rollout" and all(len(lp) == len(r) for lp, r in
+                                                         zip(sampled_logprobs, batch["response_ids"]))
+    old_logprobs = rows_to_tensor(sampled_logprobs, width) if reuse else on_replicas(
+        roles["policy"], "logprobs", batch, width)
     ref_logprobs = on_replicas(roles["reference"], "logprobs", batch, width)
     values = on_replicas(roles["critic"], "values", batch, width)
     scores = torch.tensor([s for part in ray.get(score_refs) for s in part])
@@ -167,7 +182,8 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
     t3 = time.perf_counter()
 
     # 5. the engines get the updated policy before the next rollout
-    sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
+    if sync:
+        sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
     t4 = time.perf_counter()
 
     lengths = mask.sum(1)
@@ -268,7 +284,7 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
         for it in range(start, total):
             attempt.iteration = it + 1
             batch = [prompts[i] for i in prompt_order(len(prompts), it, cfg.rollout_batch_size, cfg.seed)]
-            metrics = ppo_iteration(roles, cfg, batch, it, tokenizer)
+            metrics = ppo_iteration(roles, cfg, batch, it, tokenizer, sync=it + 1 < total)
             log.write(metrics)
             dashboard.set_gauges(run_name, "ppo", metrics)
             dashboard.progress(run_name, "ppo", it + 1, total)
