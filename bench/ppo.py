@@ -4,7 +4,8 @@ Same policy (the embedded SmolLM2-135M-Instruct converted to HF, or `tiny:llama`
 same RM (a sequence classifier directory; built once from the policy with a seeded fresh head when
 `--reward-model` is not given), critic initialised from the RM on both sides, the same prompts
 (Human:/Assistant: rendered), rollout batch, minibatch, PPO epochs, response length, temperature 1,
-KL coefficient 0.05 (k1), gamma 1, lambda 0.95, clip 0.2, fp32 on CPU.
+KL coefficient 0.05 (k1), gamma 1, lambda 0.95, clip 0.2, fp32 on CPU (`--bf16`: bf16 mixed precision on
+both sides, TRL `bf16=True` and our `ppo.mixed_precision: bf16`, fp32 weights).
 
 TRL: `trl.experimental.ppo.PPOTrainer` of trl==1.12.0, the last TRL with PPO (ENVIRONMENT.md). It is
 installed once with `pip install --no-deps --target ~/.cache/almost_ray/bench-trl-1.12.0` and run in a
@@ -96,7 +97,7 @@ def settings(args, policy: Path, rm: Path) -> dict:
     return {"policy": str(policy), "reward_model": str(rm), "episodes": args.episodes,
             "rollout_batch": args.rollout_batch, "minibatch": args.minibatch, "ppo_epochs": args.ppo_epochs,
             "response_length": args.response_length, "lr": 1e-6, "kl_coef": 0.05, "seed": 0,
-            "threads": args.threads, "torch_threads": args.torch_threads,
+            "threads": args.threads, "torch_threads": args.torch_threads, "bf16": args.bf16,
             "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
             "prompts": [PROMPTS[i % len(PROMPTS)] for i in range(max(len(PROMPTS), args.rollout_batch))]}
 
@@ -164,7 +165,7 @@ def trl_worker(spec_file: str, out_file: str) -> None:
             response_length=spec["response_length"], temperature=1.0, stop_token="eos",
             learning_rate=spec["lr"], lr_scheduler_type="constant", kl_coef=spec["kl_coef"], kl_estimator="k1", cliprange=0.2,
             cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, seed=spec["seed"],
-            bf16=False, fp16=False, gradient_checkpointing=spec["trl_gradient_checkpointing"],
+            bf16=spec["bf16"], fp16=False, gradient_checkpointing=spec["trl_gradient_checkpointing"],
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         )
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref,
@@ -178,7 +179,7 @@ def trl_worker(spec_file: str, out_file: str) -> None:
     phases["training_s"] = wall - sum(phases.values())
     phases["weight_sync_s"] = 0.0
     Path(out_file).write_text(json.dumps({
-        "method": f"TRL {TRL_VERSION} PPOTrainer", "episodes": episodes, "loop_s": wall,
+        "method": f"TRL {TRL_VERSION} PPOTrainer{' bf16' if spec['bf16'] else ''}", "episodes": episodes, "loop_s": wall,
         "episodes_per_s": episodes / wall, "phases_s": phases,
         "mean_score_first_last": [log[0]["objective/scores"], log[-1]["objective/scores"]] if log else None,
     }))
@@ -219,7 +220,7 @@ def ours_config(spec: dict, prompts: Path):
         **{f"{role}_resources": {"replicas": 1, "num_cpus": 0.25} for role in ("policy", "critic", "reference", "reward")},
         rollout={"backend": "hf", "engines": 1, "num_cpus": max(spec["threads"] - 1, 1),
                  "max_batch_size": spec["rollout_batch"], "torch_threads": spec["threads"]},
-        torch_threads=spec["torch_threads"],
+        torch_threads=spec["torch_threads"], mixed_precision="bf16" if spec["bf16"] else "fp32",
     )
 
 
@@ -249,7 +250,8 @@ def run_ours(spec: dict, work: Path) -> dict:
     # an iteration's time is its episodes over its episodes/s; without that key, the phases' sum
     loop = sum(cfg.rollout_batch_size / r["episodes_per_s"] for r in rows if r.get("episodes_per_s"))
     loop = loop or sum(phases.values())
-    return {"method": "almost_ray ppo", "episodes": episodes, "loop_s": loop, "episodes_per_s": episodes / loop,
+    method = "almost_ray ppo" + (" bf16" if spec["bf16"] else "")
+    return {"method": method, "episodes": episodes, "loop_s": loop, "episodes_per_s": episodes / loop,
             "reported_episodes_per_s": [r.get("episodes_per_s") for r in rows], "phases_s": phases,
             "end_to_end_s": end_to_end}
 
@@ -285,6 +287,8 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="ours: threads per role actor (configs/demo.yaml's 1: actors that run side by side do not oversubscribe)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (ours: off)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 mixed precision on both sides (TRL: bf16=True; ours: ppo.mixed_precision: bf16)")
     ap.add_argument("--side", choices=["both", "trl", "ours"], default="both")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ppo.json"))
     args = ap.parse_args()

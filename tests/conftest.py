@@ -31,6 +31,25 @@ def tiny_generator():
 
 
 @pytest.fixture(scope="session")
+def tiny_rm(tmp_path_factory) -> Path:
+    """tiny:llama with a seeded one-output score head, saved as `train-rm` saves a reward model (so every
+    RM replica, PPO's reward actor and critic included, scores alike)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from almost_ray.models.loading import load_tokenizer, resolve_model_dir
+
+    out = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
+    tokenizer = load_tokenizer("tiny:llama")
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A local 2-CPU Ray shared by the tests of a session."""
     import ray

@@ -341,23 +341,6 @@ def _kill_when(ready, actors, fault: dict, timeout: float = 600) -> threading.Th
 RMSP_QUERIES = [f"How would you explain topic number {i} to a friend?" for i in range(8)]
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory):
-    """tiny:llama with a seeded one-output score head, saved as `train-rm` saves a reward model."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from almost_ray.models.loading import resolve_model_dir
-
-    out = tmp_path_factory.mktemp("tiny-rm")
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
-    tok = AutoTokenizer.from_pretrained(resolve_model_dir("tiny:llama"))
-    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
 
 def _rmsp(tmp_path: Path, tiny_rm: Path, run_name: str) -> Path:
     """RMSP on tiny:llama: 8 queries, best-of-3 scored by one RM replica, 2 turns, one dialogue per shard."""

@@ -22,7 +22,6 @@ from test_faults import _alive_actors, _kill_group, _subprocess_env, _wait_for
 
 from almost_ray.cluster_config import RayConfig
 from almost_ray.manifest import read_manifest
-from almost_ray.models.loading import load_tokenizer, resolve_model_dir
 from almost_ray.rl import stage
 from almost_ray.rl.checkpoint import latest_iteration
 from almost_ray.rl.config import PPOConfig
@@ -42,19 +41,6 @@ SMALL = dict(
 COMPARED = ("episodes", "reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "clip_frac",
             "value_clip_frac", "approx_kl", "lr", "response_length", "eos_rate")
 
-
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory):
-    """A one-output RM from tiny:llama, saved the way `train-rm` saves one."""
-    from transformers import AutoModelForSequenceClassification
-
-    out = tmp_path_factory.mktemp("rm") / "model"
-    torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
-    model.config.pad_token_id = model.config.eos_token_id
-    model.save_pretrained(out)
-    load_tokenizer("tiny:llama").save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -189,6 +189,7 @@ def test_engine_log_probs_equal_policy_after_weight_sync():
     assert torch.allclose(torch.tensor(sampled), before, atol=1e-4)
     assert old_logprobs_source(PPOConfig(**SMALL)) == "rollout"
     assert old_logprobs_source(PPOConfig(**{**SMALL, "dtype": "bfloat16"})) == "policy"
+    assert old_logprobs_source(PPOConfig(**{**SMALL, "mixed_precision": "bf16"})) == "policy"
     piece = {**batch, "old_logprobs": before, "advantages": torch.ones(3, width)}
     policy.train_step(piece, minibatch_tokens=18.0, width=width)
     after = policy.logprobs(batch, width)
@@ -196,6 +197,26 @@ def test_engine_log_probs_equal_policy_after_weight_sync():
     assert not torch.allclose(engine.logprobs(prompts, responses), after, atol=1e-3)
     engine.load_weights(policy.weights())
     assert torch.allclose(engine.logprobs(prompts, responses), after, atol=1e-5)
+
+
+def test_bf16_mixed_precision_trains_fp32_weights():
+    """`mixed_precision: bf16`: the policy's forward runs under bf16 autocast (its log-probs differ from
+    fp32's, a little), the weights and the optimizer stay fp32, and a step still moves them."""
+    from almost_ray.rl.roles import PolicyActor
+
+    fp32 = PolicyActor(PPOConfig(**{**SMALL, "lr": 1e-2}).model_dump(mode="json"), "tiny:llama")
+    bf16 = PolicyActor(PPOConfig(**{**SMALL, "lr": 1e-2, "mixed_precision": "bf16"}).model_dump(mode="json"),
+                       "tiny:llama")
+    tokenizer = load_tokenizer("tiny:llama")
+    prompts = _episodes(tokenizer)
+    batch = {"prompt_ids": prompts, "response_ids": [[11, 12, 13], [14, 15], [16, 17, 18]]}
+    exact, mixed = fp32.logprobs(batch, 3), bf16.logprobs(batch, 3)
+    assert not torch.equal(exact, mixed) and torch.allclose(exact, mixed, atol=0.1)
+    before = {k: v.clone() for k, v in bf16.model.state_dict().items()}
+    bf16.train_step({**batch, "old_logprobs": mixed, "advantages": torch.ones(3, 3)}, minibatch_tokens=8.0, width=3)
+    after = bf16.model.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_checkpoint_dirs_are_complete_or_absent(tmp_path):

@@ -43,19 +43,6 @@ def local_ray():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory):
-    """A one-output RM from tiny:llama, saved the way `train-rm` saves one."""
-    from transformers import AutoModelForSequenceClassification
-
-    out = tmp_path_factory.mktemp("rm") / "model"
-    torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
-    model.config.pad_token_id = model.config.eos_token_id
-    model.save_pretrained(out)
-    load_tokenizer("tiny:llama").save_pretrained(out)
-    return out
-
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):

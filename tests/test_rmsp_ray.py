@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from almost_ray.config import load_config
 from almost_ray.manifest import read_manifest
@@ -16,22 +15,6 @@ from almost_ray.rmsp import stage, turns
 QUERIES = ["What is the capital of France?", "How do I boil an egg?", "What is a neural network?",
            "Why is the sky blue?", "How do plants grow?"]
 
-
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory):
-    """tiny:llama with a seeded score head saved as an HF dir, so every RM replica scores alike."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from almost_ray.models.loading import resolve_model_dir
-
-    out = tmp_path_factory.mktemp("tiny-rm")
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1)
-    tok = AutoTokenizer.from_pretrained(resolve_model_dir("tiny:llama"))
-    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def _cfg(tmp_path, *extra):

@@ -101,6 +101,11 @@ class PPOConfig(StrictModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="compute of the policy, critic and reference: bf16 autocast over the weights' dtype, or "
+        "fp32; auto: bf16 on GPU, fp32 on CPU (train/config.py's meaning). The engines generate in `dtype`",
+    )
     # Placement (OpenRLHF-style): role actor groups in placement groups
     policy_resources: RoleResources = Field(default_factory=RoleResources)
     critic_resources: RoleResources = Field(default_factory=RoleResources)
@@ -154,6 +159,10 @@ class PPOConfig(StrictModel):
 
     def resources(self, role: Role) -> RoleResources:
         return getattr(self, f"{role}_resources")
+
+    def bf16_compute(self, device_type: str) -> bool:
+        """Whether the roles' forward passes run under bf16 autocast on this device type."""
+        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and device_type == "cuda")
 
     @property
     def iterations(self) -> int:

@@ -61,6 +61,10 @@ UNMAPPED = {
     "rollout.num_cpus": "each vLLM engine reserves its tensor_parallel_size GPUs",
     "rollout.num_gpus": "each vLLM engine reserves its tensor_parallel_size GPUs",
     "rollout.max_batch_size": "HF generator only; vLLM batches continuously",
+    "rollout.torch_threads": "HF generator only (CPU threads)",
+    "torch_threads": "CPU threads of our role actors; OpenRLHF's roles run on GPUs",
+    "old_logprobs": "OpenRLHF recomputes pi_old with the actor (our `old_logprobs: policy`)",
+    "mixed_precision": "OpenRLHF computes in bf16 (`--ds.param_dtype bf16`)",
     "value_loss_coef": "OpenRLHF trains the critic with its own AdamW; the coefficient would only rescale "
     "the critic's gradient, which Adam undoes (up to eps and gradient clipping)",
 }
@@ -156,9 +160,10 @@ def unmapped_settings(cfg: PPOConfig) -> list[str]:
     found = []
     if cfg.placement_strategy != default.placement_strategy:
         found.append(f"placement_strategy={cfg.placement_strategy}: {UNMAPPED['placement_strategy']}")
-    if cfg.value_loss_coef != default.value_loss_coef:
-        found.append(f"value_loss_coef={cfg.value_loss_coef}: {UNMAPPED['value_loss_coef']}")
-    for name in ("num_cpus", "num_gpus", "max_batch_size"):
+    for name in ("value_loss_coef", "torch_threads", "old_logprobs", "mixed_precision"):
+        if getattr(cfg, name) != getattr(default, name):
+            found.append(f"{name}={getattr(cfg, name)}: {UNMAPPED[name]}")
+    for name in ("num_cpus", "num_gpus", "max_batch_size", "torch_threads"):
         if getattr(cfg.rollout, name) != getattr(default.rollout, name):
             found.append(f"rollout.{name}={getattr(cfg.rollout, name)}: {UNMAPPED[f'rollout.{name}']}")
     return found

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import socket
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,13 @@ class RoleActor:
         hf_logging.set_verbosity_error()  # a fresh critic head is *meant* to be missing from the SFT checkpoint
         hf_logging.disable_progress_bar()
 
+    def compute(self):
+        """The context of this role's forward passes: bf16 autocast over its weights when
+        `mixed_precision` asks for it (losses and log-softmax stay fp32: rl/episodes.py casts)."""
+        if self.cfg.bf16_compute(self.device.type):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def node_id(self) -> str:
         import ray
 
@@ -180,8 +188,9 @@ class TrainableActor(RoleActor):
         for chunk in split_rows(rows, max(1, math.ceil(rows / self.cfg.micro_batch_size))) if rows else []:
             micro = take(piece, chunk)
             packed = pack(micro["prompt_ids"], micro["response_ids"], self.pad_id, width).to(self.device)
-            loss, stats = self.micro_loss(packed, {k: v.to(self.device) for k, v in micro.items()
-                                                   if isinstance(v, torch.Tensor)})
+            with self.compute():
+                loss, stats = self.micro_loss(packed, {k: v.to(self.device) for k, v in micro.items()
+                                                       if isinstance(v, torch.Tensor)})
             (loss / minibatch_tokens).backward()
             for key, value in {"loss": loss.detach(), **stats}.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -238,8 +247,9 @@ class PolicyActor(TrainableActor):
     @torch.no_grad()
     def logprobs(self, batch: dict, width: int) -> torch.Tensor:
         self.model.eval()
-        return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
-                                 lambda p: response_logprobs(self.model, p, self.cfg.temperature))
+        with self.compute():
+            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
+                                     lambda p: response_logprobs(self.model, p, self.cfg.temperature))
 
     def micro_loss(self, packed, tensors):
         logprobs = response_logprobs(self.model, packed, self.cfg.temperature)
@@ -304,8 +314,9 @@ class CriticActor(TrainableActor):
     @torch.no_grad()
     def values(self, batch: dict, width: int) -> torch.Tensor:
         self.model.eval()
-        return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
-                                 lambda p: response_values(self.model, p))
+        with self.compute():
+            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
+                                     lambda p: response_values(self.model, p))
 
     def micro_loss(self, packed, tensors):
         values = response_values(self.model, packed)
@@ -326,8 +337,9 @@ class ReferenceActor(RoleActor):
 
     @torch.no_grad()
     def logprobs(self, batch: dict, width: int) -> torch.Tensor:
-        return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
-                                 lambda p: response_logprobs(self.model, p, self.cfg.temperature))
+        with self.compute():
+            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
+                                     lambda p: response_logprobs(self.model, p, self.cfg.temperature))
 
 
 class RewardActor(RoleActor):

@@ -169,13 +169,16 @@ def old_logprobs_source(cfg: PPOConfig) -> str:
     PPO does), saving the policy a forward pass over the batch; `policy` recomputes them with the policy.
 
     `auto` reuses them only where the engine computes what the policy would: the HF engine in float32
-    (the same model code; incremental decoding matches the full forward to ~1e-6, tests/test_rl_ppo.py).
-    vLLM's kernels and low-precision decoding drift from the training forward (the mismatch OpenRLHF
-    and verl recompute or correct for), so there the policy recomputes them.
+    with the policy in fp32 too (the same model code; incremental decoding matches the full forward
+    within 1e-4, tests/test_rl_ppo.py). vLLM's kernels and low-precision decoding or training drift from
+    each other (the mismatch OpenRLHF and verl recompute or correct for), so there the policy recomputes
+    them.
     """
     if cfg.old_logprobs != "auto":
         return cfg.old_logprobs
-    return "rollout" if backend(cfg) == "hf" and cfg.dtype == "float32" else "policy"
+    policy_device = "cuda" if cfg.resources("policy").num_gpus > 0 else "cpu"
+    same_numerics = cfg.dtype == "float32" and not cfg.bf16_compute(policy_device)
+    return "rollout" if backend(cfg) == "hf" and same_numerics else "policy"
 
 
 def generate_all(engines: list, prompt_ids: list[list[int]], seeds: list[int]
