@@ -145,6 +145,14 @@ class RoleActor:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    @torch.no_grad()
+    def score_episodes(self, batch: dict, width: int, fn) -> torch.Tensor:
+        """`fn(packed)` over `batch` in micro-batches, with this role's model (`self.model`) in eval mode
+        and under its compute context: the scoring pass of the policy, the reference and the critic."""
+        self.model.eval()
+        with self.compute():
+            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device, fn)
+
     def node_id(self) -> str:
         import ray
 
@@ -244,12 +252,8 @@ class PolicyActor(TrainableActor):
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.setup_optimizer(self.cfg.lr)
 
-    @torch.no_grad()
     def logprobs(self, batch: dict, width: int) -> torch.Tensor:
-        self.model.eval()
-        with self.compute():
-            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
-                                     lambda p: response_logprobs(self.model, p, self.cfg.temperature))
+        return self.score_episodes(batch, width, lambda p: response_logprobs(self.model, p, self.cfg.temperature))
 
     def micro_loss(self, packed, tensors):
         logprobs = response_logprobs(self.model, packed, self.cfg.temperature)
@@ -311,12 +315,8 @@ class CriticActor(TrainableActor):
         self.model.config.pad_token_id = self.pad_id
         self.setup_optimizer(self.cfg.critic_lr)
 
-    @torch.no_grad()
     def values(self, batch: dict, width: int) -> torch.Tensor:
-        self.model.eval()
-        with self.compute():
-            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
-                                     lambda p: response_values(self.model, p))
+        return self.score_episodes(batch, width, lambda p: response_values(self.model, p))
 
     def micro_loss(self, packed, tensors):
         values = response_values(self.model, packed)
@@ -335,11 +335,8 @@ class ReferenceActor(RoleActor):
         self.model = load_causal_lm(model_dir, self.cfg.dtype, device=str(self.device))
         self.pad_id = load_tokenizer(model_dir).pad_token_id
 
-    @torch.no_grad()
     def logprobs(self, batch: dict, width: int) -> torch.Tensor:
-        with self.compute():
-            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device,
-                                     lambda p: response_logprobs(self.model, p, self.cfg.temperature))
+        return self.score_episodes(batch, width, lambda p: response_logprobs(self.model, p, self.cfg.temperature))
 
 
 class RewardActor(RoleActor):
