@@ -395,15 +395,18 @@ def test_rmsp_survives_a_killed_reward_model_replica(tmp_path, ray_local, tiny_r
     assert read_manifest(stage)["counts"] == read_manifest(ref_stage)["counts"]
 
 
-EVAL_ROWS = [{"key": f"{i:02d}", "context": f"\n\nHuman: Question {i}: which answer is right?\n\nAssistant: Answer",
-              "continuations": [" A", " B", f" C is right for {i}", " none of them"]} for i in range(24)]
+# Long enough that the pool still has seconds of work when the first shard lands (24 short rows took the
+# tiny model ~0.4 s in all: the kill could come after the last batch, when nothing is left to restart).
+EVAL_ROWS = [{"key": f"{i:03d}", "context": f"\n\nHuman: Question {i}: {'which answer is right? ' * 60}\n\nAssistant: Answer",
+              "continuations": [" A", " B", f" C is right for {i}", " none of them"]} for i in range(320)]
+EVAL_SHARD = 8
 
 
 @pytest.mark.faults
 @pytest.mark.slow
 def test_eval_scoring_survives_a_killed_scorer_replica(tmp_path, ray_local):
-    """The eval scorer (`eval.scoring.score_on_ray`: a Ray Data pool of 2 `ScorerReplica`s, 24 rows in
-    batches and shards of 2): one replica SIGKILLed once a shard is on disk; Ray Data restarts it and
+    """The eval scorer (`eval.scoring.score_on_ray`: a Ray Data pool of 2 `ScorerReplica`s, 320 rows in
+    batches of 2, shards of 8): one replica SIGKILLed once a shard is on disk; Ray Data restarts it and
     retries its batch, and the scores file equals the uninterrupted run's byte for byte."""
     from almost_ray.cluster_config import ResourcesConfig
     from almost_ray.eval.scoring import score_on_ray, scores_path
@@ -411,7 +414,7 @@ def test_eval_scoring_survives_a_killed_scorer_replica(tmp_path, ray_local):
 
     model = ModelConfig(ref="tiny:llama", dtype="float32", max_batch_size=2)
     res = ResourcesConfig(concurrency=2, num_cpus=1, batch_size=2)
-    score_on_ray(model, res, tmp_path / "ref", shard_size=2)(EVAL_ROWS, "hhh")
+    score_on_ray(model, res, tmp_path / "ref", shard_size=EVAL_SHARD)(EVAL_ROWS, "hhh")
     ref_file = scores_path(tmp_path / "ref", "hhh", model, EVAL_ROWS)
     ref = _file_hashes(ref_file.parent, (ref_file.name,))
     assert ref[ref_file.name][0] == len(EVAL_ROWS)
@@ -422,10 +425,10 @@ def test_eval_scoring_survives_a_killed_scorer_replica(tmp_path, ray_local):
     fault: dict = {}
 
     killer = _kill_when(lambda: len(list(shards.glob("shard-*.jsonl"))), _generator_actors, fault)  # its only pool
-    score_on_ray(model, res, work, shard_size=2)(EVAL_ROWS, "hhh")
+    score_on_ray(model, res, work, shard_size=EVAL_SHARD)(EVAL_ROWS, "hhh")
     killer.join(timeout=60)
     assert "error" not in fault, fault.get("error")
-    assert 1 <= fault["at"] < len(EVAL_ROWS) // 2, f"killed after {fault['at']} of {len(EVAL_ROWS) // 2} shards"
+    assert 1 <= fault["at"] < len(EVAL_ROWS) // EVAL_SHARD, f"killed after {fault['at']} of {len(EVAL_ROWS) // EVAL_SHARD} shards"
     import ray
 
     assert ray._private.state.actors(fault["actor"])["NumRestarts"] >= 1  # Ray Data restarted the replica
