@@ -10,7 +10,8 @@ TRL runs in this process on 2 threads, with its defaults (gradient checkpointing
 setting on this machine: gradient checkpointing off, and for SFT also `padding_free=True` (TRL 1.16 flattens
 each batch into one row with `position_ids`; transformers builds the block-diagonal mask from them for
 sdpa/eager attention, so no flash attention is needed; TRL 1.16's `RewardTrainer` has no padding-free mode).
-Ours runs on a local Ray with 2 workers x 1 CPU (FSDP2 over gloo). Each ratio is to TRL's defaults and to
+Ours runs on a local Ray of 2 CPUs shared by the workers of each `--workers` row (default `1,2`: one
+unsharded worker with 2 threads, and FSDP2 over gloo on 2 workers with 1 CPU each). Each ratio is to TRL's defaults and to
 the fastest TRL row of the same task, all rows from one run.
 
 Throughput is samples / time in the training loop (TRL: `trainer.train()`; ours: the sum of step
@@ -138,10 +139,11 @@ def ours(task: str, data, batch: int, max_length: int, workers: int, work: Path)
     from almost_ray.train import reward, sft
     from almost_ray.train.report import read_metrics
 
-    common = dict(model=REF, num_workers=workers, global_batch_size=batch,
+    common = dict(model=REF, num_workers=workers, cpus_per_worker=2 / workers, global_batch_size=batch,
                   micro_batch_size=max(1, batch // max(1, workers)), max_length=max_length, epochs=1,
                   checkpoint_every=10_000, reshard_after_forward=False)
     stage = work / task
+    work.mkdir(parents=True, exist_ok=True)
     if task == "rm":
         path = work / "pairs.jsonl"
         write_jsonl(path, ({"chosen": rm_text(p.chosen), "rejected": rm_text(p.rejected)} for p in data))  # HH format
@@ -188,7 +190,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="1,2",
+                    help="our rows: Ray Train worker counts sharing the 2 CPUs, comma-separated")
     ap.add_argument("--no-trl-gc-off", action="store_true",
                     help="skip the TRL rows with gradient checkpointing off (and padding-free SFT)")
     ap.add_argument("--out", default="bench/results/train.json")
@@ -204,19 +207,21 @@ def main() -> None:
     data = {"rm": pairs, "sft": dialogues}
     trl_fns = {"rm": trl_reward, "sft": trl_sft}
     # the comparison that matters first (TRL defaults vs ours), the extra TRL rows last
-    plan = [(t, kind) for t in ("rm", "sft") for kind in ("trl-gc", "ours")]
+    workers = [int(w) for w in str(args.workers).split(",")]
+    plan = [(t, kind) for t in ("rm", "sft") for kind in ("trl-gc", *(f"ours-{w}" for w in workers))]
     if not args.no_trl_gc_off:
         plan += [("rm", "trl-nogc"), ("sft", "trl-nogc"), ("sft", "trl-padding-free")]
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
         for task, kind in plan:
-            if kind == "ours":
+            if kind.startswith("ours-"):
                 import ray
 
-                print(f"almost_ray {task} ({args.workers} workers) ...", flush=True)
-                row = ours(task, data[task], args.batch, args.max_length, args.workers, Path(work))
+                n = int(kind.removeprefix("ours-"))
+                print(f"almost_ray {task} ({n} workers) ...", flush=True)
+                row = ours(task, data[task], args.batch, args.max_length, n, Path(work) / kind)
                 ray.shutdown()  # no idle Ray processes during the next TRL run
-                method = f"almost_ray Ray Train FSDP2 ({args.workers} x 1 CPU)"
+                method = f"almost_ray Ray Train {'FSDP2 ' if n > 1 else ''}({n} x {2 / n:g} CPU)"
             elif kind == "trl-padding-free":
                 print(f"TRL {task} (gradient checkpointing off, padding-free) ...", flush=True)
                 row = trl_sft(model_dir, data[task], args.batch, args.max_length, gc=False, padding_free=True)

@@ -125,6 +125,30 @@ def test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process(tmp_path, ray
     assert len(list((tmp_path / "two" / "ray").glob("*/step_*"))) == 2  # checkpoints_to_keep
 
 
+def test_one_ray_worker_trains_unsharded_and_resumes_like_one_process(tmp_path, ray_local):
+    """One Ray Train worker has no one to shard with: it trains the plain model (no FSDP), and after it
+    dies at step 3 it restarts from the step-2 checkpoint and ends where an in-process run ends."""
+    from transformers import AutoModelForSequenceClassification
+
+    planted_pairs(tmp_path / "pairs.jsonl", 16, seed=3)
+    model_dir = resolve_model_dir("tiny:llama")
+    examples = reward.encode_pairs(load_pairs(tmp_path / "pairs.jsonl"), reward.load_tokenizer(model_dir), 48)
+    base = dict(model="tiny:llama", epochs=1, global_batch_size=4, micro_batch_size=2, lr=1e-3, warmup_ratio=0.0,
+                max_length=48, checkpoint_every=2)
+    ref_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=0), examples, model_dir, tmp_path / "driver")
+    run_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=1, cpus_per_worker=2, max_failures=1), examples,
+                       model_dir, tmp_path / "worker", fault_at_step=3)
+    ref = read_metrics(tmp_path / "driver" / "metrics.jsonl")
+    run = read_metrics(tmp_path / "worker" / "metrics.jsonl")
+    assert [r["step"] for r in run] == [1, 2, 3, 4]
+    for a, b in zip(ref, run):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), f"step {a['step']}"
+    one = AutoModelForSequenceClassification.from_pretrained(ref_dir).state_dict()
+    two = AutoModelForSequenceClassification.from_pretrained(run_dir).state_dict()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)  # as the 2-worker test
+
+
 def test_two_workers_load_on_rank0_and_broadcast_into_shards(tmp_path, ray_local):
     """Distributed, the model is built on the meta device, sharded, and filled from rank 0's weights: the
     other rank never loads the checkpoint, and the sharded state before any step is exactly what one

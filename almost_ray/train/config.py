@@ -32,6 +32,9 @@ class TrainConfig(StrictModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="gradient clipping; null: none")
     seed: int = 0
     gradient_checkpointing: bool = False
+    padding_free: bool = Field(
+        default=True, description="pack each micro-batch into one row (no pad tokens; models/packing.py), as TRL's "
+        "padding_free; false: right-padded batches")
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 compute with fp32 master weights on GPU, fp32 on CPU"
     )

@@ -7,10 +7,11 @@ loss units it holds, and the loss of a micro-batch. This module does the rest, t
 - `fit` starts `num_workers` Ray Train workers (`ScalingConfig`), with `FailureConfig(max_failures)`:
   a dead worker group restarts from the latest checkpoint; running `fit` again with the same
   config and data resumes the same Ray Train run (same storage path and run name).
-- `train_worker` (one per worker) shards the model with FSDP2 — `fully_shard` on every decoder
-  block, then the root, built on the meta device and filled from rank 0's copy of the weights
-  (`load_for_training`), so no rank holds the whole model on its device — over gloo on CPU and NCCL on GPU (Ray's `prepare_model(parallel_strategy=
-  "fsdp")` refuses CPU, see ENVIRONMENT.md), with bf16 compute on GPU; AdamW; cosine schedule with
+- `train_worker` (one per worker) shards the model with FSDP2 when there are two workers or more —
+  `fully_shard` on every decoder block, then the root, built on the meta device and filled from rank
+  0's copy of the weights (`load_for_training`), so no rank holds the whole model on its device — over
+  gloo on CPU and NCCL on GPU (Ray's `prepare_model(parallel_strategy="fsdp")` refuses CPU, see
+  ENVIRONMENT.md), with bf16 compute on GPU; a single worker trains the plain model; AdamW; cosine schedule with
   linear warm-up; gradient clipping; gradient accumulation so one optimizer step sees exactly
   `global_batch_size` examples whatever the worker count (ALMoST Appendix D: FSDP, batch 64 / 128).
 - Checkpoints (model and optimizer through `torch.distributed.checkpoint`, scheduler, step, RNG)
@@ -43,6 +44,7 @@ from almost_ray import metrics as dashboard
 from almost_ray.config import config_hash
 from almost_ray.memory import ensure_ledger, report_peak
 from almost_ray.models.loading import ready_for_generation
+from almost_ray.models.packing import use_packed_attention
 from almost_ray.records import write_json
 from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
@@ -132,7 +134,8 @@ def train_worker(job: dict[str, Any]) -> None:
     stage_dir = Path(job["stage_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    distributed = dist.is_available() and dist.is_initialized()
+    # one worker has nothing to shard: FSDP2 would only wrap every parameter in a DTensor
+    distributed = dist.is_available() and dist.is_initialized() and world > 1
     write_json(stage_dir / "workers" / f"rank-{rank}.json",  # where each rank ran (multi-node checks)
                {"rank": rank, "world": world,
                 "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""})
@@ -171,7 +174,7 @@ def train_worker(job: dict[str, Any]) -> None:
             rows = [examples[i] for i in piece] or [examples[batch[0]]]  # empty piece: weight 0
             weight = 1.0 if piece else 0.0
             with autocast:
-                loss_sum, stats = task.micro_loss(model, rows, device)
+                loss_sum, stats = task.micro_loss(model, rows, device, cfg.padding_free)
             (loss_sum * (weight * world / units)).backward()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0) + weight * value.detach().float().cpu()
@@ -202,6 +205,10 @@ def train_worker(job: dict[str, Any]) -> None:
             if cfg.num_workers == 0:
                 raise RuntimeError("fault injection needs Ray workers (num_workers >= 1)")
             if rank == world - 1:
+                # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
+                # worker dying sooner takes its last reports, checkpoints included, with it, so the fault
+                # comes once they are collected, as a real one would
+                time.sleep(5)
                 os._exit(1)  # a worker dies without warning; FailureConfig restarts the group
     save_hf_model(model, task, job["model_dir"], stage_dir / MODEL_DIR, rank, distributed)
     report_peak(f"train_{job['task']}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
@@ -247,8 +254,8 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
     on the CPU, as `task.load_model` gives them) and broadcasts them into every rank's shards
     (`set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)`). A fresh head (the RM's
     `score`) is drawn once, seeded, on rank 0, so all ranks start from the same one. Buffers that are not
-    in the state dict (rotary frequencies) are broadcast from rank 0 as well. `num_workers: 0` loads the
-    whole model in the driver, as before.
+    in the state dict (rotary frequencies) are broadcast from rank 0 as well. One worker (or
+    `num_workers: 0`, in the driver) loads the whole model unsharded: there is no one to share it with.
     """
     torch.manual_seed(cfg.seed)  # the fresh head is the same in every run
     if not distributed:
@@ -277,6 +284,8 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
 
 def _prepare(model: torch.nn.Module, cfg: TrainConfig) -> None:
     model.config.use_cache = False
+    if cfg.padding_free:
+        use_packed_attention(model, flash=cfg.use_gpu and cfg.mixed_precision != "fp32")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP-safe
 

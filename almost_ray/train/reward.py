@@ -18,6 +18,7 @@ import torch
 
 from almost_ray.cluster_config import RayConfig
 from almost_ray.models import loading
+from almost_ray.models.packing import pack_sequences
 from almost_ray.models.reward import rm_text
 from almost_ray.preferences import PreferencePair, load_pairs, split_by_query
 from almost_ray.train.config import TrainRMConfig
@@ -43,19 +44,42 @@ def load_config(model_dir: str | Path):
 
 
 def load_model(model_dir: str | Path):
-    """The base LM with a fresh one-output head (transformers' `*ForSequenceClassification`)."""
+    """The base LM with a fresh one-output head (transformers' `*ForSequenceClassification`), scoring every
+    token (`expose_token_scores`)."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
+    return expose_token_scores(AutoModelForSequenceClassification.from_pretrained(
         model_dir, config=load_config(model_dir), dtype=torch.float32, trust_remote_code=False
-    )
+    ))
 
 
 def empty_model(config):
     from transformers import AutoModelForSequenceClassification
 
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return expose_token_scores(AutoModelForSequenceClassification.from_config(config))
+
+
+def expose_token_scores(model):
+    """Make `model(...).logits` the score head's output at every token, `[B, T, 1]`, not one pooled score.
+
+    A `*ForSequenceClassification` pools its score at the last non-pad token of each row, which is one
+    score for a packed row of many conversations; `micro_loss` picks each conversation's last token
+    itself. The head's output is captured by a forward hook and put in the model's output by a forward
+    hook on the model, registered before FSDP2 shards it: FSDP2's own post-forward hook runs after ours,
+    sees the per-token scores as the module's output and arms its backward hooks on them (a score read
+    from inside the forward would reach the head's weights after FSDP2 had freed them). Hooks are not
+    saved: `save_hf_model` writes a plain sequence classifier.
+    """
+    captured: list[torch.Tensor] = []
+    model.score.register_forward_hook(lambda module, args, out: captured.append(out))
+
+    def token_scores(module, args, output):
+        output.logits = captured.pop()
+        return output
+
+    model.register_forward_hook(token_scores)
+    return model
 
 
 def encode_pairs(pairs: list[PreferencePair], tokenizer, max_length: int) -> list[dict]:
@@ -77,14 +101,25 @@ def units(example: dict) -> int:
     return 1  # the RM loss is a mean over pairs
 
 
-def micro_loss(model, rows: list[dict], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Both replies of every pair in one forward pass; returns the summed loss and summed stats."""
+def micro_loss(model, rows: list[dict], device: torch.device,
+               padding_free: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Both replies of every pair in one forward pass; returns the summed loss and summed stats.
+
+    Each reward is the score at its conversation's last token (the model scores every token:
+    `expose_token_scores`); padding-free, the 2 x len(rows) conversations are one packed row
+    (`models.packing`) and no layer computes a pad token.
+    """
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    pad = model.config.pad_token_id
-    input_ids = pad_batch(seqs, pad).to(device)
-    lens = torch.tensor([len(s) for s in seqs], device=device)
-    attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
-    rewards = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    if padding_free:
+        row = pack_sequences(seqs)
+        scores = model(input_ids=row.input_ids.to(device), **row.attention_kwargs(device)).logits[0, :, 0]
+        rewards = scores[row.ends.to(device)]
+    else:
+        input_ids = pad_batch(seqs, model.config.pad_token_id).to(device)
+        lens = torch.tensor([len(s) for s in seqs], device=device)
+        attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
+        scores = model(input_ids=input_ids, attention_mask=attention_mask).logits[..., 0]
+        rewards = scores[torch.arange(len(seqs), device=device), lens - 1]  # right padding: the last real token
     chosen, rejected = rewards[: len(rows)], rewards[len(rows) :]
     stats = pairwise_stats(chosen, rejected)
     stats["reward"] = chosen.detach().float().sum() + rejected.detach().float().sum()

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 
 from almost_ray.cluster_config import RayConfig
 from almost_ray.models import loading
+from almost_ray.models.packing import pack_sequences
 from almost_ray.records import Dialogue, Messages, RecordError, field_error, numbered_rows
 from almost_ray.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
 from almost_ray.train.config import TrainSFTConfig
@@ -141,18 +143,32 @@ def units(example: dict) -> int:
     return int((example["labels"] != IGNORE_INDEX).sum())  # the loss is a mean over supervised tokens
 
 
-def micro_loss(model, rows: list[dict], device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed next-token NLL over assistant tokens; the vocabulary projection runs only where needed."""
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    input_ids = pad_batch([r["input_ids"] for r in rows], pad).to(device)
-    labels = pad_batch([r["labels"] for r in rows], IGNORE_INDEX).to(device)
-    lens = torch.tensor([len(r["input_ids"]) for r in rows], device=device)
-    attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
-    # position t predicts token t+1: keep the hidden states whose next token is supervised
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    nll, count = token_nll_sum(logits.reshape(-1, logits.size(-1)), labels[:, 1:][keep[:, :-1]])
+def micro_loss(model, rows: list[dict], device: torch.device,
+               padding_free: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed next-token NLL over assistant tokens; the vocabulary projection runs only where needed.
+
+    Padding-free, the rows are one packed row (`models.packing`) and no layer computes a pad token.
+    """
+    if padding_free:
+        row = pack_sequences([r["input_ids"] for r in rows])
+        labels = torch.from_numpy(np.concatenate([r["labels"] for r in rows]).astype(np.int64))[None, :]
+        targets = torch.full_like(labels, IGNORE_INDEX)  # position t predicts token t+1 of its own sequence
+        targets[:, :-1] = labels[:, 1:]
+        targets[:, row.ends] = IGNORE_INDEX
+        inputs = {"input_ids": row.input_ids.to(device), **row.attention_kwargs(device)}
+    else:
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        input_ids = pad_batch([r["input_ids"] for r in rows], pad).to(device)
+        labels = pad_batch([r["labels"] for r in rows], IGNORE_INDEX)
+        lens = torch.tensor([len(r["input_ids"]) for r in rows], device=device)
+        attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    targets = targets.to(device)
+    keep = targets != IGNORE_INDEX  # keep the hidden states whose next token is supervised
+    logits = model(**inputs, logits_to_keep=keep).logits
+    nll, count = token_nll_sum(logits.reshape(-1, logits.size(-1)), targets[keep])
     return nll, {"loss": nll.detach(), "tokens": count.float()}
 
 

@@ -1,0 +1,105 @@
+"""Padding-free batches (`models.packing`): a packed row gives each sequence exactly what it gets alone,
+and the RM and SFT losses, with their gradients, equal the padded path's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from almost_ray.models.loading import resolve_model_dir
+from almost_ray.models.packing import pack_sequences, use_packed_attention
+from almost_ray.train import reward, sft
+from almost_ray.train.data import pad_batch
+from almost_ray.train.losses import IGNORE_INDEX
+
+LENGTHS = (23, 5, 17, 1, 30, 11)
+
+
+def _sequences(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(10, 2000, size=n).astype(np.int32) for n in LENGTHS]
+
+
+def test_pack_sequences_restarts_positions_and_marks_the_ends():
+    row = pack_sequences([[7, 8, 9], [4], [5, 6]])
+    assert row.input_ids.tolist() == [[7, 8, 9, 4, 5, 6]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert row.starts == [0, 3, 4, 6] and row.ends.tolist() == [2, 3, 5]
+    kwargs = row.attention_kwargs("cpu")
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 4, 6] and kwargs["max_length_q"] == 3
+    with pytest.raises(ValueError, match="non-empty"):
+        pack_sequences([[1], []])
+
+
+def test_a_packed_row_gives_every_sequence_its_own_logits():
+    """No token attends across a sequence boundary, positions restart: each slice of the packed row's
+    logits equals that sequence's logits in a padded batch; a padded batch still works after the switch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny:llama"), dtype=torch.float32)
+    seqs = _sequences()
+    input_ids = pad_batch(seqs, 0)
+    lens = torch.tensor([len(s) for s in seqs])
+    attention_mask = (torch.arange(input_ids.size(1))[None, :] < lens[:, None]).long()
+    with torch.no_grad():
+        padded = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        use_packed_attention(model)
+        row = pack_sequences(seqs)
+        packed = model(input_ids=row.input_ids, **row.attention_kwargs("cpu")).logits[0]
+        again = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    for i, seq in enumerate(seqs):
+        torch.testing.assert_close(packed[row.starts[i] : row.starts[i + 1]], padded[i, : len(seq)],
+                                   rtol=1e-5, atol=1e-5, msg=f"sequence {i}")
+    torch.testing.assert_close(again, padded, rtol=0, atol=0)
+
+
+def _loss_and_grads(task, load, rows, padding_free: bool):
+    torch.manual_seed(0)
+    model = load(resolve_model_dir("tiny:llama"))
+    if padding_free:
+        use_packed_attention(model)
+    loss, stats = task.micro_loss(model, rows, torch.device("cpu"), padding_free)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {k: v.detach() for k, v in stats.items()}, grads
+
+
+@pytest.mark.parametrize("task", ["rm", "sft"])
+def test_padding_free_loss_and_gradients_equal_the_padded_ones(task):
+    seqs = _sequences(1)
+    if task == "rm":
+        module = reward
+        rows = [{"chosen": seqs[i], "rejected": seqs[i + 1]} for i in range(0, len(seqs), 2)]
+
+        def load(model_dir):
+            model = reward.load_model(model_dir)
+            model.config.pad_token_id = 0
+            return model
+    else:
+        module, load = sft, sft.load_model
+        rows = []
+        for k, seq in enumerate(seqs):
+            labels = seq.copy()
+            labels[: len(seq) // 2] = IGNORE_INDEX  # a prompt half, then the supervised reply
+            rows.append({"input_ids": seq, "labels": labels if k != 3 else np.full_like(seq, IGNORE_INDEX)})
+    loss, stats, grads = _loss_and_grads(module, load, rows, padding_free=False)
+    if task == "rm":  # the reward at the last token is what a plain classifier pools
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(0)
+        plain = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_dir("tiny:llama"), config=reward.load_config(resolve_model_dir("tiny:llama")))
+        plain.config.pad_token_id = 0
+        ids = pad_batch([r["chosen"] for r in rows] + [r["rejected"] for r in rows], 0)
+        lens = torch.tensor([len(r["chosen"]) for r in rows] + [len(r["rejected"]) for r in rows])
+        with torch.no_grad():
+            pooled = plain(input_ids=ids, attention_mask=(torch.arange(ids.size(1))[None] < lens[:, None]).long())
+        torch.testing.assert_close(stats["reward"], pooled.logits.sum(), rtol=1e-5, atol=1e-5)
+    packed_loss, packed_stats, packed_grads = _loss_and_grads(module, load, rows, padding_free=True)
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-5)
+    for key in stats:
+        torch.testing.assert_close(packed_stats[key], stats[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert packed_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
