@@ -80,7 +80,7 @@ def _trl_args(config_cls, out: str, batch: int, max_length: int | None, gc: bool
     """One epoch on the CPU in float32, no saving or logging: the same settings for both trainers."""
     return config_cls(
         output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=learning_rate,
-        max_length=max_length, gradient_checkpointing=gc, bf16=False, use_cpu=True, report_to="none",
+        max_length=max_length, activation_checkpointing=gc, bf16=False, use_cpu=True, report_to="none",
         save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=0, **extra,
     )
 

@@ -238,31 +238,46 @@ def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
     assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_response_logprobs_read_the_lm_head_only_where_responses_are():
-    """Prompts of different lengths, responses of different lengths: the log-probs equal those read off
-    the full logits, and the LM head ran on the rows from the first response position on, not on
-    every prompt token (the policy's training and scoring skip the vocabulary projection there)."""
-    from almost_ray.models.loading import load_causal_lm
-    from almost_ray.rl.episodes import pack, response_logprobs
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_response_logprobs_and_values_read_only_where_responses_are(padding_free):
+    """Prompts of different lengths, responses of different lengths, padded rows or one packed row: the
+    log-probs equal those read off each episode's full logits, the LM head ran only on the 7 rows that
+    predict a response token (not on prompt or pad positions), and the critic's values equal its score
+    head on each episode's own hidden states."""
+    from transformers import AutoModelForSequenceClassification
+
+    from almost_ray.models.loading import load_causal_lm, resolve_model_dir
+    from almost_ray.models.packing import use_packed_attention
+    from almost_ray.rl.episodes import pack, response_logprobs, response_values
 
     model = load_causal_lm("tiny:llama", "float32", device="cpu").eval()
+    torch.manual_seed(0)
+    critic = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9], [5, 6, 7, 8, 9, 10]]
     responses = [[20, 21], [22, 23, 24, 25], [26]]
-    packed = pack(prompts, responses, pad_id=0, width=4)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([p + r])).logits[0] for p, r in zip(prompts, responses)]
+        hidden = [critic.model(input_ids=torch.tensor([p + r])).last_hidden_state[0] for p, r in zip(prompts, responses)]
+    if padding_free:
+        use_packed_attention(model)
+        use_packed_attention(critic)
+    packed = pack(prompts, responses, pad_id=0, width=4, padding_free=padding_free)
+    assert packed.input_ids.shape == ((1, 26) if padding_free else (3, 10))
     rows_seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape[1]))
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape))
     with torch.no_grad():
         got = response_logprobs(model, packed, temperature=0.7)
-        hook.remove()
-        full = torch.log_softmax(model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits / 0.7, -1)
-    want = torch.zeros(3, 4)
+        values = response_values(critic, packed)
+    hook.remove()
+    want, want_values = torch.zeros(3, 4), torch.zeros(3, 4)
     for b, (p, r) in enumerate(zip(prompts, responses)):
+        logprobs = torch.log_softmax(alone[b] / 0.7, -1)
         for j, token in enumerate(r):
-            want[b, j] = full[b, len(p) - 1 + j, token]
-    assert torch.allclose(got, want, atol=1e-5)
-    # rows 4..8: from the shortest prompt's first response position to the last predicting row (8 of
-    # episode 0), not all 10 positions of the packed batch
-    assert rows_seen == [5] and packed.input_ids.shape[1] == 10
+            want[b, j] = logprobs[len(p) - 1 + j, token]
+            want_values[b, j] = critic.score(hidden[b][len(p) - 1 + j]).item()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, want_values, atol=1e-5, rtol=1e-5)
+    assert [shape[0] for shape in rows_seen] == [7]  # 2 + 4 + 1 response tokens, nothing else
 
 
 def test_weights_travel_as_arrays_in_any_dtype(ray_local):

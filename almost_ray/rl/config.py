@@ -78,6 +78,9 @@ class PPOConfig(StrictModel):
     rollout_batch_size: int = Field(default=512, ge=1, description="episodes per iteration (paper: 512)")
     minibatch_size: int = Field(default=32, ge=1, description="episodes per optimizer step (paper: 32)")
     micro_batch_size: int = Field(default=8, ge=1, description="episodes per forward pass on one replica")
+    padding_free: bool = Field(
+        default=True, description="a micro-batch's episodes end to end in one row, no pad tokens (models/packing.py; "
+        "OpenRLHF --ds.packing_samples); false: right-padded rows")
     ppo_epochs: int = Field(default=4, ge=1, description="passes over each rollout batch (paper: 4)")
     max_new_tokens: int = Field(default=128, ge=1, description="paper: 128")
     temperature: float = Field(default=1.0, gt=0, description="paper: 1")

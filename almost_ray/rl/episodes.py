@@ -1,9 +1,11 @@
 """Episodes as tensors, and the per-token log-probabilities and values a model assigns to them.
 
-An episode is one prompt and one sampled response, both token ids. `pack` lays a batch out
-right-padded (`prompt + response + pad`), with `positions[b, j]`, the index of the logits row that
-predicts response token j (`len(prompt) - 1 + j`), so the policy, the reference, the rollout engine
-and the critic all read the same positions. Nothing here knows about Ray.
+An episode is one prompt and one sampled response, both token ids. `pack` lays a batch out as
+rows of tokens, either right-padded (`prompt + response + pad`, one episode per row) or padding-free
+(every episode end to end in one row, `models.packing`), with `positions[b, j]`, the index in the
+flattened rows of the hidden state that predicts response token j (`len(prompt) - 1 + j` into the
+episode), so the policy, the reference, the rollout engine and the critic all read the same positions
+whatever the layout. Nothing here knows about Ray.
 """
 
 from __future__ import annotations
@@ -13,38 +15,60 @@ from dataclasses import dataclass
 
 import torch
 
+from almost_ray.models.packing import PackedRow, pack_sequences
+
 
 @dataclass
 class Packed:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    positions: torch.Tensor  # [B, R] row of the logits / hidden state that predicts response token j
+    input_ids: torch.Tensor  # [rows, T]: B rows padded, or 1 row padding-free
+    attention_mask: torch.Tensor | None  # [rows, T] padded; None padding-free (`row` says where episodes start)
+    positions: torch.Tensor  # [B, R] flat index (row * T + column) of the hidden state predicting response token j
     targets: torch.Tensor  # [B, R] response token j
     mask: torch.Tensor  # [B, R] 1.0 on response tokens
+    row: PackedRow | None = None  # padding-free only
 
     def to(self, device) -> Packed:
-        return Packed(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.positions, self.targets,
-                                                 self.mask)))
+        return Packed(*(t.to(device) if t is not None else None
+                        for t in (self.input_ids, self.attention_mask, self.positions, self.targets, self.mask)),
+                      row=self.row)
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments of the model's forward for these rows."""
+        if self.row is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return {"input_ids": self.input_ids, **self.row.attention_kwargs(self.input_ids.device)}
 
 
-def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, width: int | None = None) -> Packed:
-    """Right-padded `prompt + response` rows; response tensors `width` wide (default: the longest response)."""
+def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, width: int | None = None,
+         padding_free: bool = False) -> Packed:
+    """The episodes as model input; response tensors `width` wide (default: the longest response).
+
+    Right-padded rows by default; `padding_free` puts every episode end to end in one row, which needs
+    the model switched to `models.packing.use_packed_attention` first.
+    """
     width = width or max(1, max(len(r) for r in response_ids))
-    total = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     n = len(prompt_ids)
-    input_ids = torch.full((n, total), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, total), dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
     targets = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width))
+    sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    if padding_free:
+        row = pack_sequences(sequences)
+        input_ids, attention_mask, starts = row.input_ids, None, row.starts[:-1]
+    else:
+        row, total = None, max(len(seq) for seq in sequences)
+        input_ids = torch.full((n, total), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, total), dtype=torch.long)
+        starts = [b * total for b in range(n)]
+        for b, seq in enumerate(sequences):
+            input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[b, : len(seq)] = 1
     for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        seq = list(p) + list(r)
-        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[b, : len(seq)] = 1
-        positions[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+        first = starts[b] + len(p) - 1
+        positions[b, : len(r)] = torch.arange(first, first + len(r))
         targets[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[b, : len(r)] = 1.0
-    return Packed(input_ids, attention_mask, positions, targets, mask)
+    return Packed(input_ids, attention_mask, positions, targets, mask, row)
 
 
 def response_logprobs(model, packed: Packed, temperature: float = 1.0) -> torch.Tensor:
@@ -53,24 +77,25 @@ def response_logprobs(model, packed: Packed, temperature: float = 1.0) -> torch.
     The logits are divided by the sampling temperature, so these are the log-probabilities of the
     distribution the tokens were drawn from (the paper samples at temperature 1).
     """
-    first, kept = _response_rows(model, packed)
-    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, **kept).logits
-    index = (packed.positions - first).clamp(min=0)  # padding rows point anywhere; the mask zeroes them
-    rows = logits.gather(1, index[..., None].expand(-1, -1, logits.size(-1)))
+    index, kept = _response_rows(model, packed)
+    logits = model(**packed.model_inputs(), **kept).logits
+    rows = logits.reshape(-1, logits.size(-1))[index]  # padding rows point anywhere; the mask zeroes them
     logprobs = torch.log_softmax(rows.float() / temperature, dim=-1)
     return logprobs.gather(-1, packed.targets[..., None]).squeeze(-1) * packed.mask
 
 
-def _response_rows(model, packed: Packed) -> tuple[int, dict]:
-    """The first logits row any response token needs, and the `logits_to_keep` argument that makes the
-    model apply its LM head only from there on: prompt positions never need the vocabulary projection
-    (a 576 x 49152 matrix for SmolLM2: 8 % of a training step, docs/performance.md "PPO"). Models whose
-    forward has no `logits_to_keep` get every row."""
+def _response_rows(model, packed: Packed) -> tuple[torch.Tensor, dict]:
+    """Where each response token's logits row lands in the model's output, and the `logits_to_keep`
+    argument that makes the model apply its LM head only to the rows that predict a response token:
+    prompt positions never need the vocabulary projection (a 576 x 49152 matrix for SmolLM2: 8 % of a
+    training step, docs/performance.md "PPO"). Models whose forward has no `logits_to_keep` get every
+    row, in flattened order."""
     if "logits_to_keep" not in inspect.signature(model.forward).parameters or not packed.mask.any():
-        return 0, {}
-    first = int(packed.positions[packed.mask.bool()].min())
-    last = int(packed.positions.max())
-    return first, {"logits_to_keep": torch.arange(first, last + 1, device=packed.input_ids.device)}
+        return packed.positions, {}
+    keep = torch.zeros(packed.input_ids.numel(), dtype=torch.bool, device=packed.input_ids.device)
+    keep[packed.positions[packed.mask.bool()]] = True
+    kept_index = keep.cumsum(0) - 1  # row of the kept logits for each flat position
+    return kept_index[packed.positions], {"logits_to_keep": keep.view_as(packed.input_ids)}
 
 
 def response_values(critic, packed: Packed) -> torch.Tensor:
@@ -80,8 +105,8 @@ def response_values(critic, packed: Packed) -> torch.Tensor:
     to each position instead, so a critic initialised from the RM starts out predicting the RM's score.
     """
     base = getattr(critic, critic.base_model_prefix)
-    hidden = base(input_ids=packed.input_ids, attention_mask=packed.attention_mask).last_hidden_state
-    rows = hidden.gather(1, packed.positions[..., None].expand(-1, -1, hidden.size(-1)))
+    hidden = base(**packed.model_inputs()).last_hidden_state
+    rows = hidden.reshape(-1, hidden.size(-1))[packed.positions]
     return critic.score(rows).squeeze(-1).float() * packed.mask
 
 

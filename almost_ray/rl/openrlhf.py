@@ -231,7 +231,7 @@ def build_command(cfg: Config) -> list[str]:
             f"--{prefix}.min_lr_ratio", _num(p.min_lr / p.lr),
             f"--{prefix}.max_norm", _num(p.max_grad_norm or 0.0),  # 0: DeepSpeed clips nothing
         ]
-    argv += ["--ds.param_dtype", "bf16"]
+    argv += ["--ds.param_dtype", "bf16", *(["--ds.packing_samples"] if p.padding_free else [])]
     for role in ROLES:
         nodes, gpus = role_placement(p.resources(role).replicas, p.openrlhf.gpus_per_node, role)
         name = OPENRLHF_ROLE[role]

@@ -145,13 +145,22 @@ class RoleActor:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def use_episode_layout(self) -> None:
+        """Padding-free episodes (`ppo.padding_free`) need an attention that keeps each one to itself:
+        flash-attention 2 under bf16 compute on a GPU where it is installed, SDPA per episode otherwise."""
+        if self.cfg.padding_free:
+            from almost_ray.models.packing import use_packed_attention
+
+            use_packed_attention(self.model, flash=self.device.type == "cuda" and self.cfg.bf16_compute("cuda"))
+
     @torch.no_grad()
     def score_episodes(self, batch: dict, width: int, fn) -> torch.Tensor:
         """`fn(packed)` over `batch` in micro-batches, with this role's model (`self.model`) in eval mode
         and under its compute context: the scoring pass of the policy, the reference and the critic."""
         self.model.eval()
         with self.compute():
-            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.device, fn)
+            return _in_micro_batches(batch, self.cfg.micro_batch_size, width, self.pad_id, self.cfg.padding_free,
+                                     self.device, fn)
 
     def node_id(self) -> str:
         import ray
@@ -195,7 +204,8 @@ class TrainableActor(RoleActor):
         rows = len(piece["response_ids"])
         for chunk in split_rows(rows, max(1, math.ceil(rows / self.cfg.micro_batch_size))) if rows else []:
             micro = take(piece, chunk)
-            packed = pack(micro["prompt_ids"], micro["response_ids"], self.pad_id, width).to(self.device)
+            packed = pack(micro["prompt_ids"], micro["response_ids"], self.pad_id, width,
+                          self.cfg.padding_free).to(self.device)
             with self.compute():
                 loss, stats = self.micro_loss(packed, {k: v.to(self.device) for k, v in micro.items()
                                                        if isinstance(v, torch.Tensor)})
@@ -249,6 +259,7 @@ class PolicyActor(TrainableActor):
         self.model_dir = model_dir
         self.model = load_causal_lm(model_dir, self.cfg.dtype, device=str(self.device))
         self.model.config.use_cache = False
+        self.use_episode_layout()
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.setup_optimizer(self.cfg.lr)
 
@@ -313,6 +324,7 @@ class CriticActor(TrainableActor):
             ).to(self.device)
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.model.config.pad_token_id = self.pad_id
+        self.use_episode_layout()
         self.setup_optimizer(self.cfg.critic_lr)
 
     def values(self, batch: dict, width: int) -> torch.Tensor:
@@ -333,6 +345,7 @@ class ReferenceActor(RoleActor):
         from almost_ray.models.loading import load_causal_lm, load_tokenizer
 
         self.model = load_causal_lm(model_dir, self.cfg.dtype, device=str(self.device))
+        self.use_episode_layout()
         self.pad_id = load_tokenizer(model_dir).pad_token_id
 
     def logprobs(self, batch: dict, width: int) -> torch.Tensor:
@@ -356,12 +369,14 @@ class RewardActor(RoleActor):
         return [float(s) for s in self.rm.score(conversations)] if conversations else []
 
 
-def _in_micro_batches(batch: dict, size: int, width: int, pad_id: int, device, fn) -> torch.Tensor:
+def _in_micro_batches(batch: dict, size: int, width: int, pad_id: int, padding_free: bool, device,
+                      fn) -> torch.Tensor:
     n = len(batch["response_ids"])
     if n == 0:
         return torch.zeros(0, width)
     out = []
     for rows in split_rows(n, math.ceil(n / size)):
         part = take(batch, rows)
-        out.append(fn(pack(part["prompt_ids"], part["response_ids"], pad_id, width).to(device)).float().cpu())
+        packed = pack(part["prompt_ids"], part["response_ids"], pad_id, width, padding_free)
+        out.append(fn(packed.to(device)).float().cpu())
     return torch.cat(out)
