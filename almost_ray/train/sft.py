@@ -149,12 +149,9 @@ def micro_loss(model, rows: list[dict], device: torch.device,
 
     Padding-free, the rows are one packed row (`models.packing`) and no layer computes a pad token.
     """
-    if padding_free:
-        row = pack_sequences([r["input_ids"] for r in rows])
+    row = pack_sequences([r["input_ids"] for r in rows]) if padding_free else None
+    if row is not None:
         labels = torch.from_numpy(np.concatenate([r["labels"] for r in rows]).astype(np.int64))[None, :]
-        targets = torch.full_like(labels, IGNORE_INDEX)  # position t predicts token t+1 of its own sequence
-        targets[:, :-1] = labels[:, 1:]
-        targets[:, row.ends] = IGNORE_INDEX
         inputs = {"input_ids": row.input_ids.to(device), **row.attention_kwargs(device)}
     else:
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -162,9 +159,11 @@ def micro_loss(model, rows: list[dict], device: torch.device,
         labels = pad_batch([r["labels"] for r in rows], IGNORE_INDEX)
         lens = torch.tensor([len(r["input_ids"]) for r in rows], device=device)
         attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
-        targets = torch.full_like(labels, IGNORE_INDEX)
-        targets[:, :-1] = labels[:, 1:]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    targets = torch.full_like(labels, IGNORE_INDEX)  # position t predicts token t+1 of its own sequence
+    targets[:, :-1] = labels[:, 1:]
+    if row is not None:
+        targets[:, row.ends] = IGNORE_INDEX  # a sequence's last token does not predict the next one's first
     targets = targets.to(device)
     keep = targets != IGNORE_INDEX  # keep the hidden states whose next token is supervised
     logits = model(**inputs, logits_to_keep=keep).logits
