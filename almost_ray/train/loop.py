@@ -258,9 +258,10 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
     `num_workers: 0`, in the driver) loads the whole model unsharded: there is no one to share it with.
     """
     torch.manual_seed(cfg.seed)  # the fresh head is the same in every run
+    flash = bf16 and device.type == "cuda"
     if not distributed:
         model = task.load_model(model_dir).to(device)
-        _prepare(model, cfg)
+        _prepare(model, cfg, flash)
         return model
 
     import torch.distributed as dist
@@ -268,7 +269,7 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
 
     full = task.load_model(model_dir) if rank == 0 else None
     model = task.empty_model(task.load_config(model_dir)).to(torch.float32)  # on the meta device
-    _prepare(model, cfg)
+    _prepare(model, cfg, flash)
     shard_model(model, device, world, bf16, cfg.reshard_after_forward)
     model.to_empty(device=device)
     full_sd = full.state_dict() if full is not None else {}
@@ -282,10 +283,12 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
     return model
 
 
-def _prepare(model: torch.nn.Module, cfg: TrainConfig) -> None:
+def _prepare(model: torch.nn.Module, cfg: TrainConfig, flash: bool) -> None:
+    """Training settings of the model; `flash`: bf16 compute on a GPU, where packed rows may use
+    flash-attention 2 (`models.packing.use_packed_attention`)."""
     model.config.use_cache = False
     if cfg.padding_free:
-        use_packed_attention(model, flash=cfg.use_gpu and cfg.mixed_precision != "fp32")
+        use_packed_attention(model, flash=flash)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP-safe
 
