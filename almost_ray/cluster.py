@@ -1,5 +1,5 @@
 """Connecting to Ray: a cluster when an address is configured (or RAY_ADDRESS is set), else a local Ray;
-and checking that every node sees the run directory."""
+the environment our worker processes start with; and checking that every node sees the run directory."""
 
 from __future__ import annotations
 
@@ -8,6 +8,23 @@ import uuid
 from pathlib import Path
 
 from almost_ray.cluster_config import RayConfig
+
+
+# glibc's malloc serves every allocation over 32 MiB with its own mmap and unmaps it on free (and trims
+# the heap above 128 KiB of free space), so a training step's gradients, logits and activations come
+# back as fresh pages the kernel must fault in and zero, step after step: ~220k page faults and 0.5 s
+# of system time in every 4 s PPO step of SmolLM2-135M on one CPU thread (docs/performance.md "PPO").
+# With mmap off and trimming out of reach, a worker reuses the memory it freed: its resident size stays
+# at its peak, which a training or generation actor reaches on its first step anyway. mallopt(3) names
+# these variables; other allocators ignore them.
+WORKER_ENV_VARS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
+def worker_runtime_env() -> dict:
+    """The job-level runtime_env of our Ray workers: `WORKER_ENV_VARS`, less any the driver's own
+    environment already sets (a value given to `ray job submit` or exported by the user wins, and Ray
+    refuses to merge a job runtime_env whose env_vars repeat a key)."""
+    return {"env_vars": {key: value for key, value in WORKER_ENV_VARS.items() if key not in os.environ}}
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -19,10 +36,10 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=worker_runtime_env())
     else:
         # "local": a Ray of our own, not whatever cluster another `ray start` on this machine left recorded
-        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)
+        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True, runtime_env=worker_runtime_env())
 
 
 VISIBILITY_TIMEOUT_S = 60.0

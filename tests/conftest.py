@@ -54,9 +54,13 @@ def ray_local():
     """A local 2-CPU Ray shared by the tests of a session."""
     import ray
 
+    from almost_ray.cluster import worker_runtime_env
+
     if not ray.is_initialized():
-        # address="local": a new Ray even when another `ray start` left /tmp/ray/ray_current_cluster
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a new Ray even when another `ray start` left /tmp/ray/ray_current_cluster;
+        # the workers start with the environment `init_ray` gives ours
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()
 
