@@ -9,7 +9,6 @@ from pathlib import Path
 
 from almost_ray.cluster_config import RayConfig
 
-
 # glibc's malloc serves every allocation over 32 MiB with its own mmap and unmaps it on free (and trims
 # the heap above 128 KiB of free space), so a training step's gradients, logits and activations come
 # back as fresh pages the kernel must fault in and zero, step after step: ~220k page faults and 0.5 s

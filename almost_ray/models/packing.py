@@ -12,8 +12,8 @@ about training or Ray.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
