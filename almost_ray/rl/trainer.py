@@ -168,17 +168,19 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
         advantages = losses.whiten(advantages, mask)
     batch.update(old_logprobs=old_logprobs, advantages=advantages, old_values=values, returns=returns)
 
-    # 4. ppo_epochs passes over the episodes in shuffled minibatches, policy and critic side by side
-    steps: list[tuple[dict, dict, float]] = []  # (policy sums, critic sums, minibatch tokens)
+    # 4. ppo_epochs passes over the episodes in shuffled minibatches, policy and critic side by side: every
+    #    step is queued at once (an actor runs its calls in order), so neither role waits for the other's
+    #    step to end before starting its next
+    queued: list[tuple[list, list, float]] = []  # (policy refs, critic refs, minibatch tokens)
     for epoch in range(cfg.ppo_epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + epoch)
         order = torch.randperm(len(prompts), generator=gen)
         for start in range(0, len(prompts), cfg.minibatch_size):
             minibatch = take(batch, order[start : start + cfg.minibatch_size])
-            policy_refs = train_on_replicas(roles["policy"], minibatch, width)
-            critic_refs = train_on_replicas(roles["critic"], minibatch, width)
             tokens = float(sum(len(r) for r in minibatch["response_ids"]))
-            steps.append((_sum(ray.get(policy_refs)), _sum(ray.get(critic_refs)), tokens))
+            queued.append((train_on_replicas(roles["policy"], minibatch, width),
+                           train_on_replicas(roles["critic"], minibatch, width), tokens))
+    steps = [(_sum(ray.get(p)), _sum(ray.get(c)), tokens) for p, c, tokens in queued]
     t3 = time.perf_counter()
 
     # 5. the engines get the updated policy before the next rollout
