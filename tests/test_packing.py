@@ -56,11 +56,11 @@ def test_a_packed_row_gives_every_sequence_its_own_logits():
 
 def test_packed_attention_under_bf16_autocast_on_cpu_runs_in_fp32(monkeypatch):
     """CPU's bf16 SDPA backward is 2.5x slower than fp32's at PPO's sizes: under autocast the packed
-    attention runs in fp32 with autocast off, hands on the dtype autocast would have, and backpropagates."""
+    attention runs in fp32 with autocast off, and the model still backpropagates through it."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    seen, handed_on, sdpa = [], [], F.scaled_dot_product_attention
+    seen, sdpa = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, *args, **kwargs):
         seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
@@ -69,14 +69,11 @@ def test_packed_attention_under_bf16_autocast_on_cpu_runs_in_fp32(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny:llama"), dtype=torch.float32)
     use_packed_attention(model)
-    for layer in model.model.layers:  # what attention hands to the output projection
-        layer.self_attn.o_proj.register_forward_pre_hook(lambda _, args: handed_on.append(args[0].dtype))
     row = pack_sequences(_sequences()[:3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(input_ids=row.input_ids, **row.attention_kwargs("cpu")).logits
     logits.float().sum().backward()
     assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
-    assert set(handed_on) == {torch.bfloat16}  # the value projection's dtype under autocast, as plain SDPA
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
