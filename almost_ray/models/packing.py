@@ -71,7 +71,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         # CPU's SDPA backward in bf16 takes 2.5x the time of fp32 at these sizes (3.3 against 1.3 ms for
         # SmolLM2's 9 heads over a 94-token sequence), and attention is a small share of the arithmetic:
         # under bf16 autocast on CPU it runs in fp32 (autocast off, or it would cast SDPA's inputs back)
-        # and hands back what autocast would have (a no-op for an fp32 model).
+        # and hands back the value projection's dtype (a no-op for an fp32 model).
         query, key, value = query.float(), key.float(), value.float()
     with torch.autocast("cpu", enabled=False) if cpu else nullcontext():
         parts = [
