@@ -58,15 +58,26 @@ def cuda_peak_mib() -> float | None:
     return torch.cuda.max_memory_allocated() / MIB
 
 
-def driver_peak_mib() -> float:
-    """The driver's peak RSS since `reset_driver_peak` (or since it started): `VmHWM` where /proc has it."""
+def _proc_status_mib(key: str) -> float | None:
     try:
         for line in _PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return maxrss_mib()
+    return None
+
+
+def driver_peak_mib() -> float:
+    """The driver's peak RSS since `reset_driver_peak` (or since it started): `VmHWM` where /proc has it."""
+    peak = _proc_status_mib("VmHWM")
+    return maxrss_mib() if peak is None else peak
+
+
+def current_rss_mib() -> float:
+    """The driver's resident size now (`VmRSS`); its peak where /proc does not say."""
+    rss = _proc_status_mib("VmRSS")
+    return maxrss_mib() if rss is None else rss
 
 
 def reset_driver_peak() -> None:

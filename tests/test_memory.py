@@ -34,15 +34,29 @@ def test_summary_is_the_largest_actor_per_role_and_overall():
     assert memory.peak_cell(None) == ""
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: /proc/self/clear_refs")
+def _fresh_pages(mib: int):
+    """`mib` MiB of new resident pages, whatever the allocator holds already: an anonymous mapping of its
+    own (a bytearray might reuse memory an earlier test freed, and then no peak would move)."""
+    import mmap
+
+    block = mmap.mmap(-1, mib * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
+    return block
+
+
 def test_driver_peak_is_per_window():
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs here (not Linux): the driver's peak is its whole process's")
     memory.reset_driver_peak()
     before = memory.driver_peak_mib()
-    block = bytearray(200 * 2**20)
-    block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page, so it is resident
+    if before > memory.current_rss_mib() + 50:
+        pytest.skip("this kernel does not lower VmHWM on a write of 5 to /proc/self/clear_refs, "
+                    "so no per-stage window can be measured here")
+    block = _fresh_pages(200)
     grown = memory.driver_peak_mib()
     assert grown >= before + 150
-    del block
+    block.close()
     assert memory.driver_peak_mib() >= grown - 1  # the peak stays after the memory is freed ...
     memory.reset_driver_peak()
     assert memory.driver_peak_mib() < grown - 150  # ... until a new window starts

@@ -271,3 +271,22 @@ def truncated_model_dir(model_dir: Path, num_layers: int) -> Path:
 
     key = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:12]
     return _cached(f"{Path(model_dir).name}-{key}-layers{num_layers}", build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m almost_ray.models.loading REF...`: resolve (convert and cache) each reference up front and
+    print its HF directory, so a first run (or a test session) does not convert inside whatever needs it."""
+    import sys
+
+    refs = sys.argv[1:] if argv is None else argv
+    for ref in refs or list(EMBEDDED_REFS) + ["tiny:llama"]:
+        try:
+            print(f"{ref}\t{resolve_model_dir(ref)}", flush=True)
+        except ModelRefError as err:
+            print(f"almost_ray.models.loading: {err}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
