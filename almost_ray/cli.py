@@ -12,13 +12,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from almost_ray import pipeline
 from almost_ray.config import Config, load_config
 from almost_ray.config_base import ConfigError
+from almost_ray.pipeline import loop as pipeline
 
 
 def _generate(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray import generate
+    from almost_ray.generate import stage as generate
 
     out = generate.run(cfg.generate, cfg.ray, args.input, args.output)
     print(f"wrote {out}")
@@ -49,7 +49,7 @@ def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _train_rm(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.train import reward
+    from almost_ray.train import rm as reward
 
     out = reward.run(cfg.train_rm, cfg.ray, args.input, args.output or cfg.run_dir / "rm")
     print(f"reward model written to {out}")
@@ -63,7 +63,7 @@ def _train_sft(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _eval_rm(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.eval import rm_accuracy
+    from almost_ray.eval import rm as rm_accuracy
 
     model = args.model or cfg.eval_rm.model or str(cfg.run_dir / "rm" / "model")
     output = args.output or cfg.run_dir / "eval_rm" / "rm_accuracy.json"
@@ -72,8 +72,8 @@ def _eval_rm(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _eval(args: argparse.Namespace, cfg: Config) -> None:
+    from almost_ray.eval.evaluate import apply_cli, run
     from almost_ray.eval.report import summary_lines
-    from almost_ray.eval.run import apply_cli, run
 
     cfg = apply_cli(cfg, args.model, args.suite, args.vs, args.reward_model)
     report = run(cfg, args.output)
@@ -86,7 +86,7 @@ def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
     from almost_ray.rmsp import stage
 
     if args.compare_plain:
-        from almost_ray.rmsp.compare import COMPARE_DIR, run_compare, summary_lines
+        from almost_ray.rmsp.vs_self_play import COMPARE_DIR, run_compare, summary_lines
 
         report = run_compare(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
         print("\n".join(summary_lines(report)))
@@ -97,7 +97,7 @@ def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
 
 
 def _export(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.export import export
+    from almost_ray.data.export import export
 
     stage_dir = Path(args.stage_dir) if args.stage_dir else cfg.run_dir / args.stage
     out = export(stage_dir, args.stage, args.to, args.format)
@@ -113,7 +113,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> None:
     if args.write_gpu_config:  # the ray.serve.llm (vLLM) deploy file instead of serving here
         import yaml
 
-        from almost_ray.records import atomic_open
+        from almost_ray.data.records import atomic_open
         from almost_ray.serve.llm import gpu_deploy_config
 
         with atomic_open(args.write_gpu_config) as f:
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"almost-ray: config error:\n{err}", file=sys.stderr)
         return 2
+    from almost_ray.data.records import RecordError
     from almost_ray.models.loading import ModelRefError
-    from almost_ray.records import RecordError
 
     try:
         code = args.handler(args, cfg)

@@ -19,11 +19,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 from almost_ray.config_base import ConfigError, StrictModel
 from almost_ray.eval.config import EvalConfig, EvalRMConfig
-from almost_ray.generate_config import GenerateConfig
-from almost_ray.report_config import ReportConfig
+from almost_ray.generate.config import GenerateConfig
+from almost_ray.pipeline.config import ReportConfig
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rmsp.config import RMSPConfig
 from almost_ray.serve.config import ServeConfig

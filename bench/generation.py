@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from almost_ray.cluster_config import ResourcesConfig
-from almost_ray.generation_pool import stream_generation
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.generate.pool import stream_generation
 from almost_ray.models import hf_backend
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.hf_backend import HFGenerator, PrefixCache
-from almost_ray.templates import fewshot_header, human_assistant, load_prompt_text, packaged_text
+from almost_ray.prompts.templates import fewshot_header, human_assistant, load_prompt_text, packaged_text
 
 REF = "embedded:smollm2-135m-instruct"
 

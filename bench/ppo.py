@@ -121,7 +121,7 @@ def trl_worker(spec_file: str, out_file: str) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from almost_ray.templates import human_assistant
+    from almost_ray.prompts.templates import human_assistant
 
     transformers.logging.set_verbosity_error()
     spec = json.loads(Path(spec_file).read_text())
@@ -233,7 +233,7 @@ def run_ours(spec: dict, work: Path) -> dict:
         from almost_ray.rl import stage
     except ImportError as err:
         return {"method": "almost_ray ppo", "skipped": f"almost_ray.rl.stage not available: {err}"}
-    from almost_ray.cluster_config import RayConfig
+    from almost_ray.cluster.config import RayConfig
 
     run_dir = work / "ours"
     start = time.perf_counter()

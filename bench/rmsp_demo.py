@@ -1,7 +1,7 @@
 """RMSP on the demo config, timed: >= 50 two-turn dialogues from the embedded model, and the RM score of
 RMSP's chosen responses next to plain self-play's on the same queries (ALMoST Table 5's two arms).
 
-Both arms run in this one call (`almost_ray.rmsp.compare.run_compare`): RMSP into runs/<run>/rmsp, self-play
+Both arms run in this one call (`almost_ray.rmsp.vs_self_play.run_compare`): RMSP into runs/<run>/rmsp, self-play
 into runs/<run>/rmsp-plain, the report into runs/<run>/rmsp-compare/report.{json,png}.
 
 The RM: `--rm PATH` (e.g. runs/demo/rm/model from `almost-ray train-rm`); without it, runs/demo/rm/model
@@ -29,9 +29,9 @@ import psutil
 import torch
 
 from almost_ray.config import load_config
+from almost_ray.data.records import write_json
 from almost_ray.models.loading import cache_root, resolve_model_dir
-from almost_ray.records import write_json
-from almost_ray.rmsp.compare import run_compare, summary_lines
+from almost_ray.rmsp.vs_self_play import run_compare, summary_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "data" / "almost" / "seed_prompts.txt"

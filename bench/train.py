@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M-Instruct, fp32), same data, same global batch (8), same max length (256),
 one epoch, learning rates of the papers:
   reward model: 64 HH-RLHF helpful-base pairs (both sides <= 255 tokens, so TRL, which drops longer
-                pairs, keeps all 64) — TRL 1.16 `RewardTrainer` vs `almost_ray.train.reward`;
+                pairs, keeps all 64) — TRL 1.16 `RewardTrainer` vs `almost_ray.train.rm`;
   SFT:          64 single-turn HH-RLHF chosen dialogues as `Human:`/`Assistant:` text, loss on the reply —
                 TRL 1.16 `SFTTrainer` (prompt-completion rows) vs `almost_ray.train.sft`.
 TRL runs in this process on 2 threads, with its defaults (gradient checkpointing on) and with its fastest
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.data.preferences import load_pairs
+from almost_ray.data.records import write_jsonl
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.models.reward import rm_text
-from almost_ray.preferences import load_pairs
-from almost_ray.records import write_jsonl
-from almost_ray.templates import human_assistant
+from almost_ray.prompts.templates import human_assistant
 from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
 
 REF = "embedded:smollm2-135m-instruct"
@@ -136,8 +136,9 @@ def _trl_row(samples: int, batch: int, wall: float, times) -> dict:
 
 
 def ours(task: str, data, batch: int, max_length: int, workers: int, work: Path) -> dict:
-    from almost_ray.train import reward, sft
-    from almost_ray.train.report import read_metrics
+    from almost_ray.data.metrics_log import read_metrics
+    from almost_ray.train import rm as reward
+    from almost_ray.train import sft
 
     common = dict(model=REF, num_workers=workers, cpus_per_worker=2 / workers, global_batch_size=batch,
                   micro_batch_size=max(1, batch // max(1, workers)), max_length=max_length, epochs=1,

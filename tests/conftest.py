@@ -70,7 +70,7 @@ def ray_local():
     """A local 2-CPU Ray shared by the tests of a session."""
     import ray
 
-    from almost_ray.cluster import worker_runtime_env
+    from almost_ray.cluster.connect import worker_runtime_env
 
     if not ray.is_initialized():
         # address="local": a new Ray even when another `ray start` left /tmp/ray/ray_current_cluster;

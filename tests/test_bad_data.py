@@ -61,7 +61,7 @@ def test_bad_data_exits_2_naming_file_line_and_field(name, tmp_path, capsys):
 
 
 def test_a_huge_line_is_read_and_a_huge_broken_one_is_reported_briefly(tmp_path, capsys):
-    from almost_ray.preferences import load_pairs
+    from almost_ray.data.preferences import load_pairs
 
     big = "word " * 1_000_000  # 5 MB on one line
     good = tmp_path / "big.jsonl"

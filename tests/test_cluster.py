@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 def test_a_value_the_user_already_set_is_left_to_the_user(monkeypatch):
-    from almost_ray.cluster import WORKER_ENV_VARS, worker_runtime_env
+    from almost_ray.cluster.connect import WORKER_ENV_VARS, worker_runtime_env
 
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
@@ -21,7 +21,7 @@ def test_the_worker_env_merges_with_a_submitted_jobs_runtime_env(monkeypatch):
     the driver's environment, so a key both set is left out rather than refused by Ray."""
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from almost_ray.cluster import worker_runtime_env
+    from almost_ray.cluster.connect import worker_runtime_env
 
     job = {"working_dir": ".", "env_vars": {"MALLOC_MMAP_MAX_": "65536", "HF_HOME": "/data/hf"}}
     for key, value in job["env_vars"].items():

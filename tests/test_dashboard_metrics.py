@@ -16,11 +16,11 @@ CHILD = textwrap.dedent('''
     import json, socket, sys, threading, time, urllib.request
     from pathlib import Path
     import ray
-    from almost_ray.cluster_config import RayConfig
+    from almost_ray.cluster.config import RayConfig
     from almost_ray.synth.config import QueriesConfig
     from almost_ray.train.config import TrainRMConfig
     from almost_ray.synth import queries
-    from almost_ray.train import reward
+    from almost_ray.train import rm as reward
 
     work = Path(sys.argv[1])
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()

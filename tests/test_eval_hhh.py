@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from almost_ray.data.records import RecordError
 from almost_ray.eval import hhh
 from almost_ray.eval.config import EvalPrompt, HHHEvalConfig
-from almost_ray.records import RecordError
 
 ITEMS = [
     {"subset": "helpful", "input": "How do I boil an egg?", "targets": [

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from almost_ray.data.records import RecordError
 from almost_ray.eval import judge, ranking
 from almost_ray.eval.config import JudgeEvalConfig, RankingEvalConfig
-from almost_ray.records import RecordError
 
 
 def write(path, rows):

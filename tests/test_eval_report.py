@@ -8,9 +8,9 @@ import pytest
 
 from almost_ray.config_base import ConfigError
 from almost_ray.eval.config import EvalPrompt
-from almost_ray.eval.prompts import continuation, load_template, parse_dialogue, render
 from almost_ray.eval.report import markdown, summary_lines, write_report
 from almost_ray.eval.stats import proportion, wilson_interval
+from almost_ray.eval.templates import continuation, load_template, parse_dialogue, render
 
 
 def test_wilson_interval_known_values():

@@ -10,7 +10,7 @@ import yaml
 from almost_ray.cli import main
 from almost_ray.config import load_config
 from almost_ray.eval import hhh, truthfulqa
-from almost_ray.eval.run import apply_cli, in_process_backends, run
+from almost_ray.eval.evaluate import apply_cli, in_process_backends, run
 from almost_ray.eval.scoring import score_in_process
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.eval.scoring import score_in_process, score_on_ray, score_rows, scores_path
 from almost_ray.models.config import ModelConfig
 
@@ -62,7 +62,7 @@ def test_ray_pool_matches_in_process_and_resumes(ray_local, tiny_generator, tmp_
 
 def test_interrupted_run_keeps_finished_shards(ray_local, tiny_generator, tmp_path):
     """A shard already on disk is not scored again (ShardedJsonl); only the missing rows are."""
-    from almost_ray.shards import ShardedJsonl
+    from almost_ray.data.shards import ShardedJsonl
 
     model = ModelConfig(ref="tiny:llama", dtype="float32")
     scorer = score_on_ray(model, ResourcesConfig(concurrency=1, num_cpus=1, batch_size=2), tmp_path, shard_size=1)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from almost_ray.data.records import RecordError
 from almost_ray.eval import truthfulqa
 from almost_ray.eval.config import TruthfulQAEvalConfig
-from almost_ray.records import RecordError
 
 QUESTIONS = [
     # the true answer is listed last here: nothing may depend on position

@@ -29,9 +29,9 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config
-from almost_ray.manifest import read_manifest
+from almost_ray.runs.manifest import read_manifest
 from almost_ray.synth import compare
 
 CLI = [sys.executable, "-m", "almost_ray.cli"]
@@ -408,7 +408,7 @@ def test_eval_scoring_survives_a_killed_scorer_replica(tmp_path, ray_local):
     """The eval scorer (`eval.scoring.score_on_ray`: a Ray Data pool of 2 `ScorerReplica`s, 320 rows in
     batches of 2, shards of 8): one replica SIGKILLed once a shard is on disk; Ray Data restarts it and
     retries its batch, and the scores file equals the uninterrupted run's byte for byte."""
-    from almost_ray.cluster_config import ResourcesConfig
+    from almost_ray.cluster.config import ResourcesConfig
     from almost_ray.eval.scoring import score_on_ray, scores_path
     from almost_ray.models.config import ModelConfig
 

@@ -16,7 +16,7 @@ from conftest import tiny_pipeline_config
 from test_faults import _wait_for
 from test_job_submit import RUNTIME_ENV, TERMINAL, local_head, wait_for
 
-from almost_ray.manifest import read_manifest
+from almost_ray.runs.manifest import read_manifest
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

@@ -20,12 +20,12 @@ import torch
 import yaml
 from test_faults import _alive_actors, _kill_group, _subprocess_env, _wait_for
 
-from almost_ray.cluster_config import RayConfig
-from almost_ray.manifest import read_manifest
+from almost_ray.cluster.config import RayConfig
 from almost_ray.rl import stage
 from almost_ray.rl.checkpoint import latest_iteration
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.failures import RESTARTS
+from almost_ray.runs.manifest import read_manifest
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

@@ -3,12 +3,12 @@
 import json
 
 from almost_ray.cli import main
-from almost_ray.cluster_config import ResourcesConfig
-from almost_ray.generation_pool import stream_generation
-from almost_ray.manifest import read_manifest
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.data.records import Response, read_jsonl
+from almost_ray.generate.pool import stream_generation
 from almost_ray.models.config import ModelConfig, SamplingParams
-from almost_ray.records import Response, read_jsonl
-from almost_ray.templates import render_prompt
+from almost_ray.prompts.templates import render_prompt
+from almost_ray.runs.manifest import read_manifest
 
 QUERIES = [f"Tell me fact number {i} about the sea." for i in range(8)]
 TINY = ModelConfig(ref="tiny:llama", dtype="float32", max_batch_size=4)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from conftest import tiny_pipeline_config
 
-from almost_ray.manifest import read_manifest
+from almost_ray.runs.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from almost_ray import memory
+from almost_ray.cluster import memory
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

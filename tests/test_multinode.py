@@ -18,12 +18,12 @@ CHILD = textwrap.dedent('''
     from pathlib import Path
     import ray
     from ray.cluster_utils import Cluster
-    from almost_ray.cluster_config import RayConfig, ResourcesConfig
+    from almost_ray.cluster.config import RayConfig, ResourcesConfig
     from almost_ray.config_base import ConfigError
     from almost_ray.models.config import ModelConfig, SamplingParams
     from almost_ray.train.config import TrainRMConfig
-    from almost_ray.generation_pool import stream_generation
-    from almost_ray.train import reward
+    from almost_ray.generate.pool import stream_generation
+    from almost_ray.train import rm as reward
 
     work = Path(sys.argv[1])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

@@ -9,7 +9,8 @@ import torch
 
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.models.packing import pack_sequences, use_packed_attention
-from almost_ray.train import reward, sft
+from almost_ray.train import rm as reward
+from almost_ray.train import sft
 from almost_ray.train.data import pad_batch
 from almost_ray.train.losses import IGNORE_INDEX
 

@@ -15,9 +15,9 @@ from conftest import tiny_pipeline_config
 from almost_ray.cli import main
 from almost_ray.config import load_config
 from almost_ray.config_base import ConfigError
-from almost_ray.pipeline import flatten, select, summary, summary_line
-from almost_ray.preferences import is_heldout, split_by_query
-from almost_ray.stages import STAGES
+from almost_ray.data.preferences import is_heldout, split_by_query
+from almost_ray.pipeline.loop import flatten, select, summary, summary_line
+from almost_ray.pipeline.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER = ["queries", "compare", "train_rm", "eval_rm", "rmsp", "train_sft", "ppo", "eval", "report"]
@@ -65,7 +65,7 @@ def test_missing_input_stops_before_ray_naming_the_stage_that_writes_it(tmp_path
     assert f"stage train_sft: input dialogues not found: {tmp_path}/runs/tiny/rmsp/dialogues.jsonl" in err
     assert "(run stage rmsp first)" in err
     # inputs written by an earlier selected stage are fine; the first stage's missing seeds file is not
-    from almost_ray.pipeline import check_inputs
+    from almost_ray.pipeline.loop import check_inputs
 
     check_inputs(STAGES, select(STAGES), load_config(tiny_config(tmp_path)))
     cfg = load_config(tiny_config(tmp_path), [f"queries.seeds={tmp_path}/none.txt"])
@@ -127,7 +127,7 @@ def test_queries_stage_runs_then_is_skipped_when_done(tmp_path, ray_local, capsy
 
 
 def test_runs_dir_visibility_check_names_the_nodes_that_cannot_read_the_token():
-    from almost_ray.cluster import invisible_nodes
+    from almost_ray.cluster.connect import invisible_nodes
 
     answers = {"aaa": ("10.0.0.1", "tok"), "bbb": ("10.0.0.2", None), "ccc": None}
     assert invisible_nodes(answers, "tok") == ["bbb (10.0.0.2)", "ccc (no answer within 60 s)"]

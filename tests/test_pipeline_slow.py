@@ -14,8 +14,8 @@ import yaml
 from conftest import tiny_pipeline_config
 
 from almost_ray.cli import main
-from almost_ray.manifest import read_manifest
-from almost_ray.records import read_jsonl
+from almost_ray.data.records import read_jsonl
+from almost_ray.runs.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import pandas as pd
 import ray
 from ray.data import ActorPoolStrategy
 
-from almost_ray.cluster_config import ResourcesConfig
-from almost_ray.memory import actor_reports
-from almost_ray.pools import pool_args, right_sized, stream_pool
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.memory import actor_reports
+from almost_ray.cluster.pools import pool_args, right_sized, stream_pool
 
 # test classes are pickled by value: Ray workers cannot import the tests folder
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

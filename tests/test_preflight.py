@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.preflight import pool_bundles, preflight, shortfall, train_bundles
 from almost_ray.config_base import ConfigError
-from almost_ray.preflight import pool_bundles, preflight, shortfall, train_bundles
 from almost_ray.train.config import TrainConfig
 
 TWO_NODES = [{"CPU": 2.0, "memory": 8 * 2**30}, {"CPU": 2.0, "memory": 8 * 2**30}]

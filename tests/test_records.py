@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from almost_ray.records import (
+from almost_ray.data.records import (
     Comparison,
     Dialogue,
     RecordError,
@@ -13,7 +13,7 @@ from almost_ray.records import (
     read_jsonl,
     write_jsonl,
 )
-from almost_ray.shards import ShardedJsonl
+from almost_ray.data.shards import ShardedJsonl
 
 
 def test_round_trip_keeps_metadata(tmp_path):

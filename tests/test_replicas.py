@@ -9,10 +9,10 @@ import sys
 import pandas as pd
 import ray
 
-from almost_ray.cluster_config import ResourcesConfig
-from almost_ray.generation_pool import GenerationReplica, stream_generation
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.replicas import ReplicaSet
+from almost_ray.generate.pool import GenerationReplica, stream_generation
 from almost_ray.models.config import ModelConfig, SamplingParams
-from almost_ray.replicas import ReplicaSet
 
 # test classes are pickled by value: Ray workers cannot import the tests folder
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -8,10 +8,10 @@ import time
 from importlib.util import find_spec
 
 from almost_ray.config import Config
+from almost_ray.data.records import write_json
 from almost_ray.eval.stats import proportion
-from almost_ray.manifest import write_manifest
-from almost_ray.records import write_json
-from almost_ray.report import markdown, terminal_summary, write_report
+from almost_ray.pipeline.report import markdown, terminal_summary, write_report
+from almost_ray.runs.manifest import write_manifest
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config, config_hash
-from almost_ray.manifest import read_manifest, write_manifest
+from almost_ray.runs.manifest import read_manifest, write_manifest
 from almost_ray.synth.config import CompareConfig, QueriesConfig
 from almost_ray.train.config import TrainRMConfig
 
@@ -41,7 +41,7 @@ def test_deterministic_stages_give_byte_identical_outputs(tmp_path, ray_local):
     """`queries`, `compare` and `train-rm` (num_workers 0, 2 steps of one pair), each run twice into two stage
     folders with the same config and seed: the data files and the model's safetensors are equal."""
     from almost_ray.synth import compare, queries
-    from almost_ray.train import reward
+    from almost_ray.train import rm as reward
 
     res = {"concurrency": 2, "num_cpus": 1, "batch_size": 2}
     raw = {

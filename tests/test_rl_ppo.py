@@ -12,10 +12,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 from almost_ray.config_base import ConfigError
+from almost_ray.data.records import RecordError
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
-from almost_ray.records import RecordError
 from almost_ray.rl import stage
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.roles import plan_bundles
@@ -87,12 +87,12 @@ def test_vllm_arguments():
 @pytest.fixture()
 def no_actors(monkeypatch):
     """Fail the test if the stage gets as far as starting Ray."""
-    import almost_ray.cluster
+    import almost_ray.cluster.connect
 
     def refuse(_cfg):
         raise AssertionError("Ray was started before the inputs were checked")
 
-    monkeypatch.setattr(almost_ray.cluster, "init_ray", refuse)
+    monkeypatch.setattr(almost_ray.cluster.connect, "init_ray", refuse)
 
 
 def _rm_dir(tmp_path):
@@ -136,7 +136,7 @@ def _write(path, text):
 
 
 def test_prompts_are_first_user_turns(tmp_path):
-    from almost_ray.rl.prompts import load_prompts
+    from almost_ray.rl.prompt_data import load_prompts
 
     dialogues = tmp_path / "dialogues.jsonl"
     rows = [
@@ -220,8 +220,8 @@ def test_bf16_mixed_precision_trains_fp32_weights():
 
 
 def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
+    from almost_ray.data.metrics_log import MetricsLog
     from almost_ray.rl.checkpoint import CHECKPOINTS, atomic_dir, checkpoint_dirs
-    from almost_ray.train.report import MetricsLog
 
     root = tmp_path / CHECKPOINTS
     with atomic_dir(root / "iter_0000002") as tmp:

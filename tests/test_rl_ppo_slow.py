@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 from almost_ray.models.loading import load_tokenizer, resolve_model_dir
 from almost_ray.rl import stage
 from almost_ray.rl.config import PPOConfig

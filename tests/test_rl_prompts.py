@@ -7,9 +7,9 @@ import json
 import pytest
 
 from almost_ray.config_base import ConfigError
-from almost_ray.records import RecordError
+from almost_ray.data.records import RecordError
 from almost_ray.rl.config import PPOConfig
-from almost_ray.rl.prompts import load_prompts
+from almost_ray.rl.prompt_data import load_prompts
 
 
 def _dialogues(run_dir, rows):

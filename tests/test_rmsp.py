@@ -13,10 +13,10 @@ from almost_ray.cli import SUBCOMMANDS, main
 from almost_ray.config import load_config
 from almost_ray.config_base import ConfigError
 from almost_ray.models.config import SamplingParams
+from almost_ray.prompts.templates import fewshot_header, load_prompt_text
 from almost_ray.rmsp import turns
-from almost_ray.rmsp.compare import compare_records
 from almost_ray.rmsp.replicas import generate_candidates, score_candidates
-from almost_ray.templates import fewshot_header, load_prompt_text
+from almost_ray.rmsp.vs_self_play import compare_records
 
 
 class KnownScoresRM:

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from almost_ray.config import load_config
-from almost_ray.manifest import read_manifest
-from almost_ray.records import read_jsonl
+from almost_ray.data.records import read_jsonl
 from almost_ray.rmsp import stage, turns
+from almost_ray.runs.manifest import read_manifest
 
 QUERIES = ["What is the capital of France?", "How do I boil an egg?", "What is a neural network?",
            "Why is the sky blue?", "How do plants grow?"]

@@ -215,7 +215,7 @@ def test_vllm_processor_against_the_documented_adapter_api(monkeypatch, smollm_t
 def test_rules_make_the_embedded_model_stop_sooner_and_repeat_less():
     """Greedy decoding of the embedded model on a fixed prompt, with and without the adapter."""
     from almost_ray.models.hf_backend import HFGenerator
-    from almost_ray.templates import render_prompt
+    from almost_ray.prompts.templates import render_prompt
 
     greedy = SamplingParams(temperature=0, max_new_tokens=160)
     base = HFGenerator(ModelConfig(ref="embedded:smollm2-135m-instruct", dtype="float32"), device="cpu")
@@ -268,7 +268,7 @@ def test_default_rules_reproduce_listing1_step_by_step(smollm_tokenizer):
     tok = smollm_tokenizer
     assert tok(f"\n{USER_TAG}\n", add_special_tokens=False).input_ids[-5:] == \
         tok(f"\n{USER_TAG}\n", add_special_tokens=False).input_ids[len(tok("\n<", add_special_tokens=False).input_ids):]
-    from almost_ray.templates import tulu
+    from almost_ray.prompts.templates import tulu
 
     prompt = tulu([{"role": "user", "content": "What should We cook tonight? I like rice!"}])
     prompt_ids = tok(prompt, add_special_tokens=False).input_ids
@@ -289,7 +289,7 @@ def test_default_rules_reproduce_listing1_step_by_step(smollm_tokenizer):
 def test_repeat_scope_options_and_table8_what(smollm_tokenizer):
     tok = smollm_tokenizer
     from almost_ray.adapters.config import WHAT_WEIGHT_TABLE8
-    from almost_ray.templates import tulu
+    from almost_ray.prompts.templates import tulu
 
     turns = [{"role": "user", "content": "apple"}, {"role": "assistant", "content": "banana"},
              {"role": "user", "content": "cherry"}]

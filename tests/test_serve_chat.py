@@ -22,7 +22,7 @@ def chat_model():
 
 
 def _item(model, content="Name a color.", **fields):
-    from almost_ray.templates import render_prompt
+    from almost_ray.prompts.templates import render_prompt
 
     defaults = dict(messages=[{"role": "user", "content": content}], max_tokens=6, temperature=1.0, top_p=0.9,
                     n=1, stop=(), seed=3, rules=None)

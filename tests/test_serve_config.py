@@ -143,8 +143,8 @@ def test_gpu_deploy_config_validates_with_ray_schemas(tmp_path):
 @pytest.mark.parametrize("fmt", ["human_assistant", "tulu"])
 def test_gpu_chat_templates_render_what_the_model_was_trained_on(fmt):
     from almost_ray.models.loading import load_tokenizer
+    from almost_ray.prompts.templates import render_prompt
     from almost_ray.serve.llm import CHAT_TEMPLATES
-    from almost_ray.templates import render_prompt
 
     tok = load_tokenizer("tiny:llama")
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": " Hi there \n"},

@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
-from almost_ray.generate import read_prompts
-from almost_ray.manifest import write_manifest
-from almost_ray.preferences import load_pairs
-from almost_ray.records import RecordError, load_queries, write_jsonl
+from almost_ray.data.preferences import load_pairs
+from almost_ray.data.records import RecordError, load_queries, write_jsonl
+from almost_ray.data.sources import parse_source, source_hash
+from almost_ray.generate.stage import read_prompts
 from almost_ray.rl.config import PPOConfig
-from almost_ray.rl.prompts import load_prompts
-from almost_ray.sources import parse_source, source_hash
+from almost_ray.rl.prompt_data import load_prompts
+from almost_ray.runs.manifest import write_manifest
 from almost_ray.train.sft import load_conversations
 
 COMPARISONS = [

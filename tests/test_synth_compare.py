@@ -9,13 +9,13 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config, load_config
-from almost_ray.records import Comparison, read_jsonl
+from almost_ray.data.records import Comparison, read_jsonl
+from almost_ray.prompts.templates import DIALOGUE_SEPARATOR
 from almost_ray.synth import compare, ladder
 from almost_ray.synth.config import CompareConfig, RungConfig
 from almost_ray.synth.ladder import pool_groups, rung_header, trim_to_sentence
-from almost_ray.templates import DIALOGUE_SEPARATOR
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -8,8 +8,8 @@ import random
 import pytest
 from rouge_score import rouge_scorer
 
-from almost_ray.cluster_config import RayConfig
-from almost_ray.records import read_jsonl
+from almost_ray.cluster.config import RayConfig
+from almost_ray.data.records import read_jsonl
 from almost_ray.synth import queries as mining
 from almost_ray.synth.config import QueriesConfig
 from almost_ray.synth.queries import (
@@ -166,7 +166,7 @@ def test_mining_on_tiny_llama_is_deterministic_and_resumes(tmp_path, ray_local, 
     def no_generation(*args, **kwargs):
         raise AssertionError("a finished round was generated again")
 
-    monkeypatch.setattr("almost_ray.replicas.ReplicaSet._start", no_generation)
+    monkeypatch.setattr("almost_ray.cluster.replicas.ReplicaSet._start", no_generation)
     again = mining.run(cfg, RayConfig(), tmp_path / "one")
     assert [q["text"] for q in read_jsonl(again)] == [q["text"] for q in mined]
     assert all(m["replayed"] for m in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()))

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 from transformers import LogitsProcessor
 
+from almost_ray.data.records import RecordError
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import load_tokenizer, resolve_model_dir
 from almost_ray.models.text import OverlongPromptError, drop_last_shot, fit_prompt, prompt_token_ids
-from almost_ray.records import RecordError
-from almost_ray.templates import fewshot_header, human_assistant, load_prompt_text, tulu
+from almost_ray.prompts.templates import fewshot_header, human_assistant, load_prompt_text, tulu
 from almost_ray.train.config import TrainSFTConfig
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=4)
@@ -99,10 +99,11 @@ def bos_generator(bos_model_dir):
 
 
 def test_hf_training_and_vllm_ids_agree_token_for_token(bos_model_dir, bos_generator, monkeypatch):
+    from almost_ray.data.preferences import PreferencePair
     from almost_ray.models.reward import rm_text
     from almost_ray.models.vllm_backend import VLLMGenerator
-    from almost_ray.preferences import PreferencePair
-    from almost_ray.train import reward, sft
+    from almost_ray.train import rm as reward
+    from almost_ray.train import sft
 
     tok = load_tokenizer(bos_model_dir)
     messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple."}]
@@ -186,7 +187,7 @@ def test_both_backends_apply_the_same_length_policy(bos_model_dir, monkeypatch):
 
 
 def test_generation_replica_reports_the_policy_per_row(bos_model_dir):
-    from almost_ray.generation_pool import GenerationReplica
+    from almost_ray.generate.pool import GenerationReplica
 
     header, _ = fewshot_prompt(3)
     model = ModelConfig(ref=str(bos_model_dir), backend="hf", dtype="float32", on_overlong="skip")
@@ -223,7 +224,7 @@ def test_backends_do_not_import_the_generator_module():
 
 
 def test_generate_manifest_counts_what_the_policy_did():
-    from almost_ray.generate import _count_fits
+    from almost_ray.generate.stage import _count_fits
 
     rows = [{"shots_dropped": 0, "prompt_skipped": False}, {"shots_dropped": 2, "prompt_skipped": False},
             {"shots_dropped": 3, "prompt_skipped": True}]

@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from almost_ray.preferences import load_pairs, pair_from_record, parse_human_assistant, split_hh
-from almost_ray.records import RecordError
-from almost_ray.templates import human_assistant, tulu
+from almost_ray.data.preferences import load_pairs, pair_from_record, parse_human_assistant, split_hh
+from almost_ray.data.records import RecordError
+from almost_ray.prompts.templates import human_assistant, tulu
 from almost_ray.train.config import TrainSFTConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import IGNORE_INDEX
@@ -153,7 +153,7 @@ def test_hh_file_reads(shared_data):
 def test_stack_exchange_pairs_read_for_the_as_is_rm(tmp_path, tokenizer):
     """ALMoST's As-is RM is trained on paired StackExchange answers: response_j is the preferred one."""
     from almost_ray.models.reward import rm_text
-    from almost_ray.train.reward import encode_pairs
+    from almost_ray.train.rm import encode_pairs
 
     path = tmp_path / "se.jsonl"
     rows = [{"qid": 1, "question": "How do I reverse a list?", "date": "2020", "metadata": [],

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from almost_ray.eval.rm_accuracy import length_baseline, pairwise_accuracy
-from almost_ray.preferences import PreferencePair
+from almost_ray.data.preferences import PreferencePair
+from almost_ray.eval.rm import length_baseline, pairwise_accuracy
 
 
 def _pair(chosen: str, rejected: str) -> PreferencePair:
@@ -46,7 +46,7 @@ def test_eval_rm_cli_reports_rm_and_length_baseline(tmp_path, ray_local, shared_
     assert c_row["length_baseline"] == 1.0
     assert 0.0 <= hh_row["rm_accuracy"] <= 1.0
     # HH-RLHF's first 24 pairs: the baseline is what counting characters gives
-    from almost_ray.preferences import load_pairs
+    from almost_ray.data.preferences import load_pairs
 
     assert hh_row["length_baseline"] == pytest.approx(length_baseline(load_pairs(hh, limit=24)))
     printed = capsys.readouterr().out

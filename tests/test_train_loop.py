@@ -10,14 +10,15 @@ import time
 import pytest
 import torch
 
-from almost_ray.cluster_config import RayConfig
-from almost_ray.eval.rm_accuracy import pairwise_accuracy
-from almost_ray.memory import actor_reports
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.memory import actor_reports
+from almost_ray.data.metrics_log import read_metrics
+from almost_ray.data.preferences import load_pairs
+from almost_ray.eval.rm import pairwise_accuracy
 from almost_ray.models.loading import resolve_model_dir
-from almost_ray.preferences import load_pairs
-from almost_ray.train import loop, reward, sft
+from almost_ray.train import loop, sft
+from almost_ray.train import rm as reward
 from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
-from almost_ray.train.report import read_metrics
 
 WORDS = ("apple river stone cloud green quick music table light paper window garden bright summer "
          "horse silver candle forest ocean letter").split()
@@ -166,7 +167,7 @@ def test_two_workers_load_on_rank0_and_broadcast_into_shards(tmp_path, ray_local
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from almost_ray.train import loop as worker_loop
-        from almost_ray.train import reward as task
+        from almost_ray.train import rm as task
         from almost_ray.train.config import TrainConfig
 
         rank = ray.train.get_context().get_world_rank()

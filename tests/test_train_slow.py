@@ -9,11 +9,12 @@ import random
 import pytest
 import torch
 
+from almost_ray.data.metrics_log import read_metrics
+from almost_ray.data.preferences import load_pairs
 from almost_ray.models.loading import resolve_model_dir
-from almost_ray.preferences import load_pairs
-from almost_ray.train import loop, reward, sft
+from almost_ray.train import loop, sft
+from almost_ray.train import rm as reward
 from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
-from almost_ray.train.report import read_metrics
 
 pytestmark = pytest.mark.slow
 

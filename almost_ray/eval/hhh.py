@@ -22,11 +22,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from almost_ray.data.records import read_jsonl
 from almost_ray.eval.config import HHHEvalConfig
-from almost_ray.eval.prompts import ANSWER_TEMPLATE, HHH_LETTER_TEMPLATE, continuation, load_template, render
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
-from almost_ray.records import read_jsonl
+from almost_ray.eval.templates import (
+    ANSWER_TEMPLATE,
+    HHH_LETTER_TEMPLATE,
+    continuation,
+    load_template,
+    render,
+)
 
 LETTER_FIELDS = {"question", "answer_a", "answer_b"}
 ANSWER_FIELDS = {"question"}

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from almost_ray.data.records import RecordError, read_jsonl
 from almost_ray.eval.config import JudgeEvalConfig
-from almost_ray.eval.prompts import JUDGE_TEMPLATE, continuation, load_template, render
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
-from almost_ray.records import RecordError, read_jsonl
+from almost_ray.eval.templates import JUDGE_TEMPLATE, continuation, load_template, render
 
 FIELDS = {"question", "answer_a", "answer_b"}
 

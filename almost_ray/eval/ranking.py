@@ -12,11 +12,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from almost_ray.data.records import RecordError, read_jsonl
 from almost_ray.eval.config import RankingEvalConfig
-from almost_ray.eval.prompts import continuation, parse_dialogue, render_messages
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
-from almost_ray.records import RecordError, read_jsonl
+from almost_ray.eval.templates import continuation, parse_dialogue, render_messages
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.pools import stream_pool
+from almost_ray.data.records import read_jsonl
+from almost_ray.data.shards import ShardedJsonl
 from almost_ray.models.config import ModelConfig
 from almost_ray.models.generator import Generator, make_generator
 from almost_ray.models.text import encode_pair
-from almost_ray.pools import stream_pool
-from almost_ray.records import read_jsonl
-from almost_ray.shards import ShardedJsonl
 
 Row = dict
 Scores = dict[str, dict]

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from almost_ray.config import Config
+from almost_ray.data.records import write_json
 from almost_ray.eval.config import EvalConfig
-from almost_ray.manifest import is_done, read_manifest, reset_if_changed, write_manifest
-from almost_ray.records import write_json
+from almost_ray.runs.manifest import is_done, read_manifest, reset_if_changed, write_manifest
 
 SINGLE_MODEL_SUITES = ("hhh", "truthfulqa", "ranking")
 JUDGE_DIR = "ppo-vs-sft"
@@ -29,7 +29,7 @@ JUDGE_DIR = "ppo-vs-sft"
 
 def models(cfg: Config) -> dict[str, str | None]:
     """base, sft, ppo -> model reference, or None when that model has not been trained."""
-    from almost_ray.stages import ppo_model, sft_model
+    from almost_ray.pipeline.stages import ppo_model, sft_model
 
     trained = {name: path for name, path in (("sft", sft_model(cfg)), ("ppo", ppo_model(cfg)))}
     return {"base": cfg.train_sft.model,
@@ -103,7 +103,7 @@ def _model_cfg(cfg: Config, name: str, suites: list[str]) -> Config:
 
 
 def _inputs(cfg: Config, runs: dict[str, list[str]]) -> dict[str, Path]:
-    from almost_ray.stages import dialogues_file, local
+    from almost_ray.pipeline.stages import dialogues_file, local
 
     inputs = {f"model_{k}": p for k, ref in models(cfg).items() if ref and (p := local(ref)) is not None}
     for suite in {s for suites in runs.values() for s in suites}:
@@ -115,9 +115,9 @@ def _inputs(cfg: Config, runs: dict[str, list[str]]) -> dict[str, Path]:
 
 def run(cfg: Config) -> Path:
     """Run every evaluation the plan allows into `<run>/eval/`; write summary.json and manifest.json last."""
-    from almost_ray.eval import run as evaluate
-    from almost_ray.rmsp.compare import COMPARE_DIR, run_compare
-    from almost_ray.stages import local
+    from almost_ray.eval import evaluate
+    from almost_ray.pipeline.stages import local
+    from almost_ray.rmsp.vs_self_play import COMPARE_DIR, run_compare
 
     stage_dir = cfg.run_dir / "eval"
     runs, not_run = plan(cfg)

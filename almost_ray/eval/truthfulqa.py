@@ -19,11 +19,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from almost_ray.data.records import read_jsonl
 from almost_ray.eval.config import TruthfulQAEvalConfig
-from almost_ray.eval.prompts import ANSWER_TEMPLATE, TRUE_FALSE_TEMPLATE, continuation, load_template, render
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
-from almost_ray.records import read_jsonl
+from almost_ray.eval.templates import (
+    ANSWER_TEMPLATE,
+    TRUE_FALSE_TEMPLATE,
+    continuation,
+    load_template,
+    render,
+)
 
 
 class TruthfulQARecord(BaseModel):

@@ -13,9 +13,9 @@ import json
 import pandas as pd
 import torch
 
+from almost_ray.data.records import Messages
 from almost_ray.models.loading import load_tokenizer, resolve_model_dir, torch_dtype
-from almost_ray.records import Messages
-from almost_ray.templates import human_assistant
+from almost_ray.prompts.templates import human_assistant
 
 
 def rm_text(messages: Messages) -> str:

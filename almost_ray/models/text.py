@@ -22,8 +22,8 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from almost_ray.records import RecordError
-from almost_ray.templates import DIALOGUE_SEPARATOR
+from almost_ray.data.records import RecordError
+from almost_ray.prompts.templates import DIALOGUE_SEPARATOR
 
 
 def prompt_token_ids(tokenizer, prompt: str) -> list[int]:

@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
-from almost_ray.records import write_json, write_jsonl
+from almost_ray.data.records import write_json, write_jsonl
 from almost_ray.rl.config import ROLES, PPOConfig
-from almost_ray.rl.prompts import load_prompts
+from almost_ray.rl.prompt_data import load_prompts
 
 OPENRLHF_VERSION = "0.11.2"
 ENTRYPOINT = ["python", "-m", "openrlhf.cli.train_ppo_ray"]
@@ -283,7 +283,7 @@ def write_prompts(cfg: Config, path: Path, prompts: Path | None = None) -> Promp
     tokens exceed `max_prompt_tokens` are dropped, as our stage drops them.
     """
     from almost_ray.models.loading import load_tokenizer
-    from almost_ray.templates import render_prompt
+    from almost_ray.prompts.templates import render_prompt
 
     texts = load_prompts(cfg.ppo, cfg.run_dir, prompts)
     tokenizer = load_tokenizer(model_dirs(cfg)[0])

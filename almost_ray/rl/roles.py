@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from almost_ray import memory
+from almost_ray.cluster import memory
 from almost_ray.config_base import ConfigError
 from almost_ray.rl import losses
 from almost_ray.rl.config import ROLES, PPOConfig

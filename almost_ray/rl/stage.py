@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.data.records import RecordError
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
-from almost_ray.records import RecordError
+from almost_ray.prompts.templates import render_prompt
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.failures import restarts
-from almost_ray.rl.prompts import load_prompts, prompts_path
+from almost_ray.rl.prompt_data import load_prompts, prompts_path
 from almost_ray.rl.trainer import METRICS, MODEL_DIR, Prompt
-from almost_ray.templates import render_prompt
 
 STAGE = "ppo"
 
@@ -63,7 +63,7 @@ def encode_prompts(texts: list[str], tokenizer, cfg: PPOConfig) -> tuple[list[Pr
 
 
 def summarize(path: Path) -> dict:
-    from almost_ray.train.report import read_metrics
+    from almost_ray.data.metrics_log import read_metrics
 
     rows = read_metrics(path)
     if not rows:
@@ -91,10 +91,10 @@ def run(
     Skipped when its manifest matches this config and these inputs; resumed from the latest
     checkpoint otherwise. `scorer` and `fault_at_iteration` are for tests (see `trainer.train`).
     """
-    from almost_ray.cluster import init_ray
-    from almost_ray.manifest import is_done, write_manifest
+    from almost_ray.cluster.connect import init_ray
+    from almost_ray.data.metrics_log import plot_metrics
     from almost_ray.rl.trainer import train
-    from almost_ray.train.report import plot_metrics
+    from almost_ray.runs.manifest import is_done, write_manifest
 
     run_dir = Path(run_dir)
     stage_dir = run_dir / STAGE

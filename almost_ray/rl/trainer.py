@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from almost_ray import metrics as dashboard
+from almost_ray.cluster import dashboard
+from almost_ray.data.metrics_log import MetricsLog
 from almost_ray.rl import checkpoint, failures, losses
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.episodes import split_rows, take
@@ -35,7 +36,6 @@ from almost_ray.rl.rollout import (
     open_vllm_sync,
     sync_weights,
 )
-from almost_ray.train.report import MetricsLog
 
 METRICS = "metrics.jsonl"
 MODEL_DIR = "model"

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.config_base import StrictModel
 from almost_ray.models.config import ModelConfig, SamplingParams
 

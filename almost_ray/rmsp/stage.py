@@ -26,20 +26,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from almost_ray.cluster import init_ray
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.connect import init_ray
+from almost_ray.cluster.dashboard import add_counts, progress, run_of
+from almost_ray.cluster.preflight import fits_together, pool_bundles, preflight
+from almost_ray.cluster.replicas import ReplicaSet
 from almost_ray.config import config_hash
 from almost_ray.config_base import ConfigError
-from almost_ray.manifest import input_hash, is_done, write_manifest
-from almost_ray.metrics import add_counts, progress, run_of
-from almost_ray.preflight import fits_together, pool_bundles, preflight
-from almost_ray.records import atomic_open, load_queries, read_jsonl
-from almost_ray.replicas import ReplicaSet
+from almost_ray.data.records import atomic_open, load_queries, read_jsonl
+from almost_ray.data.shards import ROW_KEY, SHARD_KEY, ShardedJsonl
+from almost_ray.prompts.templates import fewshot_header, load_prompt_text
 from almost_ray.rmsp import turns
 from almost_ray.rmsp.config import RMSPConfig
 from almost_ray.rmsp.replicas import CandidateScorer, RoleReplica
-from almost_ray.shards import ROW_KEY, SHARD_KEY, ShardedJsonl
-from almost_ray.templates import fewshot_header, load_prompt_text
+from almost_ray.runs.manifest import input_hash, is_done, write_manifest
 
 STAGE = "rmsp"
 PLAIN_STAGE = "rmsp-plain"

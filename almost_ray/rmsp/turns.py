@@ -19,8 +19,8 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from almost_ray.records import Messages
-from almost_ray.templates import HUMAN, default_stop, human_assistant
+from almost_ray.data.records import Messages
+from almost_ray.prompts.templates import HUMAN, default_stop, human_assistant
 
 # `status` values: why a dialogue ended.
 MAX_TURNS = "max_turns"

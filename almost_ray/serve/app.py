@@ -187,7 +187,7 @@ def run(cfg: ServeConfig, ray_cfg, block: bool = True) -> str:
 
     Ctrl-C or SIGTERM (a container stop) shuts Serve down, also while the replicas are still loading.
     """
-    from almost_ray.cluster import init_ray
+    from almost_ray.cluster.connect import init_ray
 
     init_ray(ray_cfg)
     url = f"http://{cfg.http.host}:{cfg.http.port}"

@@ -18,9 +18,9 @@ from pathlib import Path
 from ray import serve
 
 from almost_ray.models.text import prompt_seed, truncate_at_stop
+from almost_ray.prompts.templates import default_stop, render_prompt
 from almost_ray.serve.config import ChatDeploymentConfig, ServeConfig
 from almost_ray.serve.protocol import APIError, ChatJob, ChatResult, Choice
-from almost_ray.templates import default_stop, render_prompt
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 

@@ -8,7 +8,7 @@ extra), so the file can be generated and checked on any machine.
 
 What carries over from the CPU path:
 - the prompt format: a model trained on `human_assistant` or `tulu` turns gets a chat template that
-  renders exactly what `almost_ray.templates` renders (vLLM's frontend argument `chat_template`);
+  renders exactly what `almost_ray.prompts.templates` renders (vLLM's frontend argument `chat_template`);
   clients should send that format's stop strings (`"\\nHuman:"`), which vLLM does not add by itself;
 - the rules adapter: its vLLM logits processor is loaded into the engine when `chat.rules.enabled`, and
   a request turns it on with `vllm_xargs` (see `almost_ray.adapters.rules_vllm`).

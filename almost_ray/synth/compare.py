@@ -15,13 +15,20 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from almost_ray.cluster_config import RayConfig
-from almost_ray.manifest import is_done, read_manifest, write_manifest
-from almost_ray.metrics import add_counts, run_of
-from almost_ray.pools import stream_pool
-from almost_ray.records import Comparison, RecordError, atomic_open, load_queries, read_jsonl, write_jsonl
-from almost_ray.shards import ShardedJsonl
-from almost_ray.sources import parse_source
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.dashboard import add_counts, run_of
+from almost_ray.cluster.pools import stream_pool
+from almost_ray.data.records import (
+    Comparison,
+    RecordError,
+    atomic_open,
+    load_queries,
+    read_jsonl,
+    write_jsonl,
+)
+from almost_ray.data.shards import ShardedJsonl
+from almost_ray.data.sources import parse_source
+from almost_ray.runs.manifest import is_done, read_manifest, write_manifest
 from almost_ray.synth.config import CompareConfig
 from almost_ray.synth.filters import Candidate, binarize, rm_agrees
 from almost_ray.synth.ladder import generate_responses, remove_parts
@@ -31,7 +38,7 @@ def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[
     """As-is RM scores of the responses that appear in kept pairs: id -> reward (resumable shards)."""
     import hashlib
 
-    from almost_ray.cluster import init_ray
+    from almost_ray.cluster.connect import init_ray
     from almost_ray.models.reward import RewardReplica
 
     rm = cfg.as_is_rm

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.pools import stream_pool
+from almost_ray.data.records import Query, atomic_open, read_jsonl
+from almost_ray.data.shards import ShardedJsonl
 from almost_ray.models.config import ModelConfig, SamplingParams
-from almost_ray.pools import stream_pool
-from almost_ray.records import Query, atomic_open, read_jsonl
-from almost_ray.shards import ShardedJsonl
+from almost_ray.prompts.templates import default_stop, fewshot_header, human_assistant, load_prompt_text
 from almost_ray.synth.config import CompareConfig, RungConfig
-from almost_ray.templates import default_stop, fewshot_header, human_assistant, load_prompt_text
 
 # A sentence ends at ., ! or ? followed by a closing quote/bracket or nothing, then whitespace or the end.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
@@ -127,7 +127,7 @@ def generate_responses(
                 for r in group for q in queries]
         todo = shards.pending(rows)
         if todo:
-            from almost_ray.cluster import init_ray
+            from almost_ray.cluster.connect import init_ray
 
             init_ray(ray_cfg)
             shards.collect(_run_pool(todo, group, pool))

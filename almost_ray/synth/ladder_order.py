@@ -25,9 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from almost_ray.config import load_config
+from almost_ray.data.records import read_jsonl, write_json
 from almost_ray.eval.stats import wilson_interval
 from almost_ray.models.config import ModelConfig
-from almost_ray.records import read_jsonl, write_json
 
 
 class PMIJudge:

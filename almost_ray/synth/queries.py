@@ -27,16 +27,16 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer, tokenizers
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.dashboard import add_counts, progress, run_of
+from almost_ray.cluster.replicas import ReplicaSet
 from almost_ray.config import config_hash
-from almost_ray.generation_pool import GenerationReplica
-from almost_ray.manifest import is_done, read_manifest, write_manifest
-from almost_ray.metrics import add_counts, progress, run_of
-from almost_ray.records import Query, RecordError, atomic_open, read_jsonl, write_json, write_jsonl
-from almost_ray.replicas import ReplicaSet
-from almost_ray.shards import ShardedJsonl
+from almost_ray.data.records import Query, RecordError, atomic_open, read_jsonl, write_json, write_jsonl
+from almost_ray.data.shards import ShardedJsonl
+from almost_ray.generate.pool import GenerationReplica
+from almost_ray.prompts.templates import packaged_text
+from almost_ray.runs.manifest import is_done, read_manifest, write_manifest
 from almost_ray.synth.config import QueriesConfig
-from almost_ray.templates import packaged_text
 
 INSTRUCTION_LINE = "### Instruction:"
 
@@ -186,7 +186,7 @@ def _generate_round(cfg: QueriesConfig, ray_cfg: RayConfig, prompts: list[str], 
                 for i, p in enumerate(prompts)]
         todo = shards.pending(rows)
         if todo:
-            from almost_ray.cluster import init_ray
+            from almost_ray.cluster.connect import init_ray
 
             init_ray(ray_cfg)
             shards.collect(

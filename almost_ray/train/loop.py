@@ -40,19 +40,19 @@ from typing import Any
 
 import torch
 
-from almost_ray import metrics as dashboard
+from almost_ray.cluster import dashboard
+from almost_ray.cluster.memory import ensure_ledger, report_peak
 from almost_ray.config import config_hash
-from almost_ray.memory import ensure_ledger, report_peak
+from almost_ray.data.metrics_log import MetricsLog
+from almost_ray.data.records import write_json
 from almost_ray.models.loading import ready_for_generation
 from almost_ray.models.packing import use_packed_attention
-from almost_ray.records import write_json
 from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
 from almost_ray.train.optim import adamw
-from almost_ray.train.report import MetricsLog
 
-TASKS = {"rm": "almost_ray.train.reward", "sft": "almost_ray.train.sft"}
+TASKS = {"rm": "almost_ray.train.rm", "sft": "almost_ray.train.sft"}
 METRICS = "metrics.jsonl"
 MODEL_DIR = "model"
 

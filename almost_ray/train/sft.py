@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.data.records import Dialogue, Messages, RecordError, field_error, numbered_rows
 from almost_ray.models import loading
 from almost_ray.models.packing import pack_sequences
-from almost_ray.records import Dialogue, Messages, RecordError, field_error, numbered_rows
-from almost_ray.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
+from almost_ray.prompts.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
 from almost_ray.train.config import TrainSFTConfig
 from almost_ray.train.data import encode_supervised, pad_batch
 from almost_ray.train.losses import IGNORE_INDEX, token_nll_sum

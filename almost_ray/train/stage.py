@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 
 # model_dir -> (encoded examples, counts for the manifest)
 Prepare = Callable[[Path], tuple[list[Any], dict[str, int]]]
@@ -28,12 +28,12 @@ def run_stage(
     plot: tuple[list[str], str],
 ) -> Path:
     """Train `kind` ("rm" | "sft") into `stage_dir/model`; returns it. Skipped when already done."""
-    from almost_ray.cluster import init_ray
-    from almost_ray.manifest import is_done, write_manifest
+    from almost_ray.cluster.connect import init_ray
+    from almost_ray.cluster.preflight import preflight, train_bundles
+    from almost_ray.data.metrics_log import plot_metrics, summarize
     from almost_ray.models.loading import resolve_model_dir
-    from almost_ray.preflight import preflight, train_bundles
+    from almost_ray.runs.manifest import is_done, write_manifest
     from almost_ray.train import loop
-    from almost_ray.train.report import plot_metrics, summarize
 
     stage_dir = Path(stage_dir)
     if is_done(stage_dir, cfg, inputs) and (stage_dir / loop.MODEL_DIR / "config.json").exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.config_base import StrictModel
 from almost_ray.models.config import ModelConfig, PromptFormat, SamplingParams
 

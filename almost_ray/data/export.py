@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from almost_ray.cards import DATA_STAGES, card_text
-from almost_ray.manifest import read_manifest
-from almost_ray.records import RecordError
+from almost_ray.data.cards import DATA_STAGES, card_text
+from almost_ray.data.records import RecordError
+from almost_ray.runs.manifest import read_manifest
 
 ExportFormat = Literal["parquet", "disk"]
 PARQUET_FILE = "data/train-00000-of-00001.parquet"

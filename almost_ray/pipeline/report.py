@@ -20,12 +20,12 @@ import shutil
 import textwrap
 from pathlib import Path
 
+from almost_ray.cluster.memory import peak_cell
 from almost_ray.config import Config
+from almost_ray.data.records import Response, atomic_open, load_queries, read_jsonl, write_json, write_jsonl
 from almost_ray.eval.stats import proportion
-from almost_ray.manifest import MANIFEST, is_done, read_manifest, reset_if_changed, write_manifest
-from almost_ray.memory import peak_cell
-from almost_ray.records import Response, atomic_open, load_queries, read_jsonl, write_json, write_jsonl
-from almost_ray.templates import packaged_text
+from almost_ray.prompts.templates import packaged_text
+from almost_ray.runs.manifest import MANIFEST, is_done, read_manifest, reset_if_changed, write_manifest
 
 STAGE_DIR = "report"
 MODELS = ("base", "sft", "ppo")
@@ -54,9 +54,9 @@ def answers(cfg: Config, out_dir: Path) -> dict[str, dict[str, str]]:
     A finetuned model is prompted in the format it was trained on (`train_sft.prompt_format`), the base
     model in `generate.prompt_format`.
     """
-    from almost_ray import generate
     from almost_ray.eval.stage import models
-    from almost_ray.stages import local
+    from almost_ray.generate import stage as generate
+    from almost_ray.pipeline.stages import local
 
     prompts = out_dir / "answers" / "prompts.jsonl"
     write_jsonl(prompts, ({"id": i, "text": t} for i, t in seed_queries(cfg)))
@@ -108,7 +108,7 @@ def benchmark_rows(run_dir: Path) -> list[dict]:
 
 def rm_rows(cfg: Config) -> list[dict]:
     """RM accuracy and prefer-longer on each file eval_rm scored (ties count half, as `rm_accuracy` does)."""
-    from almost_ray.stages import EVAL_RM_DIR, heldout_file
+    from almost_ray.pipeline.stages import EVAL_RM_DIR, heldout_file
 
     rep = _read_json(cfg.run_dir / EVAL_RM_DIR / "rm_accuracy.json")
     heldout = heldout_file(cfg)
@@ -133,7 +133,7 @@ def rm_rows(cfg: Config) -> list[dict]:
 
 
 def rmsp_rows(run_dir: Path) -> list[dict]:
-    from almost_ray.rmsp.compare import COMPARE_DIR
+    from almost_ray.rmsp.vs_self_play import COMPARE_DIR
 
     rep = _read_json(run_dir / COMPARE_DIR / "report.json")
     title = "RMSP vs plain self-play (RM score of the kept reply)"
@@ -173,8 +173,8 @@ def results(cfg: Config) -> list[dict]:
 
 def stage_rows(cfg: Config) -> list[dict]:
     """Every stage of the pipeline: done or not (and why), headline numbers, wall time."""
-    from almost_ray.pipeline import summary, summary_line
-    from almost_ray.stages import STAGES
+    from almost_ray.pipeline.loop import summary, summary_line
+    from almost_ray.pipeline.stages import STAGES
 
     out = []
     for st in STAGES:
@@ -302,8 +302,8 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
 
 
 def _inputs(cfg: Config) -> dict[str, Path]:
-    from almost_ray.rmsp.compare import COMPARE_DIR
-    from almost_ray.stages import STAGES
+    from almost_ray.pipeline.stages import STAGES
+    from almost_ray.rmsp.vs_self_play import COMPARE_DIR
 
     found = {f"{s.name}_manifest": s.stage_dir(cfg) / MANIFEST for s in STAGES if s.name != "report"}
     found["rmsp_compare"] = cfg.run_dir / COMPARE_DIR / "report.json"

@@ -15,7 +15,7 @@ nodes already up; give the autoscaler a minimum that covers the largest pool.
 
 from __future__ import annotations
 
-from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.config_base import ConfigError
 from almost_ray.train.config import TrainConfig
 

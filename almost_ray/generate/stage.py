@@ -11,16 +11,16 @@ import json
 import time
 from pathlib import Path
 
-from almost_ray.cluster import init_ray
-from almost_ray.cluster_config import RayConfig
-from almost_ray.generate_config import GenerateConfig
-from almost_ray.generation_pool import stream_generation
-from almost_ray.manifest import is_done, write_manifest
-from almost_ray.metrics import run_of
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.connect import init_ray
+from almost_ray.cluster.dashboard import run_of
+from almost_ray.data.records import RecordError, Response, numbered_rows, row_id
+from almost_ray.data.shards import ShardedJsonl
+from almost_ray.generate.config import GenerateConfig
+from almost_ray.generate.pool import stream_generation
 from almost_ray.models.loading import ModelRefError, resolve_model_dir
-from almost_ray.records import RecordError, Response, numbered_rows, row_id
-from almost_ray.shards import ShardedJsonl
-from almost_ray.templates import default_stop
+from almost_ray.prompts.templates import default_stop
+from almost_ray.runs.manifest import is_done, write_manifest
 
 
 def read_prompts(path: str | Path) -> list[dict]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.data.preferences import PreferencePair, load_pairs, split_by_query
 from almost_ray.models import loading
 from almost_ray.models.packing import pack_sequences
 from almost_ray.models.reward import rm_text
-from almost_ray.preferences import PreferencePair, load_pairs, split_by_query
 from almost_ray.train.config import TrainRMConfig
 from almost_ray.train.data import pad_batch
 from almost_ray.train.losses import pairwise_loss, pairwise_stats

@@ -16,11 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from almost_ray.cards import write_card
+from almost_ray.data.cards import write_card
 from almost_ray.config import config_hash
-from almost_ray.memory import stage_memory
-from almost_ray.records import write_json
-from almost_ray.sources import source_hash
+from almost_ray.cluster.memory import stage_memory
+from almost_ray.data.records import write_json
+from almost_ray.data.sources import source_hash
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("almost-ray", "torch", "transformers", "ray", "vllm")

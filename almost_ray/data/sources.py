@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
-from almost_ray.records import RecordError
+from almost_ray.data.records import RecordError
 
 SourceKind = Literal["jsonl", "text", "parquet", "disk", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -109,7 +109,7 @@ def render_messages(messages: list[dict[str, str]], style: str, tokenizer=None) 
     """A conversation to be continued by the assistant (response ranking): `human_assistant`, `chat`, or
     `tulu` (`<|user|>\\n…\\n<|assistant|>\\n`, the format response tuning and single-task finetuning train in,
     Hewitt et al. Section 3), so each model is ranked in its own training format."""
-    from almost_ray.templates import human_assistant, tulu
+    from almost_ray.prompts.templates import human_assistant, tulu
 
     if style == "human_assistant":
         return human_assistant(messages)

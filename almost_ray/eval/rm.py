@@ -13,13 +13,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.pools import stream_pool
+from almost_ray.data.preferences import PreferencePair, load_pairs
+from almost_ray.data.records import write_json
 from almost_ray.eval.config import EvalRMConfig
-from almost_ray.manifest import is_done, write_manifest
 from almost_ray.models.loading import resolve_model_dir
-from almost_ray.pools import stream_pool
-from almost_ray.preferences import PreferencePair, load_pairs
-from almost_ray.records import write_json
+from almost_ray.runs.manifest import is_done, write_manifest
 
 
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
@@ -95,7 +95,7 @@ def run(model: str, inputs: Sequence[str | Path], cfg: EvalRMConfig, ray_cfg: Ra
     """Evaluate `model` on every file; print the table, write JSON (and a PNG and manifest.json beside it).
 
     Skipped when the manifest beside `output` matches the config, the model and the files."""
-    from almost_ray.cluster import init_ray
+    from almost_ray.cluster.connect import init_ray
 
     output = Path(output)
     model_dir = resolve_model_dir(model)  # a bad reference fails early; a GGUF is converted once, not per actor

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.records import Messages, RecordError, atomic_open, numbered_rows
+from almost_ray.data.records import Messages, RecordError, atomic_open, numbered_rows
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from almost_ray.cluster_config import ResourcesConfig
-from almost_ray.memory import MeasuredReplica, ensure_ledger
-from almost_ray.preflight import pool_bundles, preflight
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.memory import MeasuredReplica, ensure_ledger
+from almost_ray.cluster.preflight import pool_bundles, preflight
 
 # Ray Data's own actor defaults (ActorPoolMapOperator._apply_default_remote_args).
 RAY_DATA_DEFAULTS = {"max_restarts": -1, "max_task_retries": -1}

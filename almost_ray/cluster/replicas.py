@@ -24,10 +24,10 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
 
-from almost_ray.cluster_config import ResourcesConfig
-from almost_ray.memory import MeasuredReplica, ensure_ledger
-from almost_ray.pools import role_name
-from almost_ray.preflight import pool_bundles, preflight
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.memory import MeasuredReplica, ensure_ledger
+from almost_ray.cluster.pools import role_name
+from almost_ray.cluster.preflight import pool_bundles, preflight
 
 IN_FLIGHT = 2  # batches queued per actor: one running, one waiting, so an actor never idles between calls
 

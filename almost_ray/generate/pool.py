@@ -15,12 +15,12 @@ from collections.abc import Iterator
 
 import pandas as pd
 
-from almost_ray.cluster_config import ResourcesConfig
-from almost_ray.metrics import add_counts
+from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.dashboard import add_counts
+from almost_ray.cluster.pools import stream_pool
 from almost_ray.models.config import ModelConfig, PromptFormat, SamplingParams
 from almost_ray.models.generator import make_generator
-from almost_ray.pools import stream_pool
-from almost_ray.templates import render_prompt
+from almost_ray.prompts.templates import render_prompt
 
 
 class GenerationReplica:

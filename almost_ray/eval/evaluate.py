@@ -17,17 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.cluster_config import ResourcesConfig
+from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
+from almost_ray.data.records import atomic_open, read_jsonl
+from almost_ray.data.shards import ShardedJsonl
 from almost_ray.eval import hhh, judge, ranking, truthfulqa
 from almost_ray.eval.config import EvalConfig, JudgeEvalConfig
 from almost_ray.eval.report import write_report
 from almost_ray.eval.scoring import Scorer, reward_on_ray, score_on_ray
-from almost_ray.manifest import is_done, write_manifest
 from almost_ray.models.config import ModelConfig
-from almost_ray.records import atomic_open, read_jsonl
-from almost_ray.shards import ShardedJsonl
+from almost_ray.runs.manifest import is_done, write_manifest
 
 Answerer = Callable[[ModelConfig, list[dict], str], dict[str, str]]  # (model, questions, name) -> id -> answer
 
@@ -114,8 +114,8 @@ def answer_on_ray(jcfg: JudgeEvalConfig, resources: ResourcesConfig, work_dir: P
     """Answers to the judge's questions from a `GenerationReplica` pool, cached by a digest of the request."""
 
     def answer(model: ModelConfig, questions: list[dict], name: str) -> dict[str, str]:
-        from almost_ray.generation_pool import stream_generation
-        from almost_ray.templates import default_stop
+        from almost_ray.generate.pool import stream_generation
+        from almost_ray.prompts.templates import default_stop
 
         sampling = jcfg.sampling
         if not sampling.stop:
@@ -141,7 +141,7 @@ def in_process_backends(cfg: Config) -> Backends:
     """Everything in this process, no Ray (tests, notebooks): one generator per distinct model config."""
     from almost_ray.eval.scoring import score_in_process
     from almost_ray.models.generator import make_generator
-    from almost_ray.templates import default_stop, render_prompt
+    from almost_ray.prompts.templates import default_stop, render_prompt
 
     e = cfg.eval
     if e.kind == "reward" or e.judge.kind == "reward":
@@ -169,7 +169,7 @@ def in_process_backends(cfg: Config) -> Backends:
 
 
 def ray_backends(cfg: Config, work_dir: Path) -> Backends:
-    from almost_ray.cluster import init_ray
+    from almost_ray.cluster.connect import init_ray
 
     init_ray(cfg.ray)
     e = cfg.eval

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from almost_ray.config_base import ConfigError
-from almost_ray.records import RecordError, numbered_rows
+from almost_ray.data.records import RecordError, numbered_rows
+from almost_ray.data.sources import parse_source
 from almost_ray.rl.config import PPOConfig
-from almost_ray.sources import parse_source
 
 # A prompts .jsonl row: a dialogue (`messages`, TRL's form), a Query record (`text`), or a bare `prompt`.
 PROMPT_KEYS = ("prompt", "text")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from almost_ray.cluster_config import RayConfig
+from almost_ray.cluster.config import RayConfig
 from almost_ray.config_base import ConfigError
-from almost_ray.manifest import read_manifest
-from almost_ray.records import read_jsonl, write_json
+from almost_ray.data.records import read_jsonl, write_json
 from almost_ray.rmsp import stage, turns
 from almost_ray.rmsp.config import RMSPConfig
+from almost_ray.runs.manifest import read_manifest
 
 COMPARE_DIR = "rmsp-compare"
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from almost_ray.cluster.memory import reset_driver_peak
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
-from almost_ray.manifest import MANIFEST, read_manifest
-from almost_ray.memory import reset_driver_peak
+from almost_ray.runs.manifest import MANIFEST, read_manifest
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,8 @@ def banner(i: int, n: int, stage: Stage) -> None:
 
 def run(cfg: Config, selected: list[Stage], stages: list[Stage] | None = None) -> dict[str, dict]:
     """Run `selected` in order; returns each stage's summary (with `status`: ran, skipped, not built)."""
-    from almost_ray.cluster import check_runs_dir_visible, init_ray
-    from almost_ray.stages import STAGES
+    from almost_ray.cluster.connect import check_runs_dir_visible, init_ray
+    from almost_ray.pipeline.stages import STAGES
 
     stages = stages or STAGES
     check_inputs(stages, selected, cfg)
@@ -203,7 +203,7 @@ ARGUMENTS: list[tuple[tuple, dict]] = [
 
 def main(args, cfg: Config) -> dict[str, dict]:
     """What the commands do with their parsed flags: list, or select and run, then show the report."""
-    from almost_ray.stages import STAGES
+    from almost_ray.pipeline.stages import STAGES
 
     if args.list:
         print("\n".join(status_lines(cfg, STAGES)))
@@ -211,7 +211,7 @@ def main(args, cfg: Config) -> dict[str, dict]:
     selected = select(STAGES, args.start, args.until, args.only)
     results = run(cfg, selected)
     if "report" in results and results["report"].get("status") != "not built":
-        from almost_ray import report
+        from almost_ray.pipeline import report
 
         print("\n" + report.terminal_summary(cfg.run_dir / report.STAGE_DIR))
     return results

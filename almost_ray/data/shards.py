@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from almost_ray.records import atomic_open, read_jsonl, write_json
+from almost_ray.data.records import atomic_open, read_jsonl, write_json
 
 SHARD_KEY = "_shard"
 ROW_KEY = "_row"

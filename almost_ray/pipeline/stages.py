@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from almost_ray.config import Config
-from almost_ray.pipeline import Stage
+from almost_ray.pipeline.loop import Stage
 
 RM_DIR, EVAL_RM_DIR, RMSP_DIR, PPO_DIR = "rm", "eval_rm", "rmsp", "ppo"
 
@@ -36,7 +36,7 @@ def rm_model(cfg: Config) -> Path:
 
 def heldout_file(cfg: Config) -> Path | None:
     """The comparisons of held-out queries that train_rm writes (None when nothing is held out)."""
-    from almost_ray.train.reward import HELDOUT_SPLIT
+    from almost_ray.train.rm import HELDOUT_SPLIT
 
     return cfg.run_dir / RM_DIR / HELDOUT_SPLIT if cfg.train_rm.heldout_fraction > 0 else None
 
@@ -72,7 +72,7 @@ def _compare(cfg: Config) -> None:
 
 
 def _train_rm(cfg: Config) -> None:
-    from almost_ray.train import reward
+    from almost_ray.train import rm as reward
 
     reward.run(cfg.train_rm, cfg.ray, comparisons_file(cfg), cfg.run_dir / RM_DIR)
 
@@ -86,7 +86,7 @@ def eval_rm_files(cfg: Config) -> tuple[list[Path], list[Path]]:
 
 
 def _eval_rm(cfg: Config) -> None:
-    from almost_ray.eval import rm_accuracy
+    from almost_ray.eval import rm as rm_accuracy
 
     files, _ = eval_rm_files(cfg)
     if not files:
@@ -152,7 +152,7 @@ def _eval_notes(cfg: Config) -> list[str]:
 
 
 def _report(cfg: Config) -> None:
-    from almost_ray import report
+    from almost_ray.pipeline import report
 
     report.run(cfg)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+from almost_ray.data.records import Messages
 from almost_ray.models.config import PromptFormat
-from almost_ray.records import Messages
 
 # ALMoST / HH-RLHF / BIG-bench turn prefixes. The prompt ends at "Assistant:" without a trailing
 # space: a trailing space would make the model start from an unusual token boundary.

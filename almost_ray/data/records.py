@@ -121,7 +121,7 @@ def numbered_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     """`(row number, object)` for each row of an input: a JSONL file's non-blank lines (numbered by line,
     blank lines counted), or a Parquet file, `save_to_disk` directory or hub dataset (numbered by row
     index). `path` is a source spec with optional `?split=...&columns=...` (see `sources.py`)."""
-    from almost_ray.sources import iter_rows
+    from almost_ray.data.sources import iter_rows
 
     yield from iter_rows(path)
 
