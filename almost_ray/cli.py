@@ -113,7 +113,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> None:
     if args.write_gpu_config:  # the ray.serve.llm (vLLM) deploy file instead of serving here
         import yaml
 
-        from almost_ray.data.records import atomic_open
+        from almost_ray.data.atomic import atomic_open
         from almost_ray.serve.llm import gpu_deploy_config
 
         with atomic_open(args.write_gpu_config) as f:

@@ -11,13 +11,11 @@ runs with a half-valid config.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.config_base import ConfigError, StrictModel
@@ -30,7 +28,7 @@ from almost_ray.serve.config import ServeConfig
 from almost_ray.synth.config import CompareConfig, QueriesConfig
 from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
 
-__all__ = ["Config", "load_config", "config_hash"]
+__all__ = ["Config", "load_config"]
 
 
 class Config(StrictModel):
@@ -54,12 +52,6 @@ class Config(StrictModel):
     @property
     def run_dir(self) -> Path:
         return self.runs_dir / self.run_name
-
-
-def config_hash(section: BaseModel) -> str:
-    """A stable hash of a config section, recorded in manifests to decide whether to redo a stage."""
-    blob = json.dumps(section.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -1,10 +1,14 @@
-"""The base of every config section: strict pydantic models, and the error a bad config raises.
+"""The base of every config section: strict pydantic models, the error a bad config raises, and the hash
+manifests record to decide whether a stage must run again.
 
 Kept apart from `config.py` so a stage can define its own section beside its code (`rl/config.py`)
 without importing every other stage's settings.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,3 +21,9 @@ class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def config_hash(section: BaseModel) -> str:
+    """A stable hash of a config section, recorded in manifests to decide whether to redo a stage."""
+    blob = json.dumps(section.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -29,7 +29,7 @@ import psutil
 import torch
 
 from almost_ray.config import load_config
-from almost_ray.data.records import write_json
+from almost_ray.data.atomic import write_json
 from almost_ray.models.loading import cache_root, resolve_model_dir
 from almost_ray.rmsp.vs_self_play import run_compare, summary_lines
 

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from almost_ray.data.records import write_json
+from almost_ray.data.atomic import write_json
 
 RESULTS = Path(__file__).parent / "results" / "serve_load.json"
 QUESTIONS = ["Name a color.", "What is the capital of France?", "Give me a tip for sleeping well.",

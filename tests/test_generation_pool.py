@@ -4,7 +4,8 @@ import json
 
 from almost_ray.cli import main
 from almost_ray.cluster.config import ResourcesConfig
-from almost_ray.data.records import Response, read_jsonl
+from almost_ray.data.records import Response
+from almost_ray.data.sources import read_rows
 from almost_ray.generate.pool import stream_generation
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.prompts.templates import render_prompt
@@ -38,7 +39,7 @@ def test_generate_stage_writes_responses_and_skips_when_done(ray_local, tmp_path
         "--set", "generate.resources.concurrency=2", "--set", "generate.shard_size=2",
     ]
     assert main(args) == 0
-    records = list(read_jsonl(out, Response))
+    records = list(read_rows(out, Response))
     assert [r.query_id for r in records] == [f"prompts-{i}" for i in range(1, 6)]
     assert all(r.prompt.endswith("\n\nAssistant:") and len(r.responses) == 1 for r in records)
     manifest = read_manifest(out.parent)
@@ -49,7 +50,7 @@ def test_generate_stage_writes_responses_and_skips_when_done(ray_local, tmp_path
     assert out.stat().st_mtime_ns == before
     prompts.write_text("\n".join(QUERIES[:6]))  # new input: redone
     assert main(args) == 0
-    assert len(list(read_jsonl(out))) == 6
+    assert len(list(read_rows(out))) == 6
 
 
 def test_bad_input_line_is_reported_with_exit_2(tmp_path, capsys):

@@ -14,7 +14,7 @@ import yaml
 from conftest import tiny_pipeline_config
 
 from almost_ray.cli import main
-from almost_ray.data.records import read_jsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.runs.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,12 @@ def test_pipeline_runs_every_stage_into_the_next_reports_and_resumes(tmp_path, r
         assert read_manifest(run / stage) is not None, stage
     # the RM trained on the train split only; eval_rm scored the held-out split and HH-RLHF
     rm_counts = read_manifest(run / "rm")["counts"]
-    comparisons = len(list(read_jsonl(run / "compare" / "comparisons.jsonl")))
+    comparisons = len(list(read_rows(run / "compare" / "comparisons.jsonl")))
     assert rm_counts["pairs"] + rm_counts["heldout_pairs"] == comparisons
     eval_rm = json.loads((run / "eval_rm" / "rm_accuracy.json").read_text())
     assert [r["pairs"] for r in eval_rm["results"]][-1] == 4
     # RMSP used the RM the pipeline just trained, and SFT trained on RMSP's dialogues
-    dialogues = list(read_jsonl(run / "rmsp" / "dialogues.jsonl"))
+    dialogues = list(read_rows(run / "rmsp" / "dialogues.jsonl"))
     assert dialogues and all(d["reward_model"] == str(run / "rm" / "model") for d in dialogues)
     assert read_manifest(run / "sft")["counts"]["dialogues"] == len(dialogues)
     out = capsys.readouterr().out

@@ -4,23 +4,17 @@ import json
 
 import pytest
 
-from almost_ray.data.records import (
-    Comparison,
-    Dialogue,
-    RecordError,
-    atomic_open,
-    load_queries,
-    read_jsonl,
-    write_jsonl,
-)
+from almost_ray.data.atomic import atomic_open
+from almost_ray.data.records import Comparison, Dialogue, RecordError, write_jsonl
 from almost_ray.data.shards import ShardedJsonl
+from almost_ray.data.sources import load_queries, read_rows
 
 
 def test_round_trip_keeps_metadata(tmp_path):
     path = tmp_path / "c.jsonl"
     recs = [Comparison(prompt="q", chosen="a", rejected="b", chosen_rung="A", score=0.5)]
     assert write_jsonl(path, recs) == 1
-    back = list(read_jsonl(path, Comparison))
+    back = list(read_rows(path, Comparison))
     assert back[0].chosen == "a" and back[0].chosen_rung == "A" and back[0].score == 0.5
     assert json.loads(path.read_text()) == {"prompt": "q", "chosen": "a", "rejected": "b", "chosen_rung": "A", "score": 0.5}
 
@@ -29,21 +23,21 @@ def test_malformed_json_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n\n{"prompt": "q", "chosen": \n')
     with pytest.raises(RecordError, match=rf"^{path}:3: invalid JSON"):
-        list(read_jsonl(path, Comparison))
+        list(read_rows(path, Comparison))
 
 
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
     with pytest.raises(RecordError, match=rf"^{path}:2: rejected: Field required"):
-        list(read_jsonl(path, Comparison))
+        list(read_rows(path, Comparison))
 
 
 def test_dialogue_roles_are_checked(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
     with pytest.raises(RecordError, match=rf"^{path}:1: messages\.0\.role:"):
-        list(read_jsonl(path, Dialogue))
+        list(read_rows(path, Dialogue))
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
@@ -91,7 +85,7 @@ def test_shards_resume_without_redoing_finished_work(tmp_path):
     assert second.collect(process(second.pending(rows))) == 2  # shards 1 and 2 only
     assert processed == ["3", "4", "5", "6"]
     assert second.finalize() == 7
-    assert [r["double"] for r in read_jsonl(out)] == [0, 2, 4, 6, 8, 10, 12]
+    assert [r["double"] for r in read_rows(out)] == [0, 2, 4, 6, 8, 10, 12]
     assert not second.dir.exists()
 
 

@@ -8,7 +8,7 @@ import time
 from importlib.util import find_spec
 
 from almost_ray.config import Config
-from almost_ray.data.records import write_json
+from almost_ray.data.atomic import write_json
 from almost_ray.eval.stats import proportion
 from almost_ray.pipeline.report import markdown, terminal_summary, write_report
 from almost_ray.runs.manifest import write_manifest

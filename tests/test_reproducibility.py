@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from almost_ray.cluster.config import RayConfig
-from almost_ray.config import Config, config_hash
+from almost_ray.config import Config
+from almost_ray.config_base import config_hash
 from almost_ray.runs.manifest import read_manifest, write_manifest
 from almost_ray.synth.config import CompareConfig, QueriesConfig
 from almost_ray.train.config import TrainRMConfig

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from almost_ray.config import load_config
-from almost_ray.data.records import read_jsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.rmsp import stage, turns
 from almost_ray.runs.manifest import read_manifest
 
@@ -52,12 +52,12 @@ def test_rmsp_end_to_end_resumes_without_duplicates(ray_local, tmp_path, tiny_rm
     metrics = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["of"] == 3  # the re-run did only the three unfinished dialogues
 
-    records = [*read_jsonl(stage_dir / "dialogues.jsonl"), *read_jsonl(stage_dir / "dropped.jsonl")]
+    records = [*read_rows(stage_dir / "dialogues.jsonl"), *read_rows(stage_dir / "dropped.jsonl")]
     assert sorted(r["id"] for r in records) == sorted(f"q-{i}" for i in range(1, 6))  # each query once
     from almost_ray.models.reward import RewardModel
 
     rm = RewardModel(str(tiny_rm), device="cpu")
-    for rec in read_jsonl(stage_dir / "dialogues.jsonl"):
+    for rec in read_rows(stage_dir / "dialogues.jsonl"):
         roles = [m["role"] for m in rec["messages"]]
         assert roles == ["user", "assistant"] * rec["num_turns"] and 1 <= rec["num_turns"] <= 2
         assert (rec["mode"], rec["best_of"], rec["reward_model"]) == ("rmsp", 3, str(tiny_rm))
@@ -84,7 +84,7 @@ def test_rmsp_end_to_end_resumes_without_duplicates(ray_local, tmp_path, tiny_rm
 def test_plain_self_play_without_rm(ray_local, tmp_path):
     cfg = _cfg(tmp_path, "rmsp.reward_model=null", "rmsp.max_turns=1")
     stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
-    records = list(read_jsonl(cfg.run_dir / "rmsp" / "dialogues.jsonl"))
+    records = list(read_rows(cfg.run_dir / "rmsp" / "dialogues.jsonl"))
     assert records and all(r["mode"] == "self-play" and r["best_of"] == 1 and r["reward_model"] is None for r in records)
     for rec in records:
         (turn,) = rec["assistant_turns"]

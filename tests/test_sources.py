@@ -11,8 +11,8 @@ import yaml
 
 from almost_ray.cli import main
 from almost_ray.data.preferences import load_pairs
-from almost_ray.data.records import RecordError, load_queries, write_jsonl
-from almost_ray.data.sources import parse_source, source_hash
+from almost_ray.data.records import RecordError, write_jsonl
+from almost_ray.data.sources import load_queries, parse_source, source_hash
 from almost_ray.generate.stage import read_prompts
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.prompt_data import load_prompts

@@ -11,7 +11,8 @@ import yaml
 from almost_ray.cli import main
 from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config, load_config
-from almost_ray.data.records import Comparison, read_jsonl
+from almost_ray.data.records import Comparison
+from almost_ray.data.sources import read_rows
 from almost_ray.prompts.templates import DIALOGUE_SEPARATOR
 from almost_ray.synth import compare, ladder
 from almost_ray.synth.config import CompareConfig, RungConfig
@@ -128,10 +129,10 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
     stage = tmp_path / "runs" / "t" / "compare"
     assert "comparisons" in report and "As-is RM prefers the rejected" in report
 
-    responses = list(read_jsonl(stage / "responses.jsonl"))
+    responses = list(read_rows(stage / "responses.jsonl"))
     assert [(r["query_id"], r["generator"]) for r in responses] == [
         (f"q{i}", rung) for i in range(len(QUERIES)) for rung in ("faithful-2", "hhh-1", "hhh-1-l1")]
-    comparisons = list(read_jsonl(stage / "comparisons.jsonl", Comparison))
+    comparisons = list(read_rows(stage / "comparisons.jsonl", Comparison))
     manifest = json.loads((stage / "manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["comparisons"] == len(comparisons) > 0

@@ -9,7 +9,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from almost_ray.cluster.config import RayConfig
-from almost_ray.data.records import read_jsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.synth import queries as mining
 from almost_ray.synth.config import QueriesConfig
 from almost_ray.synth.queries import (
@@ -157,7 +157,7 @@ def test_mining_on_tiny_llama_is_deterministic_and_resumes(tmp_path, ray_local, 
     # two replicas and bigger batches: same queries
     cfg2 = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"concurrency": 2, "batch_size": 1})})
     out2 = mining.run(cfg2, RayConfig(), tmp_path / "two")
-    assert [q["text"] for q in read_jsonl(out2)] == [q["text"] for q in mined]
+    assert [q["text"] for q in read_rows(out2)] == [q["text"] for q in mined]
 
     # an interrupted run (outputs gone, rounds kept) replays its rounds without generating anything
     (tmp_path / "one" / "manifest.json").unlink()
@@ -168,5 +168,5 @@ def test_mining_on_tiny_llama_is_deterministic_and_resumes(tmp_path, ray_local, 
 
     monkeypatch.setattr("almost_ray.cluster.replicas.ReplicaSet._start", no_generation)
     again = mining.run(cfg, RayConfig(), tmp_path / "one")
-    assert [q["text"] for q in read_jsonl(again)] == [q["text"] for q in mined]
+    assert [q["text"] for q in read_rows(again)] == [q["text"] for q in mined]
     assert all(m["replayed"] for m in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()))

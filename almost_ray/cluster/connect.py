@@ -79,7 +79,7 @@ def check_runs_dir_visible(runs_dir: Path) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from almost_ray.config_base import ConfigError
-    from almost_ray.data.records import atomic_open
+    from almost_ray.data.atomic import atomic_open
 
     token = uuid.uuid4().hex
     path = Path(runs_dir) / ".visibility" / f"{token}.token"

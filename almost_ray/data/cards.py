@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from almost_ray.data.records import atomic_open
+from almost_ray.data.atomic import atomic_open
 
 # stage -> (data file, what one row is, tags)
 DATA_STAGES: dict[str, tuple[str, str, list[str]]] = {

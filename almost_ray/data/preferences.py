@@ -22,7 +22,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.data.records import Messages, RecordError, atomic_open, numbered_rows
+from almost_ray.data.atomic import atomic_open
+from almost_ray.data.records import Messages, RecordError
+from almost_ray.data.sources import iter_rows
 
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
@@ -134,7 +136,7 @@ def usable(pair: PreferencePair) -> PreferencePair:
 def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
     """Every pair of a `.jsonl` file in any of the formats; a bad line raises RecordError naming file:line:field."""
     pairs = []
-    for lineno, obj in numbered_rows(path):
+    for lineno, obj in iter_rows(path):
         if limit is not None and len(pairs) >= limit:
             break
         if not isinstance(obj, dict):
@@ -163,7 +165,7 @@ def split_by_query(path: str | Path, fraction: float, train_out: str | Path, hel
     """Copy each line of a preference file to `train_out` or `heldout_out` (`is_heldout`); returns both counts."""
     counts = [0, 0]
     with atomic_open(train_out) as train, atomic_open(heldout_out) as heldout:
-        for lineno, obj in numbered_rows(path):
+        for lineno, obj in iter_rows(path):
             try:
                 pair = pair_from_record(obj) if isinstance(obj, dict) else None
             except ValueError as err:

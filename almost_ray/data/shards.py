@@ -14,7 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from almost_ray.data.records import atomic_open, read_jsonl, write_json
+from almost_ray.data.atomic import atomic_open, write_json
+from almost_ray.data.sources import read_rows
 
 SHARD_KEY = "_shard"
 ROW_KEY = "_row"
@@ -82,7 +83,7 @@ class ShardedJsonl:
         count = 0
         with atomic_open(self.final) as out:
             for s in range(self.num_shards):
-                for row in read_jsonl(self._shard_path(s)):
+                for row in read_rows(self._shard_path(s)):
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                     count += 1
         shutil.rmtree(self.dir)

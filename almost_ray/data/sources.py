@@ -24,10 +24,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
-from almost_ray.data.records import RecordError
+from pydantic import BaseModel, ValidationError
+
+from almost_ray.data.records import Query, RecordError, field_error
+
+R = TypeVar("R", bound=BaseModel)
 
 SourceKind = Literal["jsonl", "text", "parquet", "disk", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -110,6 +114,45 @@ def iter_rows(spec: str | Path) -> Iterator[tuple[int, Any]]:
         dataset = _load_dataset(source)
         for index, row in enumerate(dataset):
             yield index, source.rename(row)
+
+
+def read_rows(path: str | Path, record_type: type[R] | None = None) -> Iterator[R | dict]:
+    """Yield records from a JSONL file; blank lines are skipped, bad lines raise `RecordError`."""
+    for lineno, obj in iter_rows(path):
+        if record_type is None:
+            yield obj
+            continue
+        try:
+            yield record_type.model_validate(obj)
+        except ValidationError as err:
+            raise RecordError(f"{path}:{lineno}: {field_error(err)} (in a {record_type.__name__} record)") from None
+
+
+def row_id(path: str | Path, number: int) -> str:
+    """The id of a row that has none: `<file stem>-<row number>` (a .txt query file's ids since the start)."""
+    return f"{Path(str(path).split('?', 1)[0]).stem}-{number}"
+
+
+def load_queries(path: str | Path) -> list[Query]:
+    """Queries from any source: Query rows, or one query per line of a `.txt`.
+
+    A row without an `id` gets `<file stem>-<row number>`, so a plain prompts dataset (a `text`
+    column, or another column renamed with `?columns=prompt:text`) needs no ids.
+    """
+    queries: list[Query] = []
+    first_seen: dict[str, int] = {}
+    for number, obj in iter_rows(path):
+        if isinstance(obj, dict) and "id" not in obj:
+            obj = {**obj, "id": row_id(path, number)}
+        try:
+            queries.append(Query.model_validate(obj))
+        except ValidationError as err:
+            raise RecordError(f"{path}:{number}: {field_error(err)} (in a Query record)") from None
+        query_id = queries[-1].id
+        if query_id in first_seen:
+            raise RecordError(f"{path}:{number}: id: duplicate id {query_id!r} (first at {first_seen[query_id]})")
+        first_seen[query_id] = number
+    return queries
 
 
 def source_hash(spec: str | Path) -> str:

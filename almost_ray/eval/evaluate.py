@@ -20,8 +20,9 @@ from pathlib import Path
 from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
-from almost_ray.data.records import atomic_open, read_jsonl
+from almost_ray.data.atomic import atomic_open
 from almost_ray.data.shards import ShardedJsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.eval import hhh, judge, ranking, truthfulqa
 from almost_ray.eval.config import EvalConfig, JudgeEvalConfig
 from almost_ray.eval.report import write_report
@@ -132,7 +133,7 @@ def answer_on_ray(jcfg: JudgeEvalConfig, resources: ResourcesConfig, work_dir: P
                                for r in stream_generation(todo, model, sampling, resources, jcfg.prompt_format,
                                                             pool="eval.resources"))
             shards.finalize()
-        return {r["id"]: r["answer"] for r in read_jsonl(final)}
+        return {r["id"]: r["answer"] for r in read_rows(final)}
 
     return answer
 

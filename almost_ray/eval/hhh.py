@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from almost_ray.data.records import read_jsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.eval.config import HHHEvalConfig
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
@@ -71,7 +71,7 @@ class HHHItem:
 def load_items(path: str | Path, limit: int | None = None) -> list[HHHItem]:
     """Items in file order; which reply is better comes from the scores, never from the position."""
     items = []
-    for i, rec in enumerate(read_jsonl(path, HHHRecord)):
+    for i, rec in enumerate(read_rows(path, HHHRecord)):
         if limit is not None and i >= limit:
             break
         better = next(t.text for t in rec.targets if t.score == 1)

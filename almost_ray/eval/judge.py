@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from almost_ray.data.records import RecordError, read_jsonl
+from almost_ray.data.records import RecordError
+from almost_ray.data.sources import read_rows
 from almost_ray.eval.config import JudgeEvalConfig
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
@@ -30,7 +31,7 @@ FIELDS = {"question", "answer_a", "answer_b"}
 def load_questions(path: str | Path, name: str, limit: int | None = None) -> list[dict]:
     """`[{"id", "set", "question"}]` from Vicuna (`turns`), AlpacaEval (`instruction`) or `text` lines."""
     out = []
-    for lineno, obj in enumerate(read_jsonl(path), start=1):
+    for lineno, obj in enumerate(read_rows(path), start=1):
         if limit is not None and len(out) >= limit:
             break
         if isinstance(obj.get("turns"), list) and obj["turns"]:

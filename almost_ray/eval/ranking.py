@@ -12,7 +12,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from almost_ray.data.records import RecordError, read_jsonl
+from almost_ray.data.records import RecordError
+from almost_ray.data.sources import read_rows
 from almost_ray.eval.config import RankingEvalConfig
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
@@ -48,7 +49,7 @@ def _pair_from(obj: dict, where: str) -> tuple[list[dict], str]:
 def load_pairs(path: str | Path, max_chars: int, limit: int | None = None) -> list[Pair]:
     """Pairs in file order; pairs with an instruction or response over `max_chars` are skipped."""
     pairs: list[Pair] = []
-    for lineno, obj in enumerate(read_jsonl(path), start=1):
+    for lineno, obj in enumerate(read_rows(path), start=1):
         if limit is not None and len(pairs) >= limit:
             break
         messages, response = _pair_from(obj, f"{path}:{lineno}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from almost_ray.data.records import atomic_open, write_json
+from almost_ray.data.atomic import atomic_open, write_json
 
 CI_NOTE = "95 % confidence intervals are Wilson score intervals."
 SUITE_TITLES = {

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.pools import stream_pool
+from almost_ray.data.atomic import write_json
 from almost_ray.data.preferences import PreferencePair, load_pairs
-from almost_ray.data.records import write_json
 from almost_ray.eval.config import EvalRMConfig
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.runs.manifest import is_done, write_manifest

@@ -23,8 +23,8 @@ import pandas as pd
 
 from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.cluster.pools import stream_pool
-from almost_ray.data.records import read_jsonl
 from almost_ray.data.shards import ShardedJsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.models.config import ModelConfig
 from almost_ray.models.generator import Generator, make_generator
 from almost_ray.models.text import encode_pair
@@ -105,7 +105,7 @@ def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path,
     def scorer(rows: list[Row], name: str = "scores") -> Scores:
         final = scores_path(work_dir, name, model, rows)
         if final.is_file():
-            return {r["key"]: {"logprobs": r["logprobs"], "lengths": r["lengths"]} for r in read_jsonl(final)}
+            return {r["key"]: {"logprobs": r["logprobs"], "lengths": r["lengths"]} for r in read_rows(final)}
         ordered = sorted(rows, key=lambda r: (len(r["context"]), r["key"]))
         shards = ShardedJsonl(final, shard_size)
         todo = shards.pending(
@@ -120,7 +120,7 @@ def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path,
                 for r in stream_pool(todo, ScorerReplica, dict(model=model.model_dump()), resources, pool)
             )
         shards.finalize()
-        return {r["key"]: {"logprobs": r["logprobs"], "lengths": r["lengths"]} for r in read_jsonl(final)}
+        return {r["key"]: {"logprobs": r["logprobs"], "lengths": r["lengths"]} for r in read_rows(final)}
 
     return scorer
 
@@ -153,7 +153,7 @@ def reward_on_ray(ref: str, resources: ResourcesConfig, work_dir: Path, shard_si
                 shards.collect({"key": r["key"], "reward": float(r["reward"]), "_shard": r["_shard"],
                                 "_row": r["_row"]} for r in rows_out)
             shards.finalize()
-        rewards = {r["key"]: r["reward"] for r in read_jsonl(final)}
+        rewards = {r["key"]: r["reward"] for r in read_rows(final)}
         return {r["key"]: {"logprobs": [rewards[f"{r['key']}#{j}"] for j in range(len(r["continuations"]))],
                            "lengths": [len(c) for c in r["continuations"]]} for r in rows}
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from almost_ray.config import Config
-from almost_ray.data.records import write_json
+from almost_ray.data.atomic import write_json
 from almost_ray.eval.config import EvalConfig
 from almost_ray.runs.manifest import is_done, read_manifest, reset_if_changed, write_manifest
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from almost_ray.data.records import read_jsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.eval.config import TruthfulQAEvalConfig
 from almost_ray.eval.scoring import Scores
 from almost_ray.eval.stats import proportion
@@ -57,7 +57,7 @@ class MCItem:
 
 def load_items(path: str | Path, limit: int | None = None) -> list[MCItem]:
     items = []
-    for i, rec in enumerate(read_jsonl(path, TruthfulQARecord)):
+    for i, rec in enumerate(read_rows(path, TruthfulQARecord)):
         if limit is not None and i >= limit:
             break
         choices = tuple(rec.mc1_targets)

@@ -14,8 +14,9 @@ from pathlib import Path
 from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.dashboard import run_of
-from almost_ray.data.records import RecordError, Response, numbered_rows, row_id
+from almost_ray.data.records import RecordError, Response
 from almost_ray.data.shards import ShardedJsonl
+from almost_ray.data.sources import iter_rows, row_id
 from almost_ray.generate.config import GenerateConfig
 from almost_ray.generate.pool import stream_generation
 from almost_ray.models.loading import ModelRefError, resolve_model_dir
@@ -27,7 +28,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     """Rows `{"id", "messages"}` from any source (`sources.py`): a .txt of queries, or rows with
     `messages` (a conversation), `prompt` or `text` (one user turn)."""
     rows = []
-    for number, obj in numbered_rows(path):
+    for number, obj in iter_rows(path):
         if not isinstance(obj, dict):
             raise RecordError(f"{path}:{number}: expected a JSON object")
         rid = str(obj.get("id", obj.get("query_id", row_id(path, number))))

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from almost_ray.cluster.memory import peak_cell
 from almost_ray.config import Config
-from almost_ray.data.records import Response, atomic_open, load_queries, read_jsonl, write_json, write_jsonl
+from almost_ray.data.atomic import atomic_open, write_json
+from almost_ray.data.records import Response, write_jsonl
+from almost_ray.data.sources import load_queries, read_rows
 from almost_ray.eval.stats import proportion
 from almost_ray.prompts.templates import packaged_text
 from almost_ray.runs.manifest import MANIFEST, is_done, read_manifest, reset_if_changed, write_manifest
@@ -72,7 +74,7 @@ def answers(cfg: Config, out_dir: Path) -> dict[str, dict[str, str]]:
             "prompt_format": cfg.generate.prompt_format if name == "base" else cfg.train_sft.prompt_format,
         })
         path = generate.run(gen, cfg.ray, prompts, model_dir / "responses.jsonl")
-        out[name] = {r.query_id: r.responses[0] for r in read_jsonl(path, Response)}
+        out[name] = {r.query_id: r.responses[0] for r in read_rows(path, Response)}
     return out
 
 

@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
-from almost_ray.data.records import write_json, write_jsonl
+from almost_ray.data.atomic import write_json
+from almost_ray.data.records import write_jsonl
 from almost_ray.rl.config import ROLES, PPOConfig
 from almost_ray.rl.prompt_data import load_prompts
 

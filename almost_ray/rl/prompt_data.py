@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from almost_ray.config_base import ConfigError
-from almost_ray.data.records import RecordError, numbered_rows
-from almost_ray.data.sources import parse_source
+from almost_ray.data.records import RecordError
+from almost_ray.data.sources import iter_rows, parse_source
 from almost_ray.rl.config import PPOConfig
 
 # A prompts .jsonl row: a dialogue (`messages`, TRL's form), a Query record (`text`), or a bare `prompt`.
@@ -50,7 +50,7 @@ def load_prompts(cfg: PPOConfig, run_dir: Path, prompts: Path | None = None) -> 
         hint = "" if (prompts or cfg.prompts) else " (run `almost-ray rmsp` first, or set ppo.prompts)"
         raise ConfigError(f"{path}: prompts file not found{hint}")
     # any source (`sources.py`): a .txt's lines arrive as {"text": line}, dataset rows as dicts
-    found = [first_user_turn(row, f"{path}:{number}") for number, row in numbered_rows(path)]
+    found = [first_user_turn(row, f"{path}:{number}") for number, row in iter_rows(path)]
     if not found:
         raise ConfigError(f"{path}: no prompts in the file")
     return found

@@ -31,10 +31,10 @@ from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.dashboard import add_counts, progress, run_of
 from almost_ray.cluster.preflight import fits_together, pool_bundles, preflight
 from almost_ray.cluster.replicas import ReplicaSet
-from almost_ray.config import config_hash
-from almost_ray.config_base import ConfigError
-from almost_ray.data.records import atomic_open, load_queries, read_jsonl
+from almost_ray.config_base import ConfigError, config_hash
+from almost_ray.data.atomic import atomic_open
 from almost_ray.data.shards import ROW_KEY, SHARD_KEY, ShardedJsonl
+from almost_ray.data.sources import load_queries, read_rows
 from almost_ray.prompts.templates import fewshot_header, load_prompt_text
 from almost_ray.rmsp import turns
 from almost_ray.rmsp.config import RMSPConfig
@@ -279,7 +279,7 @@ def _split(trace: Path, dialogues: Path, dropped: Path) -> list[dict]:
     """Stream the finished trace into the SFT set and the dropped queries; return slim records for counts."""
     slim = []
     with atomic_open(dialogues) as keep, atomic_open(dropped) as drop:
-        for rec in read_jsonl(trace):
+        for rec in read_rows(trace):
             (keep if rec["num_turns"] > 0 else drop).write(json.dumps(rec, ensure_ascii=False) + "\n")
             slim.append(_slim(rec))
     return slim

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.config_base import ConfigError
-from almost_ray.data.records import read_jsonl, write_json
+from almost_ray.data.atomic import write_json
+from almost_ray.data.sources import read_rows
 from almost_ray.rmsp import stage, turns
 from almost_ray.rmsp.config import RMSPConfig
 from almost_ray.runs.manifest import read_manifest
@@ -57,7 +58,7 @@ def compare_records(rmsp: list[dict], plain: list[dict], max_turns: int) -> dict
 
 
 def _all_records(stage_dir: Path) -> list[dict]:
-    return [*read_jsonl(stage_dir / "dialogues.jsonl"), *read_jsonl(stage_dir / "dropped.jsonl")]
+    return [*read_rows(stage_dir / "dialogues.jsonl"), *read_rows(stage_dir / "dropped.jsonl")]
 
 
 def run_compare(

@@ -17,9 +17,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from almost_ray.data.cards import write_card
-from almost_ray.config import config_hash
+from almost_ray.config_base import config_hash
 from almost_ray.cluster.memory import stage_memory
-from almost_ray.data.records import write_json
+from almost_ray.data.atomic import write_json
 from almost_ray.data.sources import source_hash
 
 MANIFEST = "manifest.json"

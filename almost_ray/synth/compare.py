@@ -18,16 +18,10 @@ from pathlib import Path
 from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.dashboard import add_counts, run_of
 from almost_ray.cluster.pools import stream_pool
-from almost_ray.data.records import (
-    Comparison,
-    RecordError,
-    atomic_open,
-    load_queries,
-    read_jsonl,
-    write_jsonl,
-)
+from almost_ray.data.atomic import atomic_open
+from almost_ray.data.records import Comparison, RecordError, write_jsonl
 from almost_ray.data.shards import ShardedJsonl
-from almost_ray.data.sources import parse_source
+from almost_ray.data.sources import load_queries, parse_source, read_rows
 from almost_ray.runs.manifest import is_done, read_manifest, write_manifest
 from almost_ray.synth.config import CompareConfig
 from almost_ray.synth.filters import Candidate, binarize, rm_agrees
@@ -46,7 +40,7 @@ def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[
     key = hashlib.sha256(json.dumps([rm.ref, rm.dtype, rm.max_length]).encode()).hexdigest()[:12]
     shards = ShardedJsonl(out_dir / "parts" / f"as_is_scores.{key}.jsonl", cfg.shard_size)
     if shards.final.exists():  # scored by an earlier, interrupted run of this stage
-        return {r["id"]: r["reward"] for r in read_jsonl(shards.final)}
+        return {r["id"]: r["reward"] for r in read_rows(shards.final)}
     todo = shards.pending(rows)
     if todo:
         init_ray(ray_cfg)
@@ -56,7 +50,7 @@ def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[
             for r in stream_pool(todo, RewardReplica, kwargs, rm.resources, "compare.as_is_rm.resources")
         )
     shards.finalize()  # the merged file stays in parts/ until the stage is done
-    return {r["id"]: r["reward"] for r in read_jsonl(shards.final)}
+    return {r["id"]: r["reward"] for r in read_rows(shards.final)}
 
 
 def build_comparisons(
@@ -114,7 +108,7 @@ def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_di
     if not queries:
         raise RecordError(f"{queries_path}: no queries")
     responses_path, pool_metrics = generate_responses(cfg, ray_cfg, queries, out_dir)
-    responses = list(read_jsonl(responses_path))
+    responses = list(read_rows(responses_path))
     comparisons, counts = build_comparisons(cfg, responses)
 
     as_is = {"configured": cfg.as_is_rm is not None}

@@ -23,8 +23,10 @@ import pandas as pd
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.pools import stream_pool
-from almost_ray.data.records import Query, atomic_open, read_jsonl
+from almost_ray.data.atomic import atomic_open
+from almost_ray.data.records import Query
 from almost_ray.data.shards import ShardedJsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.prompts.templates import default_stop, fewshot_header, human_assistant, load_prompt_text
 from almost_ray.synth.config import CompareConfig, RungConfig
@@ -135,7 +137,7 @@ def generate_responses(
         metrics[name] = {"rows": n, "generated": len(todo), "seconds": round(time.time() - t0, 2)}
     by_key = {}
     for path in part_files:
-        for row in read_jsonl(path):
+        for row in read_rows(path):
             by_key[(row["query_id"], row["rung"])] = row
     output = out_dir / "responses.jsonl"
     with atomic_open(output) as f:

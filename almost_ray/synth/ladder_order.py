@@ -25,7 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from almost_ray.config import load_config
-from almost_ray.data.records import read_jsonl, write_json
+from almost_ray.data.atomic import write_json
+from almost_ray.data.sources import read_rows
 from almost_ray.eval.stats import wilson_interval
 from almost_ray.models.config import ModelConfig
 
@@ -138,11 +139,11 @@ def calibrate(judge: PMIJudge, data_dir: Path, hh_limit: int = 150) -> dict:
     always-longer baseline, to show what the PMI judge adds.
     """
     sets: dict[str, list[tuple[str, str, str]]] = {"hhh_alignment": [], "hh_helpful_base_test": []}
-    for obj in read_jsonl(data_dir / "hhh_alignment.jsonl"):
+    for obj in read_rows(data_dir / "hhh_alignment.jsonl"):
         good = next(t["text"] for t in obj["targets"] if t["score"] == 1)
         bad = next(t["text"] for t in obj["targets"] if t["score"] == 0)
         sets["hhh_alignment"].append((obj["input"], good, bad))
-    for obj in read_jsonl(data_dir / "hh_helpful_base_test_500.jsonl"):
+    for obj in read_rows(data_dir / "hh_helpful_base_test_500.jsonl"):
         if obj["chosen"].count("\n\nHuman:") != 1 or len(sets["hh_helpful_base_test"]) >= hh_limit:
             continue
         query, chosen = obj["chosen"].split("\n\nAssistant:", 1)
@@ -198,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     stage = cfg.run_dir / "compare"
     # small batches: the backend takes a log-softmax over the whole vocabulary at every position
     judge = PMIJudge(ModelConfig(ref=args.judge, max_batch_size=4), args.format)
-    report = ladder_order(list(read_jsonl(stage / "responses.jsonl")),
-                          list(read_jsonl(stage / "comparisons.jsonl")), judge)
+    report = ladder_order(list(read_rows(stage / "responses.jsonl")),
+                          list(read_rows(stage / "comparisons.jsonl")), judge)
     report["judge"] = {"ref": args.judge, "format": args.format, "method": "per-token PMI"}
     if args.calibrate:
         report["judge"]["human_agreement"] = calibrate(judge, args.calibrate, args.hh_limit)

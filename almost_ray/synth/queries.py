@@ -30,9 +30,11 @@ from rouge_score import rouge_scorer, tokenizers
 from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.dashboard import add_counts, progress, run_of
 from almost_ray.cluster.replicas import ReplicaSet
-from almost_ray.config import config_hash
-from almost_ray.data.records import Query, RecordError, atomic_open, read_jsonl, write_json, write_jsonl
+from almost_ray.config_base import config_hash
+from almost_ray.data.atomic import atomic_open, write_json
+from almost_ray.data.records import Query, RecordError, write_jsonl
 from almost_ray.data.shards import ShardedJsonl
+from almost_ray.data.sources import read_rows
 from almost_ray.generate.pool import GenerationReplica
 from almost_ray.prompts.templates import packaged_text
 from almost_ray.runs.manifest import is_done, read_manifest, write_manifest
@@ -194,7 +196,7 @@ def _generate_round(cfg: QueriesConfig, ray_cfg: RayConfig, prompts: list[str], 
                 for r in replicas.map(todo)
             )
         shards.finalize()
-    return [row["completion"] for row in read_jsonl(path)]
+    return [row["completion"] for row in read_rows(path)]
 
 
 def generation_replicas(cfg: QueriesConfig, run: str) -> ReplicaSet:
@@ -288,7 +290,7 @@ def plot_rounds(out_dir: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(read_jsonl(Path(out_dir) / "metrics.jsonl"))
+    rows = list(read_rows(Path(out_dir) / "metrics.jsonl"))
     reasons = sorted({k for r in rows for k in r if k.startswith("dropped_")})
     x = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.5))

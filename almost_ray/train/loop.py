@@ -42,9 +42,9 @@ import torch
 
 from almost_ray.cluster import dashboard
 from almost_ray.cluster.memory import ensure_ledger, report_peak
-from almost_ray.config import config_hash
+from almost_ray.config_base import config_hash
+from almost_ray.data.atomic import write_json
 from almost_ray.data.metrics_log import MetricsLog
-from almost_ray.data.records import write_json
 from almost_ray.models.loading import ready_for_generation
 from almost_ray.models.packing import use_packed_attention
 from almost_ray.train.config import TrainConfig

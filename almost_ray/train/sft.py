@@ -26,7 +26,8 @@ import torch
 from pydantic import ValidationError
 
 from almost_ray.cluster.config import RayConfig
-from almost_ray.data.records import Dialogue, Messages, RecordError, field_error, numbered_rows
+from almost_ray.data.records import Dialogue, Messages, RecordError, field_error
+from almost_ray.data.sources import iter_rows
 from almost_ray.models import loading
 from almost_ray.models.packing import pack_sequences
 from almost_ray.prompts.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
@@ -71,7 +72,7 @@ def apply_mode(messages: Messages, mode: str) -> Messages:
 def load_conversations(path: str | Path) -> list[Messages]:
     """Dialogues or prompt-completion rows; a bad line raises RecordError naming file:line:field."""
     out = []
-    for lineno, obj in numbered_rows(path):
+    for lineno, obj in iter_rows(path):
         if not isinstance(obj, dict):
             raise RecordError(f"{path}:{lineno}: expected a JSON object")
         if "messages" in obj:
