@@ -1,110 +1,157 @@
 """The `almost-ray` command: one subcommand per stage, each `--config FILE [--set dotted.key=value ...]`.
 
-Stage modules are imported only when their subcommand runs, so `--help` is instant. Bad config or
-input prints one clear error naming the file and field, and exits with code 2.
+A stage's flags are overrides of its config section (`--input` sets the field the stage reads, `--output`
+its `output_dir`), so the command line and the config name the same paths (`runs/paths.py`); the command
+then calls the stage module's `run(cfg)`. Stage modules are imported only when their subcommand runs
+(`COMMANDS`), so `--help` and a refused config are answered without loading torch or Ray. Bad config or
+input prints one line naming the file and field, and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from almost_ray.config import Config, load_config
 from almost_ray.config_base import ConfigError
-from almost_ray.pipeline import loop as pipeline
+
+# command -> the module whose `run(cfg)` it calls
+COMMANDS = {
+    "generate": "almost_ray.generate.stage",
+    "queries": "almost_ray.synth.queries",
+    "compare": "almost_ray.synth.compare",
+    "train-rm": "almost_ray.train.rm",
+    "eval-rm": "almost_ray.eval.rm",
+    "rmsp": "almost_ray.rmsp.stage",
+    "train-sft": "almost_ray.train.sft",
+    "ppo": "almost_ray.rl.stage",
+    "eval": "almost_ray.eval.evaluate",
+}
 
 
-def _generate(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.generate import stage as generate
-
-    out = generate.run(cfg.generate, cfg.ray, args.input, args.output)
-    print(f"wrote {out}")
+def stage_module(command: str):
+    """The stage module behind a command, imported now (deliberately late: see the module docstring)."""
+    return importlib.import_module(COMMANDS[command])
 
 
-def _queries(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.synth import queries
+def with_flags(cfg: Config, values: dict[str, Any]) -> Config:
+    """`cfg` with dotted fields set from command-line flags (None: flag not given), validated like the file."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if not given:
+        return cfg
+    data = cfg.model_dump()
+    for dotted, value in given.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"command line: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
-    out = queries.run(cfg.queries, cfg.ray, args.output or cfg.run_dir / "queries")
-    for step, n in queries.funnel(out.parent):
+
+def _generate(args, cfg: Config) -> None:
+    cfg = with_flags(cfg, {"generate.prompts": args.input, "generate.output": args.output})
+    stage_module("generate").run(cfg)
+    from almost_ray.runs.paths import generate_output
+
+    print(f"wrote {generate_output(cfg)}")
+
+
+def _queries(args, cfg: Config) -> None:
+    queries = stage_module("queries")
+    out = queries.run(with_flags(cfg, {"queries.output_dir": args.output}))
+    for step, n in queries.funnel(out):
         print(f"{step:<28} {n}")
-    print(f"wrote {out}")
+    print(f"wrote {out / 'queries.jsonl'}")
 
 
-def _compare(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.synth import compare
-
-    stage_dir = Path(args.output or cfg.run_dir / "compare")
-    source = args.queries or cfg.compare.queries or cfg.run_dir / "queries" / "queries.jsonl"
-    out = compare.run(cfg.compare, cfg.ray, source, stage_dir)
+def _compare(args, cfg: Config) -> None:
+    compare = stage_module("compare")
+    out = compare.run(with_flags(cfg, {"compare.queries": args.queries, "compare.output_dir": args.output}))
     if args.report:
-        print(compare.format_funnel(stage_dir))
-    print(f"wrote {out}")
+        print(compare.format_funnel(out))
+    print(f"wrote {out / 'comparisons.jsonl'}")
 
 
-def _pipeline(args: argparse.Namespace, cfg: Config) -> None:
-    pipeline.main(args, cfg)
+def _train_rm(args, cfg: Config) -> None:
+    out = stage_module("train-rm").run(with_flags(cfg, {"train_rm.comparisons": args.input,
+                                                         "train_rm.output_dir": args.output}))
+    print(f"reward model written to {out / 'model'}")
 
 
-def _train_rm(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.train import rm as reward
-
-    out = reward.run(cfg.train_rm, cfg.ray, args.input, args.output or cfg.run_dir / "rm")
-    print(f"reward model written to {out}")
-
-
-def _train_sft(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.train import sft
-
-    out = sft.run(cfg.train_sft, cfg.ray, args.input, args.output or cfg.run_dir / cfg.train_sft.mode)
-    print(f"{cfg.train_sft.mode} model written to {out}")
+def _train_sft(args, cfg: Config) -> None:
+    out = stage_module("train-sft").run(with_flags(cfg, {"train_sft.dialogues": args.input,
+                                                          "train_sft.output_dir": args.output}))
+    print(f"{cfg.train_sft.mode} model written to {out / 'model'}")
 
 
-def _eval_rm(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.eval import rm as rm_accuracy
-
-    model = args.model or cfg.eval_rm.model or str(cfg.run_dir / "rm" / "model")
-    output = args.output or cfg.run_dir / "eval_rm" / "rm_accuracy.json"
-    rm_accuracy.run(model, args.input, cfg.eval_rm, cfg.ray, output)
-    print(f"wrote {output}")
+def _eval_rm(args, cfg: Config) -> None:
+    out = stage_module("eval-rm").run(with_flags(cfg, {"eval_rm.inputs": args.input, "eval_rm.model": args.model,
+                                                        "eval_rm.output_dir": args.output}))
+    print(f"wrote {out / 'rm_accuracy.json'}")
 
 
-def _eval(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.eval.evaluate import apply_cli, run
+def _eval(args, cfg: Config) -> None:
+    evaluate = stage_module("eval")
     from almost_ray.eval.report import summary_lines
 
-    cfg = apply_cli(cfg, args.model, args.suite, args.vs, args.reward_model)
-    report = run(cfg, args.output)
+    cfg = with_flags(evaluate.apply_cli(cfg, args.model, args.suite, args.vs, args.reward_model),
+                     {"eval.output_dir": args.output})
+    report = json.loads((evaluate.run(cfg) / "report.json").read_text())
     print(f"{report['model_label']}: {', '.join(report['suites'])} in {report['wall_time_s']:.0f} s")
     for line in summary_lines(report):
         print("  " + line)
 
 
-def _rmsp(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.rmsp import stage
-
+def _rmsp(args, cfg: Config) -> None:
+    cfg = with_flags(cfg, {"rmsp.queries": args.queries})
     if args.compare_plain:
-        from almost_ray.rmsp.vs_self_play import COMPARE_DIR, run_compare, summary_lines
+        from almost_ray.rmsp.vs_self_play import run_compare, summary_lines
+        from almost_ray.runs.paths import rmsp_vs_self_play_dir
 
-        report = run_compare(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
-        print("\n".join(summary_lines(report)))
-        print(f"wrote {cfg.run_dir / COMPARE_DIR / 'report.json'} and report.png")
+        print("\n".join(summary_lines(run_compare(cfg))))
+        print(f"wrote {rmsp_vs_self_play_dir(cfg) / 'report.json'} and report.png")
         return
-    out = stage.run(cfg.rmsp, cfg.ray, cfg.run_dir, args.queries)
+    out = stage_module("rmsp").run(cfg)
     print(f"wrote {out / 'dialogues.jsonl'} and {out / 'manifest.json'}")
 
 
-def _export(args: argparse.Namespace, cfg: Config) -> None:
-    from almost_ray.data.export import export
+def _ppo(args, cfg: Config) -> int | None:
+    cfg = with_flags(cfg, {"ppo.engine": args.engine, "ppo.prompts": args.prompts})
+    if cfg.ppo.engine == "openrlhf":
+        from almost_ray.rl.openrlhf import launch
 
-    stage_dir = Path(args.stage_dir) if args.stage_dir else cfg.run_dir / args.stage
+        return launch(cfg, dry_run=args.dry_run)
+    if args.dry_run:
+        raise ConfigError("ppo: --dry-run prints the OpenRLHF command; it needs --engine openrlhf")
+    out = stage_module("ppo").run(cfg)
+    print(f"PPO policy written to {out / 'model'}; metrics in {out / 'metrics.jsonl'}, curves in {out / 'ppo.png'}")
+    return None
+
+
+def _export(args, cfg: Config) -> None:
+    from almost_ray.runs import paths
+    from almost_ray.runs.export import export
+
+    stage_dir = Path(args.stage_dir) if args.stage_dir else (
+        paths.rmsp_plain_dir(cfg) if args.stage == "rmsp-plain" else paths.stage_dir(cfg, args.stage))
     out = export(stage_dir, args.stage, args.to, args.format)
     print(f"wrote {out} ({args.format}; load with datasets.{'load_dataset' if args.format == 'parquet' else 'load_from_disk'})")
 
 
-def _serve(args: argparse.Namespace, cfg: Config) -> None:
+def _serve(args, cfg: Config) -> None:
     from almost_ray.serve.app import run
 
     serve_cfg = cfg.serve
@@ -123,22 +170,22 @@ def _serve(args: argparse.Namespace, cfg: Config) -> None:
     run(serve_cfg, cfg.ray)
 
 
-def _ppo(args: argparse.Namespace, cfg: Config) -> int | None:
-    section = cfg.ppo.model_copy(update={"engine": args.engine}) if args.engine else cfg.ppo
-    if section.engine == "openrlhf":
-        from almost_ray.rl.openrlhf import launch
+def _pipeline(args, cfg: Config) -> None:
+    from almost_ray.pipeline import loop
 
-        return launch(cfg.model_copy(update={"ppo": section}), dry_run=args.dry_run, prompts=args.prompts)
-    if args.dry_run:
-        raise ConfigError("ppo: --dry-run prints the OpenRLHF command; it needs --engine openrlhf")
-    from almost_ray.rl import stage
-
-    out = stage.run(section, cfg.ray, cfg.run_dir, args.prompts)
-    print(f"PPO policy written to {out / 'model'}; metrics in {out / 'metrics.jsonl'}, curves in {out / 'ppo.png'}")
-    return None
+    loop.main(args, cfg)
 
 
 DEMO_CONFIG = "configs/demo.yaml"  # `almost-ray demo` without --config, run from a checkout
+OUTPUT_DIR = (("--output",), dict(help="the stage's folder (sets <section>.output_dir; default: <run dir>/<stage>)"))
+# The flags of `almost-ray pipeline`, `almost-ray demo` and `jobs/rlsf.py` (besides --config and --set).
+PIPELINE_ARGUMENTS: list[tuple[tuple, dict]] = [
+    (("--from",), dict(dest="start", metavar="STAGE", help="start at this stage (earlier outputs must exist)")),
+    (("--until",), dict(metavar="STAGE", help="stop after this stage")),
+    (("--only",), dict(metavar="STAGE,...", help="run only these stages (comma-separated), in pipeline order")),
+    (("--list",), dict(action="store_true", help="list the stages, whether each is done; run nothing")),
+]
+SOURCE = ".jsonl, Parquet, a save_to_disk folder or a hub id"
 
 # name -> (help, handler, extra arguments)
 SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
@@ -146,33 +193,34 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         "answer prompts with one model through a Ray Data actor pool",
         _generate,
         [
-            (("--input",), dict(required=True, help="prompts: .txt (one per line), .jsonl, Parquet, a save_to_disk dir or a hub id")),
-            (("--output",), dict(required=True, help="responses .jsonl, written atomically")),
+            (("--input",), dict(required=True, help=f"prompts (sets generate.prompts): .txt (one per line), {SOURCE}")),
+            (("--output",), dict(required=True, help="responses .jsonl, written atomically (sets generate.output)")),
         ],
     ),
     "train-rm": (
         "train a reward model on comparisons (Ray Train, FSDP)",
         _train_rm,
         [
-            (("--input",), dict(required=True, help="comparisons (prompt/chosen/rejected or HH-RLHF): .jsonl, Parquet, save_to_disk dir or hub id")),
-            (("--output",), dict(help="stage directory (default: <run dir>/rm); the model goes to <output>/model")),
+            (("--input",), dict(help=f"comparisons (sets train_rm.comparisons; default: the compare stage's): {SOURCE}")),
+            OUTPUT_DIR,
         ],
     ),
     "train-sft": (
         "supervised finetuning, response tuning or single-task finetuning (train_sft.mode)",
         _train_sft,
         [
-            (("--input",), dict(required=True, help="dialogues (messages, or prompt/completion): .jsonl, Parquet, save_to_disk dir or hub id")),
-            (("--output",), dict(help="stage directory (default: <run dir>/<mode>)")),
+            (("--input",), dict(help=f"dialogues or prompt/completion rows (sets train_sft.dialogues; default: the "
+                                     f"rmsp stage's): {SOURCE}")),
+            OUTPUT_DIR,
         ],
     ),
     "eval-rm": (
         "pairwise accuracy of a reward model next to the prefer-longer baseline",
         _eval_rm,
         [
-            (("--input",), dict(required=True, action="append", help="comparisons or HH-RLHF: .jsonl, Parquet, save_to_disk dir or hub id (repeatable)")),
-            (("--model",), dict(help="RM reference (default: eval_rm.model, else <run dir>/rm/model)")),
-            (("--output",), dict(help="JSON report (default: <run dir>/eval_rm/rm_accuracy.json)")),
+            (("--input",), dict(action="append", help=f"comparisons or HH-RLHF, repeatable (sets eval_rm.inputs): {SOURCE}")),
+            (("--model",), dict(help="RM reference (sets eval_rm.model; default: the train_rm stage's)")),
+            OUTPUT_DIR,
         ],
     ),
     "eval": (
@@ -183,14 +231,14 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
             (("--suite",), dict(help="comma-separated: hhh,truthfulqa,ranking,judge (default: eval.suites)")),
             (("--vs",), dict(help="the second model of pairwise judging (sets eval.vs.ref)")),
             (("--reward-model",), dict(action="store_true", help="--model is a reward model (eval.kind=reward)")),
-            (("--output",), dict(help="report directory (default: <run dir>/eval/<model>)")),
+            (("--output",), dict(help="report folder (sets eval.output_dir; default: <run dir>/eval/<model>)")),
         ],
     ),
     "rmsp": (
         "reward-model-guided self-play: best-of-N assistant turns and user follow-ups (the SFT set)",
         _rmsp,
         [
-            (("--queries",), dict(help="initial queries .jsonl/.txt (default: rmsp.queries, else step 1's output)")),
+            (("--queries",), dict(help=f"initial queries (sets rmsp.queries; default: the queries stage's): .txt, {SOURCE}")),
             (("--compare-plain",), dict(action="store_true",
                                         help="also run plain self-play on the same queries and report both")),
         ],
@@ -198,14 +246,14 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
     "queries": (
         "mine initial queries with Self-Instruct on a Ray Data pool (ALMoST step 1, Appendix C.1)",
         _queries,
-        [(("--output",), dict(help="stage directory (default: <run dir>/queries)"))],
+        [OUTPUT_DIR],
     ),
     "compare": (
         "synthetic comparisons: the generator ladder, Heuristic Filter and As-is RM filter (ALMoST step 1)",
         _compare,
         [
-            (("--queries",), dict(help="queries .jsonl/.txt (default: compare.queries, else <run dir>/queries)")),
-            (("--output",), dict(help="stage directory (default: <run dir>/compare)")),
+            (("--queries",), dict(help=f"queries (sets compare.queries; default: the queries stage's): .txt, {SOURCE}")),
+            OUTPUT_DIR,
             (("--report",), dict(action="store_true", help="print the funnel table (counts and drop reasons)")),
         ],
     ),
@@ -214,7 +262,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         _export,
         [
             (("--stage",), dict(required=True, choices=["queries", "compare", "rmsp", "rmsp-plain"])),
-            (("--to",), dict(required=True, help="output folder (replaced)")),
+            (("--to",), dict(required=True, help="output folder: a new one, or one an earlier export wrote")),
             (("--format",), dict(default="parquet", choices=["parquet", "disk"],
                                  help="parquet: load_dataset(DIR); disk: Dataset.save_to_disk")),
             (("--stage-dir",), dict(help="the stage's folder (default: <run dir>/<stage>)")),
@@ -229,8 +277,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         "PPO of the SFT policy against the synthetic RM with a KL penalty (ALMoST step 3, RLSF)",
         _ppo,
         [
-            (("--prompts",), dict(help="prompts .jsonl/.txt (default: ppo.prompts, else first user turns of "
-                                        "<run dir>/rmsp/dialogues.jsonl)")),
+            (("--prompts",), dict(help=f"prompts (sets ppo.prompts; default: the first user turns of the rmsp stage's "
+                                       f"dialogues): .txt, {SOURCE}")),
             (("--engine",), dict(choices=["almost_ray", "openrlhf"], help="overrides ppo.engine")),
             (("--dry-run",), dict(action="store_true", help="with --engine openrlhf: print the command, run nothing")),
         ],
@@ -238,10 +286,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
     "pipeline": (
         "the whole pipeline, queries to report, each stage skipped when done (see --list)",
         _pipeline,
-        pipeline.ARGUMENTS,
+        PIPELINE_ARGUMENTS,
     ),
     "demo": ("the pipeline on configs/demo.yaml: `make demo` (same flags as pipeline)", _pipeline,
-             pipeline.ARGUMENTS),
+             PIPELINE_ARGUMENTS),
 }
 
 
@@ -272,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"almost-ray: config error:\n{err}", file=sys.stderr)
         return 2
+    from almost_ray.data.atomic import NotOursError
     from almost_ray.data.records import RecordError
     from almost_ray.models.loading import ModelRefError
 
@@ -280,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # found while running, e.g. a data path that is not set
         print(f"almost-ray: config error:\n{err}", file=sys.stderr)
         return 2
-    except (RecordError, ModelRefError) as err:
+    except (RecordError, ModelRefError, NotOursError) as err:
         print(f"almost-ray: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
@@ -293,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # An output that cannot be written: a file where a folder should be, no permission, a full disk or
-# a file-size limit, a read-only file system. Earlier outputs stay intact (records.atomic_open).
+# a file-size limit, a read-only file system. Earlier outputs stay intact (data/atomic.py).
 _WRITE_ERRNOS = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EFBIG,
                  errno.EROFS, errno.EDQUOT, errno.EISDIR}
 

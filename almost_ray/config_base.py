@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,14 @@ class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class StageSection(StrictModel):
+    """Base of a stage's section: where the stage writes (the CLI's `--output` sets it)."""
+
+    output_dir: Path | None = Field(
+        default=None, description="the stage's folder; null: <runs_dir>/<run_name>/<its folder> (runs/paths.py)"
+    )
 
 
 def config_hash(section: BaseModel) -> str:

@@ -41,6 +41,13 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True, runtime_env=worker_runtime_env())
 
 
+def node_id() -> str:
+    """The Ray node this code runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 VISIBILITY_TIMEOUT_S = 60.0
 
 

@@ -6,7 +6,7 @@ mark of its process (a Ray actor has a worker process of its own for its whole l
 `torch.cuda.max_memory_allocated` when it used CUDA — and sends it with `report_peak(role)` to one named
 `PeakLedger` actor of the driver's job. The ledger keeps each actor's latest report with the time it
 arrived; `write_manifest` asks it for the actors that reported since the stage started. Ray Data owns its
-pool actors' lifetimes, so pool replicas report after every batch (`MeasuredReplica`, one cheap call, and
+pool actors' lifetimes, so pool replicas report after every batch (`replicas.MeasuredReplica`, one cheap call, and
 only when the peak grew); the others report before they are killed or when their loop ends.
 
 The driver's peak is its own high-water mark (`VmHWM`), which `reset_driver_peak` lowers to the current
@@ -189,23 +189,6 @@ def gather(actors: dict[str, list], timeout_s: float = 10.0) -> None:
 
 def _report_in_actor(_instance, role: str) -> None:
     report_peak(role)
-
-
-class MeasuredReplica:
-    """A replica class `cls(**kwargs)` that reports its actor's peak after every batch it answers.
-
-    What `pools.map_pool` gives Ray Data (which owns its actors' lifetimes, so nobody can ask them at the
-    end) and what `replicas.ReplicaSet` holds in each actor, so both kinds of pool report the same way."""
-
-    def __init__(self, cls: type, kwargs: dict, role: str):
-        self.replica = cls(**kwargs)
-        self.role = role
-        report_peak(role)  # the model is loaded: a replica that never gets a batch still counts
-
-    def __call__(self, batch, **call):
-        out = self.replica(batch, **call)
-        report_peak(self.role)
-        return out
 
 
 # --- the manifest's record ----------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from almost_ray.cluster.config import ResourcesConfig
-from almost_ray.cluster.memory import MeasuredReplica, ensure_ledger
+from almost_ray.cluster.memory import ensure_ledger
 from almost_ray.cluster.preflight import pool_bundles, preflight
+from almost_ray.cluster.replicas import MeasuredReplica, role_name
 
 # Ray Data's own actor defaults (ActorPoolMapOperator._apply_default_remote_args).
 RAY_DATA_DEFAULTS = {"max_restarts": -1, "max_task_retries": -1}
@@ -47,16 +48,11 @@ def pool_args(res: ResourcesConfig) -> dict[str, Any]:
 def map_pool(ds, cls: type, kwargs: dict, res: ResourcesConfig, name: str):
     """`ds` mapped through a pool of `cls(**kwargs)` replicas; `name` is the pool's config path.
 
-    Each replica reports its actor's peak memory for the stage's manifest (`memory.MeasuredReplica`)."""
+    Each replica reports its actor's peak memory for the stage's manifest (`replicas.MeasuredReplica`)."""
     preflight(name, pool_bundles(res))
     ensure_ledger()
     return ds.map_batches(MeasuredReplica, fn_constructor_kwargs=dict(cls=cls, kwargs=kwargs, role=role_name(name)),
                           **pool_args(res))
-
-
-def role_name(pool: str) -> str:
-    """A pool's config path as the role its memory is reported under (`rmsp.assistant.resources` -> `rmsp.assistant`)."""
-    return pool.removesuffix(".resources")
 
 
 def stream_pool(rows: list[dict], cls: type, kwargs: dict, res: ResourcesConfig, name: str) -> Iterator[dict]:

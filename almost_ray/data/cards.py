@@ -116,6 +116,8 @@ def card_text(stage: str, manifest: dict[str, Any], rows: int, data_files: str) 
 
 def write_card(stage_dir: str | Path, stage: str, manifest: dict[str, Any]) -> Path | None:
     """Write `stage_dir/README.md` for a data stage whose data file exists; None for other stages."""
+    if stage == "rmsp" and (manifest["config"].get("best_of") == 1 or manifest["config"].get("reward_model") is None):
+        stage = "rmsp-plain"  # the plain self-play arm: no reward model chose any turn
     if stage not in DATA_STAGES:
         return None
     data = Path(stage_dir) / DATA_STAGES[stage][0]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from almost_ray.data.atomic import atomic_open, write_json
+from almost_ray.data.atomic import atomic_open, own_directory, remove_own_directory, write_json
 from almost_ray.data.sources import read_rows
 
 SHARD_KEY = "_shard"
@@ -44,8 +43,9 @@ class ShardedJsonl:
         plan = hashlib.sha256(json.dumps([self.shard_size, [r[key] for r in rows]]).encode()).hexdigest()
         plan_file = self.dir / "plan.json"
         if self.dir.exists() and (not plan_file.exists() or json.loads(plan_file.read_text()) != plan):
-            shutil.rmtree(self.dir)
+            remove_own_directory(self.dir)
         if not self.dir.exists():
+            own_directory(self.dir)
             write_json(plan_file, plan)
         self.expected = defaultdict(int)
         todo = []
@@ -86,5 +86,5 @@ class ShardedJsonl:
                 for row in read_rows(self._shard_path(s)):
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                     count += 1
-        shutil.rmtree(self.dir)
+        remove_own_directory(self.dir)
         return count

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from almost_ray.cluster.config import ResourcesConfig
-from almost_ray.config_base import StrictModel
+from almost_ray.config_base import StageSection, StrictModel
 from almost_ray.models.config import ModelConfig, PromptFormat, SamplingParams
 
 PromptStyle = Literal["human_assistant", "chat"]
@@ -112,7 +112,7 @@ class JudgeEvalConfig(StrictModel):
     )
 
 
-class EvalConfig(StrictModel):
+class EvalConfig(StageSection):
     """`almost-ray eval`: score one model (and compare it with `vs`) on the evaluation suites."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -131,7 +131,7 @@ class EvalConfig(StrictModel):
     judge: JudgeEvalConfig = Field(default_factory=JudgeEvalConfig)
 
 
-class EvalRMConfig(StrictModel):
+class EvalRMConfig(StageSection):
     """`almost-ray eval-rm`: pairwise accuracy of an RM next to the always-longer baseline (ALMoST Table 3)."""
 
     model: str | None = Field(default=None, description="RM reference; null: <run dir>/rm/model")

@@ -1,4 +1,5 @@
-"""`almost-ray eval`: run the configured suites on one model (and judge it against `vs`), write the report.
+"""The `evaluate` stage (`almost-ray eval`): the configured suites on one model (and the judge against
+`vs`), with its report. The pipeline's `eval` stage (`eval/stage.py`) runs it for the base, SFT and PPO models.
 
 Each suite builds scoring rows from its data (pure, in its own module), a scorer turns them into
 log-likelihoods (or rewards) on a Ray Data actor pool, and the suite summarises them. Outputs go to
@@ -28,7 +29,9 @@ from almost_ray.eval.config import EvalConfig, JudgeEvalConfig
 from almost_ray.eval.report import write_report
 from almost_ray.eval.scoring import Scorer, reward_on_ray, score_on_ray
 from almost_ray.models.config import ModelConfig
-from almost_ray.runs.manifest import is_done, write_manifest
+from almost_ray.models.loading import check_model_ref
+from almost_ray.runs import paths
+from almost_ray.runs.stage import Outcome, Stage
 
 Answerer = Callable[[ModelConfig, list[dict], str], dict[str, str]]  # (model, questions, name) -> id -> answer
 
@@ -203,27 +206,35 @@ def _write_items(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_suite(suite: str, e: EvalConfig, backends: Backends, tokenizer=None) -> tuple[dict, list[dict]]:
-    """One suite: rows, scores, summary."""
+def load_suite_items(suite: str, e: EvalConfig) -> list:
+    """A suite's items, every row validated (a bad row is a RecordError naming file:line and field)."""
     if suite == "hhh":
-        items = hhh.load_items(e.hhh.data, e.hhh.limit)
-        return hhh.summarize(items, backends.score(hhh.build_rows(items, e.hhh, tokenizer), "hhh"), e.hhh.mode)
+        return hhh.load_items(e.hhh.data, e.hhh.limit)
     if suite == "truthfulqa":
-        items = truthfulqa.load_items(e.truthfulqa.data, e.truthfulqa.limit)
-        scores = backends.score(truthfulqa.build_rows(items, e.truthfulqa, tokenizer), "truthfulqa")
-        return truthfulqa.summarize(items, scores, e.truthfulqa)
+        return truthfulqa.load_items(e.truthfulqa.data, e.truthfulqa.limit)
     if suite == "ranking":
-        pairs = ranking.load_pairs(e.ranking.data, e.ranking.max_chars, e.ranking.limit)
-        rows = ranking.build_rows(pairs, e.ranking, tokenizer)
-        return ranking.summarize(rows, backends.score(rows, "ranking"))
+        return ranking.load_pairs(e.ranking.data, e.ranking.max_chars, e.ranking.limit)
     if suite == "judge":
-        return run_judge(e, backends)
+        return [q for name, path in e.judge.questions.items() for q in judge.load_questions(path, name, e.judge.limit)]
     raise ValueError(f"unknown suite {suite!r}")
 
 
-def run_judge(e: EvalConfig, backends: Backends) -> tuple[dict, list[dict]]:
+def run_suite(suite: str, e: EvalConfig, backends: Backends, tokenizer=None) -> tuple[dict, list[dict]]:
+    """One suite: rows, scores, summary."""
+    items = load_suite_items(suite, e)
+    if suite == "hhh":
+        return hhh.summarize(items, backends.score(hhh.build_rows(items, e.hhh, tokenizer), "hhh"), e.hhh.mode)
+    if suite == "truthfulqa":
+        scores = backends.score(truthfulqa.build_rows(items, e.truthfulqa, tokenizer), "truthfulqa")
+        return truthfulqa.summarize(items, scores, e.truthfulqa)
+    if suite == "ranking":
+        rows = ranking.build_rows(items, e.ranking, tokenizer)
+        return ranking.summarize(rows, backends.score(rows, "ranking"))
+    return run_judge(e, backends, items)
+
+
+def run_judge(e: EvalConfig, backends: Backends, questions: list[dict]) -> tuple[dict, list[dict]]:
     j = e.judge
-    questions = [q for name, path in j.questions.items() for q in judge.load_questions(path, name, j.limit)]
     answers_a = backends.answer(e.model, questions, f"answers-{slug(model_label(e.model))}")
     answers_b = backends.answer(e.vs, questions, f"answers-{slug(model_label(e.vs))}")
     if j.kind == "reward":
@@ -243,20 +254,42 @@ def run_judge(e: EvalConfig, backends: Backends) -> tuple[dict, list[dict]]:
     return metrics, records
 
 
-def run(cfg: Config, out_dir: str | Path | None = None, backends: Backends | None = None) -> dict:
-    """Evaluate `cfg.eval.model` on `cfg.eval.suites`; returns the report (also written to `out_dir`)."""
+def folder(cfg: Config) -> Path:
+    """Where one model's evaluation goes: `eval.output_dir` (the CLI's `--output`), else
+    `<eval stage folder>/<model label>`."""
+    if cfg.eval.output_dir is not None:
+        return Path(cfg.eval.output_dir)
+    return paths.stage_dir(cfg, "eval") / slug(model_label(cfg.eval.model))
+
+
+def check(cfg: Config) -> None:
+    """The suites' data (every row) and every model the evaluation loads, before Ray starts."""
     e = cfg.eval
-    label = model_label(e.model)
-    out_dir = Path(out_dir) if out_dir is not None else cfg.run_dir / "eval" / slug(label)
-    inputs = _data_paths(e)
-    if is_done(out_dir, e, inputs) and (out_dir / "report.json").is_file():
-        return json.loads((out_dir / "report.json").read_text())
+    _data_paths(e)
+    for suite in e.suites:
+        load_suite_items(suite, e)
+    check_model_ref(e.model.ref, "eval.model.ref", "reward_model" if e.kind == "reward" else "causal_lm")
+    if "judge" in e.suites:
+        check_model_ref(e.vs.ref, "eval.vs.ref")
+        if e.judge.kind == "reward":
+            if not e.judge.reward_model:
+                raise ConfigError("eval.judge.reward_model: required when eval.judge.kind is 'reward'")
+            check_model_ref(e.judge.reward_model, "eval.judge.reward_model", "reward_model")
+        else:
+            check_model_ref(e.judge.model.ref, "eval.judge.model.ref")
+
+
+def evaluate(cfg: Config, backends: Backends | None = None) -> Outcome:
+    """Evaluate `cfg.eval.model` on `cfg.eval.suites` into `folder(cfg)`: report.json/md, PNGs, items.
+    `backends`: where scoring runs (default: Ray Data pools; `in_process_backends` for tests)."""
+    e = cfg.eval
+    out_dir = folder(cfg)
     started = time.time()
     backends = backends or ray_backends(cfg, out_dir)
     chat = (e.hhh.prompt.style == "chat" or e.hhh.answer_prompt.style == "chat" or e.ranking.style == "chat"
             or e.truthfulqa.prompt.style == "chat" or e.truthfulqa.true_false_prompt.style == "chat")
     tokenizer = _tokenizer(e.model.ref, chat)
-    report = {"model_label": label, "model": e.model.model_dump(mode="json"), "kind": e.kind,
+    report = {"model_label": model_label(e.model), "model": e.model.model_dump(mode="json"), "kind": e.kind,
               "ci": "wilson-95", "suites": {}}
     for suite in e.suites:
         t0 = time.time()
@@ -269,10 +302,21 @@ def run(cfg: Config, out_dir: str | Path | None = None, backends: Backends | Non
             f.write(json.dumps({"time": time.time(), "suite": suite, **_headline(suite, metrics)}) + "\n")
     report["wall_time_s"] = round(time.time() - started, 1)
     write_report(report, out_dir)
-    write_manifest(out_dir, "eval", e, inputs, started, counts={s: m.get("n_items", m.get("overall", {}).get("n"))
-                                                                  for s, m in report["suites"].items()},
+    return Outcome(counts={s: m.get("n_items", m.get("overall", {}).get("n")) for s, m in report["suites"].items()},
                    metrics={s: _headline(s, m) for s, m in report["suites"].items()})
-    return report
+
+
+STAGE = Stage(
+    "evaluate", "one model on the configured suites (Static HHH, TruthfulQA MC1, ranking, judge)",
+    section=lambda c: c.eval, inputs=lambda c: _data_paths(c.eval),
+    outputs=lambda c: {"report": folder(c) / "report.json"},
+    work=evaluate, check=check, folder=folder,
+)
+
+
+def run(cfg: Config) -> Path:
+    """`almost-ray eval`: one model's evaluation into `folder(cfg)`; skipped when up to date."""
+    return STAGE.run(cfg)
 
 
 def _headline(suite: str, m: dict) -> dict:

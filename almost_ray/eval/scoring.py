@@ -2,8 +2,8 @@
 
 Every suite turns its items into rows `{"key", "context", "continuations": [...]}` and gets back, per
 key, `logprobs` (log p(continuation | context), summed over its tokens) and `lengths` (its token
-counts). `ScorerReplica` is the Ray Data callable class holding one generator per actor (the pattern of
-`generation_pool.GenerationReplica`); `score_on_ray` streams rows through a pool of them, writing
+counts). `score_batch` is what a pool's replica (`cluster.replicas.ModelReplica`, one generator per actor)
+does with a batch; `score_on_ray` streams rows through a pool of them, writing
 resumable shards, and `score_in_process` does the same work with a generator in hand (tests, notebooks).
 
 With an HF generator (`HFGenerator.shared_context_logprobs`) a row's context is computed once for all
@@ -23,10 +23,12 @@ import pandas as pd
 
 from almost_ray.cluster.config import ResourcesConfig
 from almost_ray.cluster.pools import stream_pool
+from almost_ray.cluster.replicas import ModelReplica, generator_model, reward_model
 from almost_ray.data.shards import ShardedJsonl
 from almost_ray.data.sources import read_rows
 from almost_ray.models.config import ModelConfig
-from almost_ray.models.generator import Generator, make_generator
+from almost_ray.models.generator import Generator
+from almost_ray.models.reward import score_conversations
 from almost_ray.models.text import encode_pair
 
 Row = dict
@@ -72,19 +74,13 @@ def score_in_process(generator: Generator) -> Scorer:
     return scorer
 
 
-class ScorerReplica:
-    """Ray Data callable class: one generator per actor; scores a batch of rows per call."""
-
-    def __init__(self, model: dict):
-        self.generator = make_generator(ModelConfig.model_validate(model))
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = [{"context": c, "continuations": json.loads(x)} for c, x in zip(batch["context"], batch["continuations"])]
-        scored = score_rows(self.generator, rows)
-        batch = batch.copy()
-        batch["logprobs"] = [json.dumps(s["logprobs"]) for s in scored]
-        batch["lengths"] = [json.dumps(s["lengths"]) for s in scored]
-        return batch
+def score_batch(generator: Generator, batch: pd.DataFrame) -> pd.DataFrame:
+    """What a scoring pool's replica does with a batch: `logprobs` and `lengths` (JSON) for each row's
+    `continuations` (JSON) after its `context`."""
+    rows = [{"context": c, "continuations": json.loads(x)} for c, x in zip(batch["context"], batch["continuations"])]
+    scored = score_rows(generator, rows)
+    return batch.assign(logprobs=[json.dumps(s["logprobs"]) for s in scored],
+                        lengths=[json.dumps(s["lengths"]) for s in scored])
 
 
 def scores_path(work_dir: str | Path, name: str, model: ModelConfig, rows: list[Row]) -> Path:
@@ -96,7 +92,7 @@ def scores_path(work_dir: str | Path, name: str, model: ModelConfig, rows: list[
 
 def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path, shard_size: int,
                  pool: str = "eval.resources") -> Scorer:
-    """A scorer sharding rows over a `ScorerReplica` pool; results land in `work_dir/<name>-<digest>.scores.jsonl`.
+    """A scorer sharding rows over a pool of `score_batch` replicas; results land in `work_dir/<name>-<digest>.scores.jsonl`.
 
     Rows are sorted by context length first, so a batch pads little; finished shards survive a kill
     and a re-run scores only the rest (`ShardedJsonl`).
@@ -117,7 +113,8 @@ def score_on_ray(model: ModelConfig, resources: ResourcesConfig, work_dir: Path,
             shards.collect(
                 {"key": r["key"], "logprobs": json.loads(r["logprobs"]), "lengths": json.loads(r["lengths"]),
                  "_shard": r["_shard"], "_row": r["_row"]}
-                for r in stream_pool(todo, ScorerReplica, dict(model=model.model_dump()), resources, pool)
+                for r in stream_pool(todo, ModelReplica, dict(answer=score_batch, model=generator_model(model)),
+                                     resources, pool)
             )
         shards.finalize()
         return {r["key"]: {"logprobs": r["logprobs"], "lengths": r["lengths"]} for r in read_rows(final)}
@@ -130,12 +127,10 @@ def reward_on_ray(ref: str, resources: ResourcesConfig, work_dir: Path, shard_si
     """A scorer for a reward model: each continuation is an assistant reply to the row's `messages`.
 
     The "logprobs" it returns are rewards (same shape, so suites compare them the same way). Rows are
-    flattened to one conversation each and scored by `RewardReplica` actors, in resumable shards.
+    flattened to one conversation each and scored by RM replicas (`score_conversations`), in resumable shards.
     """
 
     def scorer(rows: list[Row], name: str = "rewards") -> Scores:
-        from almost_ray.models.reward import RewardReplica
-
         flat = []
         for r in rows:
             if "messages" not in r:
@@ -149,7 +144,8 @@ def reward_on_ray(ref: str, resources: ResourcesConfig, work_dir: Path, shard_si
             shards = ShardedJsonl(final, shard_size)
             todo = shards.pending(sorted(flat, key=lambda r: len(r["conversation"])), key="key")
             if todo:
-                rows_out = stream_pool(todo, RewardReplica, dict(ref=ref, dtype=dtype), resources, pool)
+                kwargs = dict(answer=score_conversations, model=reward_model(ref, dtype))
+                rows_out = stream_pool(todo, ModelReplica, kwargs, resources, pool)
                 shards.collect({"key": r["key"], "reward": float(r["reward"]), "_shard": r["_shard"],
                                 "_row": r["_row"]} for r in rows_out)
             shards.finalize()

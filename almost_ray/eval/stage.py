@@ -1,27 +1,33 @@
 """The pipeline's eval stage: what each step of alignment changed, measured (ALMoST Section 3).
 
 - the base model (`train_sft.model`), the SFT model and the PPO model, each on the suites of
-  `eval.suites` that score one model (Static HHH, TruthfulQA MC1, ranking), through `eval.run` into
-  `<run>/eval/<base|sft|ppo>/`;
+  `eval.suites` that score one model (Static HHH, TruthfulQA MC1, ranking), each a run of the `evaluate`
+  stage (`eval/evaluate.py`) into `<run>/eval/<base|sft|ppo>/`;
 - the PPO model against the SFT model under the order-swapped judge (`eval.judge`; both models answer in
   the format they were trained on, `train_sft.prompt_format`) into `<run>/eval/ppo-vs-sft/`;
-- RMSP against plain self-play, scored by the same RM (`rmsp.compare.run_compare`, ALMoST Table 5) into
+- RMSP against plain self-play, scored by the same RM (`rmsp/vs_self_play.py`, ALMoST Table 5) into
   `<run>/rmsp-compare/`.
 
 A model that does not exist yet (no PPO stage, an SFT not trained) or a suite whose third-party data is
 absent is not faked: `summary.json` lists it under `not_run` with the reason, and the report says so.
-Each evaluation is skipped by `eval.run` when already done; a retrained model invalidates its folder.
+Each evaluation is skipped when already done; a retrained model invalidates its folder.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from almost_ray.config import Config
 from almost_ray.data.atomic import write_json
+from almost_ray.eval import evaluate
 from almost_ray.eval.config import EvalConfig
-from almost_ray.runs.manifest import is_done, read_manifest, reset_if_changed, write_manifest
+from almost_ray.eval.evaluate import load_suite_items
+from almost_ray.models.loading import check_model_ref
+from almost_ray.rmsp import stage as rmsp
+from almost_ray.rmsp.vs_self_play import run_compare
+from almost_ray.runs import paths
+from almost_ray.runs.manifest import read_manifest, reset_if_changed
+from almost_ray.runs.stage import Outcome, Stage
 
 SINGLE_MODEL_SUITES = ("hhh", "truthfulqa", "ranking")
 JUDGE_DIR = "ppo-vs-sft"
@@ -29,9 +35,7 @@ JUDGE_DIR = "ppo-vs-sft"
 
 def models(cfg: Config) -> dict[str, str | None]:
     """base, sft, ppo -> model reference, or None when that model has not been trained."""
-    from almost_ray.pipeline.stages import ppo_model, sft_model
-
-    trained = {name: path for name, path in (("sft", sft_model(cfg)), ("ppo", ppo_model(cfg)))}
+    trained = {name: path for name, path in (("sft", paths.sft_model(cfg)), ("ppo", paths.ppo_model(cfg)))}
     return {"base": cfg.train_sft.model,
             **{name: str(p) if (p / "config.json").is_file() else None for name, p in trained.items()}}
 
@@ -67,16 +71,14 @@ def plan(cfg: Config) -> tuple[dict[str, list[str]], dict[str, str]]:
         elif usable:
             runs[name] = usable
     if refs["ppo"] is None or refs["sft"] is None:
-        not_run[JUDGE_DIR] = "needs both the PPO and the SFT model"
+        not_run[paths.PPO_VS_SFT] = "needs both the PPO and the SFT model"
     elif (why := missing_data(e, "judge")) is not None:
-        not_run[JUDGE_DIR] = why
+        not_run[paths.PPO_VS_SFT] = why
     else:
-        runs[JUDGE_DIR] = ["judge"]
-    from almost_ray.rmsp import stage as rmsp
-
+        runs[paths.PPO_VS_SFT] = ["judge"]
     if rmsp.mode(cfg.rmsp) != "rmsp":
         not_run["rmsp_vs_self_play"] = "rmsp runs as plain self-play (no reward model or best_of 1)"
-    elif read_manifest(cfg.run_dir / rmsp.STAGE) is None:
+    elif read_manifest(paths.stage_dir(cfg, "rmsp")) is None:
         not_run["rmsp_vs_self_play"] = "the rmsp stage has not run"
     else:
         runs["rmsp_vs_self_play"] = []
@@ -88,11 +90,12 @@ def notes(cfg: Config) -> list[str]:
 
 
 def _model_cfg(cfg: Config, name: str, suites: list[str]) -> Config:
-    """`cfg` with `eval.model` pointing at one of the pipeline's models (`ppo` vs `sft` for the judge)."""
+    """`cfg` with `eval.model` pointing at one of the pipeline's models (`ppo` vs `sft` for the judge), its
+    evaluation in `<eval folder>/<name>/`."""
     refs = models(cfg)
     e = cfg.eval
-    update: dict = {"suites": suites}
-    if name == JUDGE_DIR:
+    update: dict = {"suites": suites, "output_dir": paths.stage_dir(cfg, "eval") / name}
+    if name == paths.PPO_VS_SFT:
         update["model"] = e.model.model_copy(update={"ref": refs["ppo"]})
         update["vs"] = e.model.model_copy(update={"ref": refs["sft"], "rules": e.model.rules.model_copy(
             update={"enabled": False})})
@@ -102,54 +105,64 @@ def _model_cfg(cfg: Config, name: str, suites: list[str]) -> Config:
     return cfg.model_copy(update={"eval": e.model_copy(update=update)})
 
 
-def _inputs(cfg: Config, runs: dict[str, list[str]]) -> dict[str, Path]:
-    from almost_ray.pipeline.stages import dialogues_file, local
-
-    inputs = {f"model_{k}": p for k, ref in models(cfg).items() if ref and (p := local(ref)) is not None}
+def _inputs(cfg: Config) -> dict[str, Path]:
+    runs = plan(cfg)[0]
+    inputs = {f"model_{k}": p for k, ref in models(cfg).items() if ref and (p := paths.local_model_path(ref)) is not None}
     for suite in {s for suites in runs.values() for s in suites}:
         inputs.update({f"{suite}_{i}": p for i, p in enumerate(data_files(cfg.eval, suite))})
     if "rmsp_vs_self_play" in runs:
-        inputs["dialogues"] = dialogues_file(cfg)
+        inputs["dialogues"] = paths.dialogues_file(cfg)
     return inputs
 
 
-def run(cfg: Config) -> Path:
-    """Run every evaluation the plan allows into `<run>/eval/`; write summary.json and manifest.json last."""
-    from almost_ray.eval import evaluate
-    from almost_ray.pipeline.stages import local
-    from almost_ray.rmsp.vs_self_play import COMPARE_DIR, run_compare
+def check(cfg: Config) -> None:
+    """The base model, and every row of the suites' data that is present, before Ray starts."""
+    check_model_ref(cfg.train_sft.model, "train_sft.model")
+    runs, _ = plan(cfg)
+    for suite in {s for suites in runs.values() for s in suites}:
+        load_suite_items(suite, cfg.eval)
 
-    stage_dir = cfg.run_dir / "eval"
+
+def work(cfg: Config) -> Outcome:
+    """Every evaluation the plan allows into `<run>/eval/`, then `summary.json`."""
+    stage_dir = paths.stage_dir(cfg, "eval")
     runs, not_run = plan(cfg)
-    inputs = _inputs(cfg, runs)
-    if is_done(stage_dir, cfg.eval, inputs) and (stage_dir / "summary.json").is_file():
-        return stage_dir
-    started = time.time()
     counts: dict = {}
     metrics: dict = {}
     refs = models(cfg)
     for name, suites in runs.items():
         if name == "rmsp_vs_self_play":
-            report = run_compare(cfg.rmsp, cfg.ray, cfg.run_dir)
+            report = run_compare(cfg)
             metrics[name] = {t: {k: row[k] for k in ("rmsp_mean_reward", "self_play_mean_reward", "mean_difference")}
                              for t, row in report["per_turn"].items()}
             counts[name] = {t: row["paired_dialogues"] for t, row in report["per_turn"].items()}
             continue
-        out_dir = stage_dir / name
         sub = _model_cfg(cfg, name, suites)
-        sources = [refs["ppo"], refs["sft"]] if name == JUDGE_DIR else [refs[name]]
-        reset_if_changed(out_dir, [p for ref in sources if (p := local(ref)) is not None])
+        sources = [refs["ppo"], refs["sft"]] if name == paths.PPO_VS_SFT else [refs[name]]
+        reset_if_changed(sub.eval.output_dir, [p for ref in sources if (p := paths.local_model_path(ref)) is not None])
         print(f"eval: {name} ({sub.eval.model.ref}) on {', '.join(suites)}", flush=True)
-        evaluate.run(sub, out_dir)
-        m = read_manifest(out_dir) or {}
+        m = read_manifest(evaluate.run(sub)) or {}
         counts[name], metrics[name] = m.get("counts", {}), m.get("metrics", {})
     summary = {"models": refs, "runs": runs, "not_run": not_run,
                "dirs": {**{name: str(stage_dir / name) for name in runs if name != "rmsp_vs_self_play"},
-                        "rmsp_vs_self_play": str(cfg.run_dir / COMPARE_DIR)},
+                        "rmsp_vs_self_play": str(paths.rmsp_vs_self_play_dir(cfg))},
                "subsets": subsets(cfg.eval)}
-    write_json(stage_dir / "summary.json", summary)
-    write_manifest(stage_dir, "eval", cfg.eval, inputs, started, counts=counts, metrics=metrics)
-    return stage_dir
+    write_json(paths.eval_summary_file(cfg), summary)
+    return Outcome(counts=counts, metrics=metrics)
+
+
+STAGE = Stage(
+    "eval", "base vs SFT vs PPO on Static HHH and TruthfulQA MC1, PPO vs SFT judge, RMSP vs self-play",
+    section=lambda c: c.eval, inputs=_inputs,
+    outputs=lambda c: {"summary": paths.eval_summary_file(c)},
+    work=work, check=check, notes=notes,
+    headline=("metrics.*.value", "metrics.*.win"),
+)
+
+
+def run(cfg: Config) -> Path:
+    """The pipeline's evaluation into `<run dir>/eval/`; skipped when up to date (`runs/stage.py`)."""
+    return STAGE.run(cfg)
 
 
 def subsets(e: EvalConfig) -> dict[str, str]:

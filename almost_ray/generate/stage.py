@@ -1,4 +1,4 @@
-"""`almost-ray generate`: answer every prompt of a file with one model through a Ray Data actor pool.
+"""The `generate` stage (`almost-ray generate`): answer every prompt of a file with one model through a Ray Data actor pool.
 
 Input rows are Query records (`text`), or rows with `prompt` (raw text) or `messages` (a
 conversation). Output rows are Response records: `query_id`, `prompt`, `responses` (n samples),
@@ -8,73 +8,99 @@ conversation). Output rows are Response records: `query_id`, `prompt`, `response
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-from almost_ray.cluster.config import RayConfig
+from pydantic import ValidationError
+
 from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.dashboard import run_of
-from almost_ray.data.records import RecordError, Response
+from almost_ray.config import Config
+from almost_ray.config_base import ConfigError
+from almost_ray.data.records import Dialogue, RecordError, Response, field_error
 from almost_ray.data.shards import ShardedJsonl
 from almost_ray.data.sources import iter_rows, row_id
-from almost_ray.generate.config import GenerateConfig
 from almost_ray.generate.pool import stream_generation
-from almost_ray.models.loading import ModelRefError, resolve_model_dir
+from almost_ray.models.loading import check_model_ref, resolve_model_dir
 from almost_ray.prompts.templates import default_stop
-from almost_ray.runs.manifest import is_done, write_manifest
+from almost_ray.runs import paths
+from almost_ray.runs.stage import Outcome, Stage
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """Rows `{"id", "messages"}` from any source (`sources.py`): a .txt of queries, or rows with
-    `messages` (a conversation), `prompt` or `text` (one user turn)."""
+    """Rows `{"id", "messages"}` from any source (`data/sources.py`): a .txt of queries, or rows with
+    `messages` (a conversation in TRL's form), `prompt` or `text` (one user turn); every field type-checked."""
     rows = []
     for number, obj in iter_rows(path):
         if not isinstance(obj, dict):
             raise RecordError(f"{path}:{number}: expected a JSON object")
         rid = str(obj.get("id", obj.get("query_id", row_id(path, number))))
         if "messages" in obj:
-            messages = obj["messages"]
+            try:
+                messages = [m.model_dump() for m in Dialogue.model_validate({"messages": obj["messages"]}).messages]
+            except ValidationError as err:
+                raise RecordError(f"{path}:{number}: {field_error(err)}") from None
         elif "text" in obj or "prompt" in obj:
-            messages = [{"role": "user", "content": obj.get("text", obj.get("prompt"))}]
+            field = "text" if "text" in obj else "prompt"
+            if not isinstance(obj[field], str) or not obj[field].strip():
+                raise RecordError(f"{path}:{number}: {field}: expected a non-empty string")
+            messages = [{"role": "user", "content": obj[field]}]
         else:
             raise RecordError(f"{path}:{number}: expected one of the fields 'messages', 'prompt', 'text'")
         rows.append({"id": rid, "messages": messages})
+    if not rows:
+        raise RecordError(f"{path}: no rows")
     return rows
 
 
-def run(cfg: GenerateConfig, ray_cfg: RayConfig, input_path: str | Path, output_path: str | Path) -> Path:
-    """Generate for every row of `input_path` into `output_path` (skipped when already up to date)."""
-    output_path = Path(output_path)
-    stage_dir = output_path.parent
-    inputs = {"prompts": input_path}
-    if is_done(stage_dir, cfg, inputs) and output_path.exists():
-        return output_path
-    started = time.time()
-    rows = read_prompts(input_path)
-    try:  # a bad model reference fails here, on the driver, before any output exists
-        resolve_model_dir(cfg.model.ref)
-    except ModelRefError as err:
-        raise ModelRefError(f"generate.model.ref: {err}") from None
-    sampling = cfg.sampling
+def prompts_source(cfg: Config) -> str:
+    if cfg.generate.prompts is None:
+        raise ConfigError("generate.prompts: no prompts to answer (give --input FILE)")
+    return cfg.generate.prompts
+
+
+def check(cfg: Config) -> None:
+    """Every prompt row and the model, before Ray starts or the model loads."""
+    read_prompts(prompts_source(cfg))
+    check_model_ref(cfg.generate.model.ref, "generate.model.ref")
+
+
+def work(cfg: Config) -> Outcome:
+    """Answer every prompt through a generation pool, in resumable shards merged into `generate.output`."""
+    g = cfg.generate
+    output_path = paths.generate_output(cfg)
+    rows = read_prompts(prompts_source(cfg))
+    resolve_model_dir(g.model.ref)  # a GGUF is converted once here, not in every replica
+    sampling = g.sampling
     if not sampling.stop:
-        sampling = sampling.model_copy(update={"stop": default_stop(cfg.prompt_format)})
-    shards = ShardedJsonl(output_path, cfg.shard_size)
+        sampling = sampling.model_copy(update={"stop": default_stop(g.prompt_format)})
+    shards = ShardedJsonl(output_path, g.shard_size)
     fit = {"prompts_shortened": 0, "shots_dropped": 0, "prompts_skipped": 0}
     todo = shards.pending([{"id": r["id"], "messages": json.dumps(r["messages"])} for r in rows])
     if todo:
-        init_ray(ray_cfg)
-        results = stream_generation(todo, cfg.model, sampling, cfg.resources, cfg.prompt_format,
-                                    metrics_tags=(run_of(stage_dir), "generate"))
+        init_ray(cfg.ray)
+        results = stream_generation(todo, g.model, sampling, g.resources, g.prompt_format,
+                                    metrics_tags=(run_of(output_path.parent), "generate"))
         shards.collect(
             {**Response(query_id=r["id"], prompt=r["prompt"], responses=r["responses"],
-                        generator=cfg.model.ref).model_dump(),
+                        generator=g.model.ref).model_dump(),
              "messages": json.loads(r["messages"]), "_shard": r["_shard"], "_row": r["_row"]}
             for r in _count_fits(results, fit)
         )
     count = shards.finalize()
-    write_manifest(stage_dir, "generate", cfg, inputs, started,
-                   counts={"prompts": len(rows), "rows": count, **fit})
-    return output_path
+    return Outcome(counts={"prompts": len(rows), "rows": count, **fit})
+
+
+STAGE = Stage(
+    "generate", "answer prompts with one model through a Ray Data actor pool",
+    section=lambda c: c.generate, inputs=lambda c: {"prompts": prompts_source(c)},
+    outputs=lambda c: {"responses": paths.generate_output(c)},
+    work=work, check=check,
+)
+
+
+def run(cfg: Config) -> Path:
+    """Answer `generate.prompts` into `generate.output`; skipped when up to date (`runs/stage.py`)."""
+    return STAGE.run(cfg)
 
 
 def _count_fits(results, fit: dict[str, int]):

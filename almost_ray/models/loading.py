@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -69,15 +70,7 @@ def resolve_model_dir(ref: str) -> Path:
         return _cached(ref.split(":", 1)[1], lambda out: _convert_gguf(gguf, out))
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelRefError(f"{ref}: GGUF file not found")
-        try:
-            with path.open("rb") as f:
-                magic = f.read(4)
-        except OSError as err:
-            raise ModelRefError(f"{ref}: cannot read the GGUF file ({err.strerror})") from None
-        if magic != b"GGUF":
-            raise ModelRefError(f"{ref}: not a GGUF file (it does not start with the GGUF magic bytes)")
+        _check_gguf(path, ref)
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
         return _cached(f"{path.stem}-{key}", lambda out: _convert_gguf(path, out))
@@ -88,6 +81,67 @@ def resolve_model_dir(ref: str) -> Path:
         )
     refuse_unsafe_model_dir(path)
     return path
+
+
+ModelKind = Literal["causal_lm", "reward_model"]
+
+
+def check_model_ref(ref: str, field: str, kind: ModelKind = "causal_lm") -> None:
+    """Refuse, in well under a second, a reference that would fail later inside a Ray actor: nothing is
+    converted or loaded. A GGUF must carry the GGUF magic; a folder needs config.json, safetensors weights
+    and no remote code, and must be the `kind` the stage needs (a reward model is a sequence classifier
+    with one output, ALMoST Eq. 1; a generator a causal LM). Errors name the config field."""
+    try:
+        if ref == "tiny:llama":
+            return
+        if ref.startswith("embedded:"):
+            embedded_gguf_path(ref)
+            return
+        path = Path(ref).expanduser()
+        if path.suffix == ".gguf":
+            _check_gguf(path, ref)
+            if kind == "reward_model":
+                raise ModelRefError(f"{ref}: a GGUF file is a language model, not a reward model "
+                                    "(train one with `almost-ray train-rm`)")
+            return
+        if not (path / "config.json").is_file():
+            raise ModelRefError(
+                f"{ref}: not found or not a model (expected an HF directory with config.json, a .gguf file, "
+                f"{', '.join(EMBEDDED_REFS)} or tiny:llama)")
+        refuse_unsafe_model_dir(path)
+        if not any(path.glob("*.safetensors")):
+            raise ModelRefError(f"{ref}: no *.safetensors weights in the folder")
+        _check_kind(path, ref, kind)
+    except ModelRefError as err:
+        raise ModelRefError(f"{field}: {err}") from None
+
+
+def _check_kind(path: Path, ref: str, kind: ModelKind) -> None:
+    config = json.loads((path / "config.json").read_text())
+    archs = config.get("architectures") or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    if kind == "reward_model":
+        labels = config.get("num_labels", len(config.get("id2label") or {}) or 2)
+        if not classifier or labels != 1:
+            found = f"{labels} outputs" if classifier else ", ".join(archs) or "no architecture in config.json"
+            raise ModelRefError(
+                f"{ref}: not a reward model ({found}); a reward model is a sequence classifier with one output "
+                "(train one with `almost-ray train-rm`)")
+    elif classifier:
+        raise ModelRefError(f"{ref}: a sequence classifier ({', '.join(archs)}), not a language model that "
+                            "generates")
+
+
+def _check_gguf(path: Path, ref: str) -> None:
+    if not path.is_file():
+        raise ModelRefError(f"{ref}: GGUF file not found")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise ModelRefError(f"{ref}: cannot read the GGUF file ({err.strerror})") from None
+    if magic != b"GGUF":
+        raise ModelRefError(f"{ref}: not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

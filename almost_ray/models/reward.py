@@ -2,8 +2,9 @@
 
 The RM reads a conversation rendered in the papers' `Human:`/`Assistant:` format, ending with the
 assistant turn being judged, and its score is the head's output at the last non-pad token (how
-transformers' `*ForSequenceClassification` pools). `RewardReplica` is the Ray Data callable class
-that holds one RM per actor: the As-is filter of step 1 and the best-of-N of RMSP use the same pool.
+transformers' `*ForSequenceClassification` pools). `score_conversations` is what a pool's replica
+(`cluster.replicas.ModelReplica` holding one RM) does with a batch: the As-is filter of step 1, eval_rm and
+the eval suites scored by an RM use the same pool.
 """
 
 from __future__ import annotations
@@ -68,13 +69,6 @@ class RewardModel:
         return self.score_texts([rm_text(m) for m in conversations])
 
 
-class RewardReplica:
-    """Ray Data callable class: adds a `reward` column scoring the `conversation` column (JSON strings)."""
-
-    def __init__(self, ref: str, dtype: str = "auto", max_length: int = 1024, batch_size: int = 8):
-        self.rm = RewardModel(ref, dtype=dtype, max_length=max_length, batch_size=batch_size)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch.copy()
-        batch["reward"] = self.rm.score([json.loads(c) for c in batch["conversation"]])
-        return batch
+def score_conversations(rm: RewardModel, batch: pd.DataFrame) -> pd.DataFrame:
+    """Add `reward`: the RM's score of each row's `conversation` (a JSON string), as a pool replica answers."""
+    return batch.assign(reward=rm.score([json.loads(c) for c in batch["conversation"]]))

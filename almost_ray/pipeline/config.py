@@ -1,4 +1,4 @@
-"""Settings of the pipeline's report stage (`report.py`)."""
+"""Settings of the pipeline's report stage (`pipeline/report.py`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 from pydantic import Field
 
-from almost_ray.config_base import StrictModel
+from almost_ray.config_base import StageSection
 
 
-class ReportConfig(StrictModel):
+class ReportConfig(StageSection):
     """The pipeline's report stage: which queries the base, SFT and PPO models answer side by side."""
 
     seed_queries: Path | None = Field(

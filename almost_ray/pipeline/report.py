@@ -10,7 +10,7 @@ What a reader needs to judge a run, read from the stages' manifests and reports 
   (`eval/stats.py`), every row whose stage did not run saying so and why;
 - which subsets of the benchmarks the config scored;
 - the same seed queries answered greedily by the base, SFT and PPO models side by side (through
-  `generate.run`), so a regression shows instead of hiding behind an average.
+  the generate stage), so a regression shows instead of hiding behind an average.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ from almost_ray.config import Config
 from almost_ray.data.atomic import atomic_open, write_json
 from almost_ray.data.records import Response, write_jsonl
 from almost_ray.data.sources import load_queries, read_rows
+from almost_ray.eval import stage as eval_stage
+from almost_ray.eval.stage import models
 from almost_ray.eval.stats import proportion
+from almost_ray.generate import stage as generate
+from almost_ray.pipeline.stages import STAGES
 from almost_ray.prompts.templates import packaged_text
-from almost_ray.runs.manifest import MANIFEST, is_done, read_manifest, reset_if_changed, write_manifest
+from almost_ray.runs import paths
+from almost_ray.runs.manifest import MANIFEST, read_manifest, reset_if_changed, summary, summary_line
+from almost_ray.runs.stage import Outcome, Stage
 
-STAGE_DIR = "report"
 MODELS = ("base", "sft", "ppo")
 BENCHMARKS = {"hhh": "Static HHH accuracy", "truthfulqa": "TruthfulQA MC1 accuracy"}
 
@@ -56,10 +61,6 @@ def answers(cfg: Config, out_dir: Path) -> dict[str, dict[str, str]]:
     A finetuned model is prompted in the format it was trained on (`train_sft.prompt_format`), the base
     model in `generate.prompt_format`.
     """
-    from almost_ray.eval.stage import models
-    from almost_ray.generate import stage as generate
-    from almost_ray.pipeline.stages import local
-
     prompts = out_dir / "answers" / "prompts.jsonl"
     write_jsonl(prompts, ({"id": i, "text": t} for i, t in seed_queries(cfg)))
     out: dict[str, dict[str, str]] = {}
@@ -67,14 +68,15 @@ def answers(cfg: Config, out_dir: Path) -> dict[str, dict[str, str]]:
         if ref is None:
             continue
         model_dir = out_dir / "answers" / name
-        reset_if_changed(model_dir, [p for p in [local(ref)] if p is not None])
+        reset_if_changed(model_dir, [p for p in [paths.local_model_path(ref)] if p is not None])
         gen = cfg.generate.model_copy(update={
             "model": cfg.generate.model.model_copy(update={"ref": ref}),
             "sampling": cfg.generate.sampling.model_copy(update={"temperature": 0.0, "n": 1}),
             "prompt_format": cfg.generate.prompt_format if name == "base" else cfg.train_sft.prompt_format,
+            "prompts": str(prompts), "output": model_dir / "responses.jsonl",
         })
-        path = generate.run(gen, cfg.ray, prompts, model_dir / "responses.jsonl")
-        out[name] = {r.query_id: r.responses[0] for r in read_rows(path, Response)}
+        generate.run(cfg.model_copy(update={"generate": gen}))
+        out[name] = {r.query_id: r.responses[0] for r in read_rows(model_dir / "responses.jsonl", Response)}
     return out
 
 
@@ -87,8 +89,9 @@ def row(group: str, what: str, p: dict | None = None, note: str = "", text: str 
             "n": None if p is None else p.get("n"), "text": text, "note": note}
 
 
-def benchmark_rows(run_dir: Path) -> list[dict]:
-    summary = _read_json(run_dir / "eval" / "summary.json")
+def benchmark_rows(cfg: Config) -> list[dict]:
+    eval_dir = paths.stage_dir(cfg, "eval")
+    summary = _read_json(paths.eval_summary_file(cfg))
     rows = []
     for suite, title in BENCHMARKS.items():
         for name in MODELS:
@@ -96,7 +99,7 @@ def benchmark_rows(run_dir: Path) -> list[dict]:
                 rows.append(row(title, name, note="did not run: the eval stage has not run"))
                 continue
             why = summary["not_run"].get(name) or summary["not_run"].get(suite)
-            rep = _read_json(run_dir / "eval" / name / "report.json")
+            rep = _read_json(eval_dir / name / "report.json")
             if why or rep is None or suite not in rep["suites"]:
                 rows.append(row(title, name, note=f"did not run: {why or 'not in eval.suites'}"))
                 continue
@@ -110,10 +113,8 @@ def benchmark_rows(run_dir: Path) -> list[dict]:
 
 def rm_rows(cfg: Config) -> list[dict]:
     """RM accuracy and prefer-longer on each file eval_rm scored (ties count half, as `rm_accuracy` does)."""
-    from almost_ray.pipeline.stages import EVAL_RM_DIR, heldout_file
-
-    rep = _read_json(cfg.run_dir / EVAL_RM_DIR / "rm_accuracy.json")
-    heldout = heldout_file(cfg)
+    rep = _read_json(paths.rm_accuracy_file(cfg))
+    heldout = paths.rm_heldout_file(cfg)
     wanted = ([("held-out synthetic comparisons", heldout)] if heldout else []) + \
              [(f"HH-RLHF {Path(p).stem}", Path(p)) for p in cfg.eval_rm.inputs]
     if not wanted:
@@ -134,13 +135,11 @@ def rm_rows(cfg: Config) -> list[dict]:
     return rows
 
 
-def rmsp_rows(run_dir: Path) -> list[dict]:
-    from almost_ray.rmsp.vs_self_play import COMPARE_DIR
-
-    rep = _read_json(run_dir / COMPARE_DIR / "report.json")
+def rmsp_rows(cfg: Config) -> list[dict]:
+    rep = _read_json(paths.rmsp_vs_self_play_dir(cfg) / "report.json")
     title = "RMSP vs plain self-play (RM score of the kept reply)"
     if rep is None:
-        why = (_read_json(run_dir / "eval" / "summary.json") or {}).get("not_run", {}).get(
+        why = (_read_json(paths.eval_summary_file(cfg)) or {}).get("not_run", {}).get(
             "rmsp_vs_self_play", "the eval stage has not run")
         return [row(title, "—", note=f"did not run: {why}")]
     rows = []
@@ -155,14 +154,12 @@ def rmsp_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
-def judge_rows(run_dir: Path) -> list[dict]:
-    from almost_ray.eval.stage import JUDGE_DIR
-
+def judge_rows(cfg: Config) -> list[dict]:
     title = "PPO vs SFT, order-swapped judge"
-    rep = _read_json(run_dir / "eval" / JUDGE_DIR / "report.json")
+    rep = _read_json(paths.stage_dir(cfg, "eval") / paths.PPO_VS_SFT / "report.json")
     if rep is None:
-        why = (_read_json(run_dir / "eval" / "summary.json") or {}).get("not_run", {}).get(
-            JUDGE_DIR, "the eval stage has not run")
+        why = (_read_json(paths.eval_summary_file(cfg)) or {}).get("not_run", {}).get(
+            paths.PPO_VS_SFT, "the eval stage has not run")
         return [row(title, "—", note=f"did not run: {why}")]
     s = rep["suites"]["judge"]
     return [row(title, f"PPO {k}", s["overall"][k], note=s["judge_label"] if k == "win" else "")
@@ -170,36 +167,26 @@ def judge_rows(run_dir: Path) -> list[dict]:
 
 
 def results(cfg: Config) -> list[dict]:
-    return [*benchmark_rows(cfg.run_dir), *rm_rows(cfg), *rmsp_rows(cfg.run_dir), *judge_rows(cfg.run_dir)]
+    return [*benchmark_rows(cfg), *rm_rows(cfg), *rmsp_rows(cfg), *judge_rows(cfg)]
 
 
 def stage_rows(cfg: Config) -> list[dict]:
-    """Every stage of the pipeline: done or not (and why), headline numbers, wall time."""
-    from almost_ray.pipeline.loop import summary, summary_line
-    from almost_ray.pipeline.stages import STAGES
-
+    """Every stage before the report: done or not, headline numbers, wall time."""
     out = []
     for st in STAGES:
-        if st.name == "report":
-            continue
         m = read_manifest(st.stage_dir(cfg))
-        if not st.built():
-            out.append({"stage": st.name, "status": "not built", "summary": f"{st.module} is not in this checkout",
-                        "wall_time_s": None})
-        elif m is None:
+        if m is None:
             out.append({"stage": st.name, "status": "did not run", "summary": "", "wall_time_s": None})
         else:
             s = summary(m)
-            out.append({"stage": st.name, "status": "done", "summary": summary_line(st, s),
+            out.append({"stage": st.name, "status": "done", "summary": summary_line(st.headline, s),
                         "wall_time_s": s["wall_time_s"], "memory": s["memory"], "counts": s["counts"],
                         "metrics": s["metrics"]})
     return out
 
 
 def subsets(cfg: Config) -> dict[str, str]:
-    from almost_ray.eval.stage import subsets as eval_subsets
-
-    out = eval_subsets(cfg.eval)
+    out = eval_stage.subsets(cfg.eval)
     out["eval_rm"] = (f"held-out: the comparisons of {100 * cfg.train_rm.heldout_fraction:.0f} % of queries "
                       f"(stable hash); HH-RLHF: " + (f"the first {cfg.eval_rm.limit} pairs of each file"
                                                      if cfg.eval_rm.limit else "every pair"))
@@ -304,11 +291,8 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
 
 
 def _inputs(cfg: Config) -> dict[str, Path]:
-    from almost_ray.pipeline.stages import STAGES
-    from almost_ray.rmsp.vs_self_play import COMPARE_DIR
-
-    found = {f"{s.name}_manifest": s.stage_dir(cfg) / MANIFEST for s in STAGES if s.name != "report"}
-    found["rmsp_compare"] = cfg.run_dir / COMPARE_DIR / "report.json"
+    found = {f"{s.name}_manifest": s.stage_dir(cfg) / MANIFEST for s in STAGES}
+    found["rmsp_compare"] = paths.rmsp_vs_self_play_dir(cfg) / "report.json"
     return {k: p for k, p in found.items() if p.is_file()}
 
 
@@ -324,22 +308,27 @@ def write_report(cfg: Config, out_dir: Path, answered: dict[str, dict[str, str]]
     return report
 
 
-def run(cfg: Config) -> Path:
-    """Write `<run>/report/`: report.md, report.json, results.png, stage_times.png, manifest.json last."""
-    import time
-
-    out_dir = cfg.run_dir / STAGE_DIR
-    inputs = _inputs(cfg)
-    if is_done(out_dir, cfg.report, inputs) and (out_dir / "report.json").is_file():
-        return out_dir
-    started = time.time()
+def work(cfg: Config) -> Outcome:
+    """Collect, plot and write `report.md`/`report.json`; the base, SFT and PPO models answer side by side."""
+    out_dir = paths.report_dir(cfg)
     report = write_report(cfg, out_dir, answers(cfg, out_dir))
-    write_manifest(out_dir, "report", cfg.report, inputs, started,
-                   counts={"stages_done": sum(s["status"] == "done" for s in report["stages"]),
+    return Outcome(counts={"stages_done": sum(s["status"] == "done" for s in report["stages"]),
                            "result_rows": len(report["results"]),
                            "rows_not_run": sum(r["note"].startswith("did not run") for r in report["results"]),
                            "answers": sum(len(a) for a in report["answers"].values())})
-    return out_dir
+
+
+STAGE = Stage(
+    "report", "report.md, report.json and plots; the same queries answered by base, SFT and PPO",
+    section=lambda c: c.report, inputs=_inputs,
+    outputs=lambda c: {"markdown": paths.report_dir(c) / "report.md", "json": paths.report_dir(c) / "report.json"},
+    work=work, check=lambda c: seed_queries(c), headline=("counts.*",),
+)
+
+
+def run(cfg: Config) -> Path:
+    """`<run>/report/`: report.md, report.json, results.png, stage_times.png; manifest.json last."""
+    return STAGE.run(cfg)
 
 
 def terminal_summary(out_dir: Path) -> str:

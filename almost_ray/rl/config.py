@@ -9,12 +9,11 @@ no reward normalisation, 80k episodes. `configs/demo.yaml` shrinks the sizes for
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from almost_ray.config_base import StrictModel
+from almost_ray.config_base import StageSection, StrictModel
 from almost_ray.rl.openrlhf_config import OpenRLHFConfig
 
 Role = Literal["policy", "critic", "reference", "reward"]
@@ -55,19 +54,20 @@ class RolloutConfig(StrictModel):
     )
 
 
-class PPOConfig(StrictModel):
+class PPOConfig(StageSection):
     """`almost-ray ppo`: one iteration = rollout of `rollout_batch_size` episodes (one prompt, one
     sampled response each), scoring by reference/reward/critic, then `ppo_epochs` passes over the
     episodes in minibatches of `minibatch_size` (one optimizer step per minibatch)."""
 
-    policy: str | None = Field(default=None, description="SFT model reference; null: <run dir>/sft/model")
+    policy: str | None = Field(default=None, description="SFT model reference; null: train_sft's model (<run dir>/<train_sft.mode>/model)")
     reward_model: str | None = Field(default=None, description="RM reference; null: <run dir>/rm/model")
     critic_init: Literal["reward", "policy"] = Field(
         default="reward", description="critic starts from the RM (OpenRLHF's default) or from the SFT model"
     )
-    prompts: Path | None = Field(
+    prompts: str | None = Field(
         default=None,
-        description="prompts .jsonl/.txt; null: first user turns of <run dir>/rmsp/dialogues.jsonl",
+        description="prompts (a .txt, one per line, or rows with messages/prompt/text in any source form); null: "
+        "the first user turns of the rmsp stage's dialogues",
     )
     prompt_format: Literal["human_assistant", "tulu", "chat"] = Field(
         default="human_assistant", description="the format the SFT model was trained on"

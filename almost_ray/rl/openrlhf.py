@@ -37,6 +37,7 @@ from almost_ray.data.atomic import write_json
 from almost_ray.data.records import write_jsonl
 from almost_ray.rl.config import ROLES, PPOConfig
 from almost_ray.rl.prompt_data import load_prompts
+from almost_ray.runs import paths
 
 OPENRLHF_VERSION = "0.11.2"
 ENTRYPOINT = ["python", "-m", "openrlhf.cli.train_ppo_ray"]
@@ -72,8 +73,8 @@ UNMAPPED = {
 
 
 def stage_dir(cfg: Config) -> Path:
-    """`<run dir>/ppo_openrlhf`: prompts, checkpoints, the final policy, TensorBoard logs, job.json."""
-    return (cfg.run_dir / "ppo_openrlhf").resolve()
+    """`runs.paths.openrlhf_dir`, absolute: every node of the cluster reads it."""
+    return paths.openrlhf_dir(cfg).resolve()
 
 
 def model_dirs(cfg: Config) -> tuple[str, str]:
@@ -82,9 +83,7 @@ def model_dirs(cfg: Config) -> tuple[str, str]:
     Embedded, `tiny:` and `.gguf` references are converted to a cached HF directory first; a plain
     directory is only made absolute (it must exist at the same path on every node of the cluster).
     """
-    policy = cfg.ppo.policy or str(cfg.run_dir / "sft" / "model")
-    reward = cfg.ppo.reward_model or str(cfg.run_dir / "rm" / "model")
-    return _hf_dir(policy), _hf_dir(reward)
+    return _hf_dir(paths.ppo_policy(cfg)), _hf_dir(paths.ppo_reward_model(cfg))
 
 
 def _hf_dir(ref: str) -> str:
@@ -276,7 +275,7 @@ class PromptsWritten(NamedTuple):
     dropped: int  # prompts longer than ppo.max_prompt_tokens
 
 
-def write_prompts(cfg: Config, path: Path, prompts: Path | None = None) -> PromptsWritten:
+def write_prompts(cfg: Config, path: Path) -> PromptsWritten:
     """The prompts file OpenRLHF reads: JSONL rows `{"input": prompt}`, one per episode.
 
     `human_assistant`/`tulu` prompts are rendered here (OpenRLHF then uses the text as is);
@@ -286,7 +285,7 @@ def write_prompts(cfg: Config, path: Path, prompts: Path | None = None) -> Promp
     from almost_ray.models.loading import load_tokenizer
     from almost_ray.prompts.templates import render_prompt
 
-    texts = load_prompts(cfg.ppo, cfg.run_dir, prompts)
+    texts = load_prompts(paths.ppo_prompts(cfg))
     tokenizer = load_tokenizer(model_dirs(cfg)[0])
     kept = []
     for text in texts:
@@ -333,7 +332,7 @@ def submit_argv(address: str | None, env: dict, argv: list[str]) -> list[str]:
     return head + ["--runtime-env-json", json.dumps(env, sort_keys=True), "--", *ENTRYPOINT, *argv]
 
 
-def launch(cfg: Config, dry_run: bool, prompts: Path | None = None) -> int:
+def launch(cfg: Config, dry_run: bool) -> int:
     """Print (`dry_run`) or submit OpenRLHF's PPO job for `cfg`; returns the exit code.
 
     A dry run writes nothing and needs no cluster. A real launch checks the models, writes the prompts
@@ -362,7 +361,7 @@ def launch(cfg: Config, dry_run: bool, prompts: Path | None = None) -> int:
     if not (Path(policy) / "config.json").is_file():
         raise ConfigError(f"{policy}: policy (SFT model) not found; run `almost-ray train-sft` or set ppo.policy")
     check_reward_model(reward)
-    written = write_prompts(cfg, out / "prompts.jsonl", prompts)
+    written = write_prompts(cfg, out / "prompts.jsonl")
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)

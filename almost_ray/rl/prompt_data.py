@@ -1,8 +1,8 @@
 """Which prompts PPO trains on (ALMoST Section 2.3): the first user turn of each RMSP dialogue.
 
-One rule for both engines, ours (`rl/stage.py`) and OpenRLHF (`rl/openrlhf.py`): an explicit prompts
-file wins (the `prompts` argument, then `ppo.prompts`); otherwise the first user turns of
-`<run dir>/rmsp/dialogues.jsonl`, in file order. The paper trains on the queries that started the
+One rule for both engines, ours (`rl/stage.py`) and OpenRLHF (`rl/openrlhf.py`): `ppo.prompts` (the CLI's
+`--prompts`) when set, otherwise the first user turns of the rmsp stage's dialogues (`runs/paths.py`), in file
+order. The paper trains on the queries that started the
 self-play dialogues, i.e. exactly those first turns. Rendering (Human:/Assistant:, Tulu, chat template)
 and dropping prompts that are too long are the caller's business: they need the policy's tokenizer.
 """
@@ -11,18 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from almost_ray.config_base import ConfigError
 from almost_ray.data.records import RecordError
-from almost_ray.data.sources import iter_rows, parse_source
-from almost_ray.rl.config import PPOConfig
+from almost_ray.data.sources import iter_rows
 
 # A prompts .jsonl row: a dialogue (`messages`, TRL's form), a Query record (`text`), or a bare `prompt`.
 PROMPT_KEYS = ("prompt", "text")
-
-
-def prompts_path(cfg: PPOConfig, run_dir: Path, prompts: Path | None = None) -> Path:
-    """The file the prompts come from: `prompts`, else `cfg.prompts`, else `<run dir>/rmsp/dialogues.jsonl`."""
-    return Path(prompts or cfg.prompts or Path(run_dir) / "rmsp" / "dialogues.jsonl")
 
 
 def first_user_turn(row: object, where: str) -> str:
@@ -41,16 +34,11 @@ def first_user_turn(row: object, where: str) -> str:
     raise RecordError(f"{where}: expected 'messages' or a non-empty 'prompt'/'text' field")
 
 
-def load_prompts(cfg: PPOConfig, run_dir: Path, prompts: Path | None = None) -> list[str]:
+def load_prompts(source: str | Path) -> list[str]:
     """The prompts, in file order: `.txt` is one prompt per non-blank line; `.jsonl`, Parquet, `save_to_disk`
-    or hub rows as `first_user_turn` reads them. A missing or empty source is a `ConfigError` naming it."""
-    path = prompts_path(cfg, run_dir, prompts)
-    source = parse_source(path)
-    if source.kind in ("jsonl", "text") and not source.path.is_file():
-        hint = "" if (prompts or cfg.prompts) else " (run `almost-ray rmsp` first, or set ppo.prompts)"
-        raise ConfigError(f"{path}: prompts file not found{hint}")
+    or hub rows as `first_user_turn` reads them. An empty source is a `RecordError` naming it."""
     # any source (`sources.py`): a .txt's lines arrive as {"text": line}, dataset rows as dicts
-    found = [first_user_turn(row, f"{path}:{number}") for number, row in iter_rows(path)]
+    found = [first_user_turn(row, f"{source}:{number}") for number, row in iter_rows(source)]
     if not found:
-        raise ConfigError(f"{path}: no prompts in the file")
+        raise RecordError(f"{source}: no rows (no prompts)")
     return found

@@ -1,9 +1,9 @@
-"""`almost-ray ppo`: ALMoST step 3, RLSF (Section 2.3, Appendix D.3), as a pipeline stage.
+"""The `ppo` stage (`almost-ray ppo`): ALMoST step 3, RLSF (Section 2.3, Appendix D.3).
 
-Inputs: the SFT policy (`ppo.policy`, else `<run dir>/sft/model`), the synthetic RM (`ppo.reward_model`,
-else `<run dir>/rm/model`) and prompts: the FIRST USER TURN of each RMSP dialogue (`<run dir>/rmsp/
-dialogues.jsonl`, as in the paper), or any `.jsonl`/`.txt` of queries (`ppo.prompts` or `--prompts`).
-Everything is checked here, before a single actor starts. Outputs in `<run dir>/ppo/`: `model/` (the
+Inputs (`runs/paths.py`): the SFT policy (`ppo.policy`, else train_sft's model in the folder of its mode),
+the synthetic RM (`ppo.reward_model`, else train_rm's) and prompts: the FIRST USER TURN of each RMSP
+dialogue (as in the paper), or any source of queries (`ppo.prompts`, the CLI's `--prompts`).
+Everything is checked before a single actor starts. Outputs in `<run dir>/ppo/`: `model/` (the
 final policy, an HF directory like `sft/model`), `metrics.jsonl`, `ppo.png` (reward and KL per
 iteration), `placement.json` (the node of every role replica), `checkpoints/`, `restarts.jsonl` (role
 actor deaths survived, if any) and `manifest.json` last.
@@ -11,42 +11,21 @@ actor deaths survived, if any) and `manifest.json` last.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.connect import init_ray
+from almost_ray.config import Config
+from almost_ray.data.metrics_log import plot_metrics, read_metrics
 from almost_ray.data.records import RecordError
-from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
+from almost_ray.models.loading import check_model_ref, load_tokenizer, resolve_model_dir
 from almost_ray.prompts.templates import render_prompt
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.failures import restarts
-from almost_ray.rl.prompt_data import load_prompts, prompts_path
-from almost_ray.rl.trainer import METRICS, MODEL_DIR, Prompt
-
-STAGE = "ppo"
-
-
-def model_dir(ref: str | None, default: Path, field: str, producer: str) -> Path:
-    """The HF directory of a model reference, or a clear error naming the field and how to make it."""
-    ref = ref or str(default)
-    try:
-        return resolve_model_dir(ref)
-    except ModelRefError as err:
-        hint = f" (run `almost-ray {producer}` first, or set ppo.{field})" if ref == str(default) else ""
-        raise ModelRefError(f"ppo.{field}: {err}{hint}") from None
-
-
-def check_reward_model(path: Path) -> None:
-    """The RM must be a sequence classifier with ONE output: the score r(x, y) (ALMoST Eq. 1)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if config.num_labels != 1:
-        raise ModelRefError(
-            f"ppo.reward_model: {path} has {config.num_labels} outputs ({', '.join(config.architectures or [])}); "
-            "a reward model has a one-output score head (train one with `almost-ray train-rm`)"
-        )
+from almost_ray.rl.prompt_data import load_prompts
+from almost_ray.rl.trainer import METRICS, Prompt, train
+from almost_ray.runs import paths
+from almost_ray.runs.stage import Outcome, Stage
 
 
 def encode_prompts(texts: list[str], tokenizer, cfg: PPOConfig) -> tuple[list[Prompt], int]:
@@ -63,8 +42,6 @@ def encode_prompts(texts: list[str], tokenizer, cfg: PPOConfig) -> tuple[list[Pr
 
 
 def summarize(path: Path) -> dict:
-    from almost_ray.data.metrics_log import read_metrics
-
     rows = read_metrics(path)
     if not rows:
         return {}
@@ -77,51 +54,56 @@ def summarize(path: Path) -> dict:
     }
 
 
-def run(
-    cfg: PPOConfig,
-    ray_cfg: RayConfig,
-    run_dir: Path,
-    prompts: Path | None = None,
-    *,
-    scorer: Callable | None = None,
-    fault_at_iteration: int | None = None,
-) -> Path:
-    """Train the SFT policy against the RM with PPO into `run_dir/ppo/model`; returns `run_dir/ppo`.
+def check(cfg: Config) -> None:
+    """The policy (a causal LM), the RM (one score), the prompts, before Ray starts or a model loads."""
+    check_model_ref(paths.ppo_policy(cfg), "ppo.policy")
+    check_model_ref(paths.ppo_reward_model(cfg), "ppo.reward_model", "reward_model")
+    load_prompts(paths.ppo_prompts(cfg))
 
-    Skipped when its manifest matches this config and these inputs; resumed from the latest
-    checkpoint otherwise. `scorer` and `fault_at_iteration` are for tests (see `trainer.train`).
-    """
-    from almost_ray.cluster.connect import init_ray
-    from almost_ray.data.metrics_log import plot_metrics
-    from almost_ray.rl.trainer import train
-    from almost_ray.runs.manifest import is_done, write_manifest
 
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / STAGE
-    policy_dir = model_dir(cfg.policy, run_dir / "sft" / "model", "policy", "train-sft")
-    rm_dir = model_dir(cfg.reward_model, run_dir / "rm" / "model", "reward_model", "train-rm")
-    check_reward_model(rm_dir)
-    source = prompts_path(cfg, run_dir, prompts)
-    texts = load_prompts(cfg, run_dir, prompts)
-    inputs = {"policy": policy_dir, "reward_model": rm_dir, "prompts": source}
-    if is_done(stage_dir, cfg, inputs) and (stage_dir / MODEL_DIR / "config.json").is_file():
-        print(f"ppo: {stage_dir} is up to date")
-        return stage_dir
-    started = time.time()
+def work(cfg: Config, *, scorer: Callable | None = None, fault_at_iteration: int | None = None) -> Outcome:
+    """PPO from the SFT policy against the RM into `<stage>/model`, resuming from the latest checkpoint.
+
+    `scorer` and `fault_at_iteration` are for tests (see `trainer.train`)."""
+    p, stage_dir = cfg.ppo, paths.stage_dir(cfg, "ppo")
+    policy_dir = resolve_model_dir(paths.ppo_policy(cfg))
+    rm_dir = resolve_model_dir(paths.ppo_reward_model(cfg))
+    source = paths.ppo_prompts(cfg)
+    texts = load_prompts(source)
     tokenizer = load_tokenizer(policy_dir, padding_side="left")
-    encoded, dropped = encode_prompts(texts, tokenizer, cfg)
+    encoded, dropped = encode_prompts(texts, tokenizer, p)
     if not encoded:
-        raise RecordError(f"{source}: every prompt is longer than ppo.max_prompt_tokens={cfg.max_prompt_tokens}")
-    critic_dir = rm_dir if cfg.critic_init == "reward" else policy_dir
+        raise RecordError(f"{source}: every prompt is longer than ppo.max_prompt_tokens={p.max_prompt_tokens}")
+    critic_dir = rm_dir if p.critic_init == "reward" else policy_dir
 
-    init_ray(ray_cfg)
+    init_ray(cfg.ray)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    train(cfg, encoded, stage_dir, str(policy_dir), str(critic_dir), str(rm_dir), tokenizer, run_dir.name,
+    train(p, encoded, stage_dir, str(policy_dir), str(critic_dir), str(rm_dir), tokenizer, cfg.run_dir.name,
           scorer=scorer, fault_at_iteration=fault_at_iteration)
     plot_metrics(stage_dir / METRICS, stage_dir / "ppo.png", ["reward_mean", "kl"], title="PPO (RLSF)",
                  x="iteration", xlabel="PPO iteration")
-    counts = {"prompts": len(texts), "prompts_dropped_too_long": dropped, "iterations": cfg.iterations,
-              "episodes": cfg.iterations * cfg.rollout_batch_size}
-    metrics = {**summarize(stage_dir / METRICS), "role_restarts": restarts(stage_dir)}  # rl/failures.py
-    write_manifest(stage_dir, STAGE, cfg, inputs, started, counts=counts, metrics=metrics)
-    return stage_dir
+    counts = {"prompts": len(texts), "prompts_dropped_too_long": dropped, "iterations": p.iterations,
+              "episodes": p.iterations * p.rollout_batch_size}
+    return Outcome(counts=counts, metrics={**summarize(stage_dir / METRICS), "role_restarts": restarts(stage_dir)})
+
+
+def _inputs(cfg: Config) -> dict[str, Path | str]:
+    models = {"policy": paths.local_model_path(paths.ppo_policy(cfg)),
+              "reward_model": paths.local_model_path(paths.ppo_reward_model(cfg))}
+    return {**{k: v for k, v in models.items() if v is not None}, "prompts": paths.ppo_prompts(cfg)}
+
+
+STAGE = Stage(
+    "ppo", "PPO against the synthetic RM (ALMoST step 3, RLSF)",
+    section=lambda c: c.ppo, inputs=_inputs,
+    outputs=lambda c: {"model": paths.ppo_model(c)},
+    work=work, check=check,
+    headline=("counts.*", "metrics.first_reward_mean", "metrics.final_reward_mean", "metrics.final_kl",
+              "metrics.final_policy_loss", "metrics.final_value_loss", "metrics.episodes_per_s",
+              "metrics.role_restarts"),
+)
+
+
+def run(cfg: Config) -> Path:
+    """PPO into `<run dir>/ppo/model`; skipped when up to date (`runs/stage.py`)."""
+    return STAGE.run(cfg)

@@ -4,13 +4,12 @@ their pools.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from almost_ray.cluster.config import ResourcesConfig
-from almost_ray.config_base import StrictModel
+from almost_ray.config_base import StageSection, StrictModel
 from almost_ray.models.config import ModelConfig, SamplingParams
 
 
@@ -59,15 +58,16 @@ class RMSPRewardConfig(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
-class RMSPConfig(StrictModel):
+class RMSPConfig(StageSection):
     """`almost-ray rmsp`: reward-model-guided self-play (ALMoST Section 2.2; Table 5 ablations).
 
     `reward_model: null` or `best_of: 1` is plain self-play (the assistant's first sample is kept);
     `assistant.prompt: hhh` is the HHH-prompted assistant. `max_turns` counts assistant turns.
     """
 
-    queries: Path | None = Field(
-        default=None, description="queries .jsonl/.txt; null: step 1's <run dir>/queries/queries.jsonl"
+    queries: str | None = Field(
+        default=None, description="queries (a .txt, one per line, or Query rows in any source form); null: the "
+        "queries stage's queries.jsonl"
     )
     num_queries: int | None = Field(default=None, ge=1, description="first N queries only")
     assistant: RMSPRoleConfig = Field(default_factory=RMSPRoleConfig)

@@ -8,7 +8,7 @@ done (when the roles do not all fit the cluster at once, they take turns instead
             ─▶ [user replicas: follow-up] ─▶ ... until T assistant turns ─▶ dialogues.jsonl
 
 Without an RM (`reward_model: null`) or with `best_of: 1` it is plain self-play. Outputs land in
-`runs/<run>/<stage>/`: `dialogues.jsonl` (TRL `messages`, each assistant turn's candidates, scores and
+`runs/<run>/rmsp/`: `dialogues.jsonl` (TRL `messages`, each assistant turn's candidates, scores and
 chosen index), `dropped.jsonl` (queries whose first answer was degenerate), `metrics.jsonl` (progress)
 and `manifest.json`. Finished shards survive a kill and the re-run does only the rest.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -26,23 +25,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.dashboard import add_counts, progress, run_of
 from almost_ray.cluster.preflight import fits_together, pool_bundles, preflight
-from almost_ray.cluster.replicas import ReplicaSet
+from almost_ray.cluster.replicas import ModelReplica, ReplicaSet, generator_model, reward_model
+from almost_ray.config import Config
 from almost_ray.config_base import ConfigError, config_hash
-from almost_ray.data.atomic import atomic_open
+from almost_ray.data.atomic import atomic_open, remove_own_directory
+from almost_ray.data.records import RecordError
 from almost_ray.data.shards import ROW_KEY, SHARD_KEY, ShardedJsonl
 from almost_ray.data.sources import load_queries, read_rows
+from almost_ray.models.loading import check_model_ref
 from almost_ray.prompts.templates import fewshot_header, load_prompt_text
 from almost_ray.rmsp import turns
 from almost_ray.rmsp.config import RMSPConfig
-from almost_ray.rmsp.replicas import CandidateScorer, RoleReplica
-from almost_ray.runs.manifest import input_hash, is_done, write_manifest
-
-STAGE = "rmsp"
-PLAIN_STAGE = "rmsp-plain"
+from almost_ray.runs import paths
+from almost_ray.runs.manifest import input_hash
+from almost_ray.runs.stage import Outcome, Stage
 
 
 def mode(cfg: RMSPConfig) -> str:
@@ -53,36 +52,6 @@ def mode(cfg: RMSPConfig) -> str:
 def samples_per_turn(cfg: RMSPConfig) -> int:
     """N: the assistant's samples per turn; one without an RM, since nothing could choose among them."""
     return cfg.best_of if cfg.reward_model is not None else 1
-
-
-def reward_ref(cfg: RMSPConfig, run_dir: Path) -> str | None:
-    """The RM reference: the configured one, else the run's `train-rm` output (`<run dir>/rm/model`)."""
-    if cfg.reward_model is None:
-        return None
-    ref = cfg.reward_model.ref or str(run_dir / "rm" / "model")
-    if cfg.reward_model.ref is None and not Path(ref).is_dir():
-        raise ConfigError(
-            f"rmsp.reward_model.ref: not set and {ref} does not exist (run `almost-ray train-rm` first, set "
-            "rmsp.reward_model.ref, or rmsp.reward_model=null for plain self-play)"
-        )
-    return ref
-
-
-def check_ref(ref: str, field: str) -> None:
-    """A model path that is not there fails here, naming the field, rather than inside a Ray actor."""
-    if ref.startswith(("tiny:", "embedded:")) or Path(ref).expanduser().exists():
-        return
-    raise ConfigError(f"rmsp.{field}: {ref} not found (expected an HF directory, a .gguf file, "
-                      "embedded:smollm2-135m-instruct or tiny:llama)")
-
-
-def queries_path(cfg: RMSPConfig, run_dir: Path, override: str | Path | None = None) -> Path:
-    path = Path(override or cfg.queries or run_dir / "queries" / "queries.jsonl")
-    if not path.is_file():
-        raise ConfigError(
-            f"rmsp.queries: {path} not found (run step 1 to mine queries, or set rmsp.queries / --queries)"
-        )
-    return path
 
 
 def prompt_file(source: str) -> Path:
@@ -117,16 +86,17 @@ def role_pools(cfg: RMSPConfig, rm_ref: str | None, headers: dict[str, str]) -> 
             "user": {"sampling": u.sampling.model_dump(), "header": headers["user"]}}
 
     def generators(role_cfg, roles: list[str], field: str) -> ReplicaSet:
-        return ReplicaSet(RoleReplica, dict(model=role_cfg.model.model_dump(), roles={r: spec[r] for r in roles}),
-                          role_cfg.resources, f"rmsp.{field}.resources")
+        kwargs = dict(answer=turns.answer_role, model=generator_model(role_cfg.model),
+                      options=dict(roles={r: spec[r] for r in roles}))
+        return ReplicaSet(ModelReplica, kwargs, role_cfg.resources, f"rmsp.{field}.resources")
 
     shared = shares_generator(cfg)
     sets = {"assistant": generators(a, ["assistant", "user"] if shared else ["assistant"], "assistant")}
     if rm_ref is not None:
         rm = cfg.reward_model
-        sets["reward_model"] = ReplicaSet(CandidateScorer, dict(
-            ref=rm_ref, dtype=rm.dtype, max_length=rm.max_length,
-            batch_size=max(rm.resources.batch_size, samples_per_turn(cfg))), rm.resources, "rmsp.reward_model.resources")
+        model = reward_model(rm_ref, rm.dtype, rm.max_length, max(rm.resources.batch_size, samples_per_turn(cfg)))
+        sets["reward_model"] = ReplicaSet(ModelReplica, dict(answer=turns.score_candidates, model=model), rm.resources,
+                                          "rmsp.reward_model.resources")
     if cfg.max_turns > 1:
         sets["user"] = sets["assistant"] if shared else generators(u, ["user"], "user")
     return sets
@@ -182,50 +152,55 @@ def run_meta(cfg: RMSPConfig, rm_ref: str | None) -> dict:
     }
 
 
-def _inputs(cfg: RMSPConfig, queries: Path, rm_ref: str | None) -> dict[str, Path]:
-    inputs = {"queries": queries, "assistant_prompt": prompt_file(cfg.assistant.prompt),
-              "user_prompt": prompt_file(cfg.user.prompt)}
-    if rm_ref is not None and Path(rm_ref).exists():
-        inputs["reward_model"] = Path(rm_ref)
+def _inputs(cfg: Config) -> dict[str, Path | str]:
+    r = cfg.rmsp
+    inputs: dict[str, Path | str] = {"queries": paths.rmsp_queries(cfg), "assistant_prompt": prompt_file(r.assistant.prompt),
+                                     "user_prompt": prompt_file(r.user.prompt)}
+    if (rm := paths.local_model_path(paths.rmsp_reward_model(cfg))) is not None:
+        inputs["reward_model"] = rm
     return inputs
 
 
-def run(
-    cfg: RMSPConfig,
-    ray_cfg: RayConfig,
-    run_dir: str | Path,
-    queries: str | Path | None = None,
-    stage: str = STAGE,
-) -> Path:
-    """Self-play every query into `<run_dir>/<stage>/`; skipped when its manifest is up to date."""
-    run_dir = Path(run_dir)
-    stage_dir = run_dir / stage
-    qpath = queries_path(cfg, run_dir, queries)
-    rm_ref = reward_ref(cfg, run_dir)
-    check_ref(cfg.assistant.model.ref, "assistant.model.ref")
-    check_ref(cfg.user.model.ref, "user.model.ref")
-    if rm_ref is not None:
-        check_ref(rm_ref, "reward_model.ref")
-    headers = {"assistant": role_header(cfg.assistant, "assistant.prompt"), "user": role_header(cfg.user, "user.prompt")}
-    inputs = _inputs(cfg, qpath, rm_ref)
-    out = stage_dir / "dialogues.jsonl"
-    if is_done(stage_dir, cfg, inputs) and out.exists():
-        return stage_dir
+def load_rmsp_queries(cfg: Config) -> list:
+    source = paths.rmsp_queries(cfg)
+    queries = load_queries(source)[: cfg.rmsp.num_queries]
+    if not queries:
+        raise RecordError(f"{source}: no rows")
+    return queries
+
+
+def check(cfg: Config) -> None:
+    """The queries, both roles' generators and prompts, and the RM, before Ray starts or a model loads."""
+    r = cfg.rmsp
+    load_rmsp_queries(cfg)
+    check_model_ref(r.assistant.model.ref, "rmsp.assistant.model.ref")
+    check_model_ref(r.user.model.ref, "rmsp.user.model.ref")
+    if (rm := paths.rmsp_reward_model(cfg)) is not None:
+        check_model_ref(rm, "rmsp.reward_model.ref", "reward_model")
+    role_header(r.assistant, "assistant.prompt")
+    role_header(r.user, "user.prompt")
+
+
+def work(cfg: Config) -> Outcome:
+    """Self-play every query into `dialogues.jsonl` (and `dropped.jsonl`), resuming finished shards."""
+    r, stage_dir = cfg.rmsp, paths.stage_dir(cfg, "rmsp")
     started = time.time()
-    query_rows = load_queries(qpath)[: cfg.num_queries]
+    rm_ref = paths.rmsp_reward_model(cfg)
+    headers = {"assistant": role_header(r.assistant, "assistant.prompt"), "user": role_header(r.user, "user.prompt")}
+    query_rows = load_rmsp_queries(cfg)
     # Shards are keyed by config and inputs: a changed config never resumes from another's shards.
-    key = hashlib.sha256(json.dumps([config_hash(cfg), {k: input_hash(v) for k, v in inputs.items()}]).encode())
+    key = hashlib.sha256(json.dumps([config_hash(r), {k: input_hash(v) for k, v in _inputs(cfg).items()}]).encode())
     trace = stage_dir / f"selfplay-{key.hexdigest()[:12]}.jsonl"
     _remove_stale(stage_dir, trace)
-    meta = run_meta(cfg, rm_ref)
+    meta = run_meta(r, rm_ref)
     replicas_started: dict[str, int] = {}  # per replica set: model loads in this process (once per run when they fit)
     timing: dict = {"prepare_s": round(time.time() - started, 2)}  # where the stage's wall time went
     if not trace.exists():
-        shards = ShardedJsonl(trace, cfg.shard_size)
+        shards = ShardedJsonl(trace, r.shard_size)
         todo = shards.pending([turns.start_row(q.id, q.text) for q in query_rows])
         if todo:
-            init_ray(ray_cfg)
-            sets = role_pools(cfg, rm_ref, headers)
+            init_ray(cfg.ray)
+            sets = role_pools(r, rm_ref, headers)
             pools = distinct(sets)
             for replica_set in pools.values():  # each role alone must fit, or the stage stops here, in seconds
                 preflight(replica_set.name, pool_bundles(replica_set.res))
@@ -233,10 +208,10 @@ def run(
             t0 = time.time()
             try:
                 records = (
-                    {**turns.dialogue_record(r, meta), SHARD_KEY: int(r[SHARD_KEY]), ROW_KEY: int(r[ROW_KEY])}
-                    for r in selfplay(todo, sets, cfg.max_turns, together)
+                    {**turns.dialogue_record(row, meta), SHARD_KEY: int(row[SHARD_KEY]), ROW_KEY: int(row[ROW_KEY])}
+                    for row in selfplay(todo, sets, r.max_turns, together)
                 )
-                shards.collect(_progress(records, len(todo), stage_dir / "metrics.jsonl", cfg, started))
+                shards.collect(_progress(records, len(todo), stage_dir / "metrics.jsonl", r, started))
             finally:
                 for replica_set in pools.values():
                     replica_set.close()
@@ -247,20 +222,33 @@ def run(
             replicas_started = {name: s.started for name, s in pools.items()}
         shards.finalize()
     t0 = time.time()
-    records = _split(trace, out, stage_dir / "dropped.jsonl")
+    records = _split(trace, paths.dialogues_file(cfg), stage_dir / "dropped.jsonl")
     timing["write_s"] = round(time.time() - t0, 2)
+    trace.unlink()  # a crash before the manifest re-splits nothing: the dialogues are whole on disk
     counts = {
         "queries": len(query_rows),
-        "dialogues": sum(r["num_turns"] > 0 for r in records),
-        "dropped": sum(r["num_turns"] == 0 for r in records),
-        f"complete_{cfg.max_turns}_turn": sum(r["num_turns"] == cfg.max_turns for r in records),
+        "dialogues": sum(rec["num_turns"] > 0 for rec in records),
+        "dropped": sum(rec["num_turns"] == 0 for rec in records),
+        f"complete_{r.max_turns}_turn": sum(rec["num_turns"] == r.max_turns for rec in records),
         **turns.end_counts(records),
     }
-    metrics = {"switches": meta, "per_turn": turns.turn_metrics(records, cfg.max_turns),
+    metrics = {"switches": meta, "per_turn": turns.turn_metrics(records, r.max_turns),
                "replicas_started": replicas_started, "timing": timing}
-    write_manifest(stage_dir, stage, cfg, inputs, started, counts=counts, metrics=metrics)
-    trace.unlink()  # after the manifest: a crash before it still finds the finished trace
-    return stage_dir
+    return Outcome(counts=counts, metrics=metrics)
+
+
+STAGE = Stage(
+    "rmsp", "reward-model-guided self-play -> SFT dialogues (ALMoST step 2)",
+    section=lambda c: c.rmsp, inputs=_inputs,
+    outputs=lambda c: {"dialogues": paths.dialogues_file(c)},
+    work=work, check=check,
+    headline=("counts.queries", "counts.dialogues", "counts.complete_*", "metrics.per_turn.*.mean_chosen_reward"),
+)
+
+
+def run(cfg: Config) -> Path:
+    """Self-play into `<run dir>/rmsp/dialogues.jsonl`; skipped when up to date (`runs/stage.py`)."""
+    return STAGE.run(cfg)
 
 
 def _remove_stale(stage_dir: Path, keep: Path) -> None:
@@ -272,7 +260,7 @@ def _remove_stale(stage_dir: Path, keep: Path) -> None:
             p.unlink()
     for p in stage_dir.glob(".selfplay-*.jsonl.shards"):
         if p.name != f".{keep.name}.shards":
-            shutil.rmtree(p)
+            remove_own_directory(p)
 
 
 def _split(trace: Path, dialogues: Path, dropped: Path) -> list[dict]:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import pandas as pd
 
 from almost_ray.data.records import Messages
+from almost_ray.models.config import SamplingParams
 from almost_ray.prompts.templates import HUMAN, default_stop, human_assistant
 
 # `status` values: why a dialogue ended.
@@ -205,3 +206,44 @@ def end_counts(records: Iterable[dict]) -> dict[str, int]:
         lengths[rec["num_turns"]] += 1
     return {**{f"ended_{k}": v for k, v in sorted(reasons.items())},
             **{f"turns_{k}": v for k, v in sorted(lengths.items())}}
+
+
+# --- what the role replicas do with a batch (`cluster.replicas.ModelReplica`, one model per actor) -----------
+
+def answer_role(generator, batch: pd.DataFrame, roles: dict[str, dict], role: str) -> pd.DataFrame:
+    """The turn of `role` (assistant: N samples; user: one follow-up) for each active dialogue of the batch.
+
+    One replica can play the assistant and the user when both have the same model (`stage.role_pools`):
+    one model load and one copy in memory instead of two, and the same outputs, since every prompt's
+    samples are seeded by the prompt itself (`models/text.py`), not by the replica that answers."""
+    params = SamplingParams.model_validate(roles[role]["sampling"])
+    sampling = params.model_copy(update={"stop": role_stop(role, params.stop)})
+    return generate_candidates(generator, sampling, role, roles[role]["header"], batch)
+
+
+def generate_candidates(generator, sampling: SamplingParams, role: str, header: str, batch: pd.DataFrame) -> pd.DataFrame:
+    active = [i for i, s in enumerate(batch["status"]) if not s]
+    prompts = [role_prompt(role, json.loads(batch["messages"].iloc[i]), header) for i in active]
+    outputs = generator.generate(prompts, sampling) if prompts else []
+    candidates = ["[]"] * len(batch)
+    for i, samples in zip(active, outputs):
+        candidates[i] = json.dumps(samples, ensure_ascii=False)
+    return batch.assign(candidates=candidates)
+
+
+def score_candidates(rm, batch: pd.DataFrame) -> pd.DataFrame:
+    """The RM's score of each candidate, judged as the next assistant turn of its dialogue (ALMoST Section
+    2.2: the RM scores the N responses), in one `rm.score` call (any object with RewardModel's `score`)."""
+    conversations, owners = [], []
+    for i, (status, messages, candidates) in enumerate(zip(batch["status"], batch["messages"], batch["candidates"])):
+        if status:
+            continue
+        context = json.loads(messages)
+        for text in json.loads(candidates):
+            conversations.append([*context, {"role": "assistant", "content": text}])
+            owners.append(i)
+    flat = rm.score(conversations) if conversations else []
+    per_row: list[list[float]] = [[] for _ in range(len(batch))]
+    for i, s in zip(owners, flat):
+        per_row[i].append(float(s))
+    return batch.assign(scores=[json.dumps(s) if s else "" for s in per_row])

@@ -12,20 +12,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from almost_ray.cluster.config import RayConfig
+from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
 from almost_ray.data.atomic import write_json
 from almost_ray.data.sources import read_rows
 from almost_ray.rmsp import stage, turns
-from almost_ray.rmsp.config import RMSPConfig
+from almost_ray.runs import paths
 from almost_ray.runs.manifest import read_manifest
 
-COMPARE_DIR = "rmsp-compare"
 
-
-def plain_config(cfg: RMSPConfig) -> RMSPConfig:
-    """The self-play arm: one sample per turn, scored by the same RM but not chosen by it."""
-    return cfg.model_copy(update={"best_of": 1})
+def plain_config(cfg: Config) -> Config:
+    """The self-play arm: one sample per turn, scored by the same RM but not chosen by it, in its own folder."""
+    plain = cfg.rmsp.model_copy(update={"best_of": 1, "output_dir": paths.rmsp_plain_dir(cfg)})
+    return cfg.model_copy(update={"rmsp": plain})
 
 
 def chosen_scores(records: list[dict]) -> dict[tuple[str, int], float]:
@@ -61,29 +60,27 @@ def _all_records(stage_dir: Path) -> list[dict]:
     return [*read_rows(stage_dir / "dialogues.jsonl"), *read_rows(stage_dir / "dropped.jsonl")]
 
 
-def run_compare(
-    cfg: RMSPConfig, ray_cfg: RayConfig, run_dir: str | Path, queries: str | Path | None = None
-) -> dict:
-    """Run the RMSP arm (`<run>/rmsp`) and the self-play arm (`<run>/rmsp-plain`), then write
-    `<run>/rmsp-compare/report.json` and `report.png`."""
-    if stage.mode(cfg) != "rmsp":
+def run_compare(cfg: Config) -> dict:
+    """Run the RMSP arm (`<run>/rmsp`) and the self-play arm (`<run>/rmsp-plain`), each a run of the rmsp
+    stage, then write `<run>/rmsp-compare/report.json` and `report.png`."""
+    r = cfg.rmsp
+    if stage.mode(r) != "rmsp":
         raise ConfigError("rmsp: --compare-plain needs a reward model and best_of > 1 (the RMSP arm)")
-    run_dir = Path(run_dir)
     started = time.time()
-    rmsp_dir = stage.run(cfg, ray_cfg, run_dir, queries, stage.STAGE)
-    plain_dir = stage.run(plain_config(cfg), ray_cfg, run_dir, queries, stage.PLAIN_STAGE)
+    rmsp_dir = stage.run(cfg)
+    plain_dir = stage.run(plain_config(cfg))
     rmsp_records, plain_records = _all_records(rmsp_dir), _all_records(plain_dir)
     manifests = {"rmsp": read_manifest(rmsp_dir), "self_play": read_manifest(plain_dir)}
     report = {
-        "switches": stage.run_meta(cfg, stage.reward_ref(cfg, run_dir)),
-        "per_turn": compare_records(rmsp_records, plain_records, cfg.max_turns),
-        "rmsp_per_turn": turns.turn_metrics(rmsp_records, cfg.max_turns),
-        "self_play_per_turn": turns.turn_metrics(plain_records, cfg.max_turns),
+        "switches": stage.run_meta(r, paths.rmsp_reward_model(cfg)),
+        "per_turn": compare_records(rmsp_records, plain_records, r.max_turns),
+        "rmsp_per_turn": turns.turn_metrics(rmsp_records, r.max_turns),
+        "self_play_per_turn": turns.turn_metrics(plain_records, r.max_turns),
         "counts": {arm: m["counts"] for arm, m in manifests.items()},
         "wall_time_s": {**{arm: m["wall_time_s"] for arm, m in manifests.items()},
                         "this_call": round(time.time() - started, 1)},
     }
-    out_dir = run_dir / COMPARE_DIR
+    out_dir = paths.rmsp_vs_self_play_dir(cfg)
     write_json(out_dir / "report.json", report)
     plot_compare(report, out_dir / "report.png")
     return report

@@ -8,6 +8,7 @@ its current config and inputs is skipped on re-run, so a crashed pipeline resume
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from importlib import metadata
@@ -16,10 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from almost_ray.data.cards import write_card
-from almost_ray.config_base import config_hash
 from almost_ray.cluster.memory import stage_memory
-from almost_ray.data.atomic import write_json
+from almost_ray.config_base import config_hash
+from almost_ray.data.atomic import own_directory, remove_own_directory, write_json
 from almost_ray.data.sources import source_hash
 
 MANIFEST = "manifest.json"
@@ -77,8 +77,7 @@ def is_done(stage_dir: str | Path, section: BaseModel, inputs: dict[str, str | P
     }
 
 
-def write_manifest(
-    stage_dir: str | Path,
+def build_manifest(
     stage: str,
     section: BaseModel,
     inputs: dict[str, str | Path],
@@ -86,10 +85,9 @@ def write_manifest(
     counts: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the manifest last: its presence means the stage's outputs are complete.
-
-    A data stage's dataset card (`cards.py`) is written just before it, from the same record."""
-    manifest = {
+    """A stage's record: what it ran with (config, seeds, inputs, versions) and what it made (counts,
+    metrics, wall time, peak memory)."""
+    return {
         "stage": stage,
         "config": section.model_dump(mode="json"),
         "config_hash": config_hash(section),
@@ -102,9 +100,45 @@ def write_manifest(
         "memory": stage_memory(started),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_card(stage_dir, stage, manifest)
+
+
+def write_manifest(stage_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Written last: its presence means the stage's outputs are complete."""
     write_json(Path(stage_dir) / MANIFEST, manifest)
-    return manifest
+
+
+def flatten(value, prefix: str = "") -> dict[str, float | int | bool]:
+    """The numbers of a nested dict as dotted keys (strings, lists and None are left out)."""
+    out: dict[str, float | int | bool] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, (int, float, bool)) and prefix:
+        out[prefix] = value
+    return out
+
+
+def summary(manifest: dict) -> dict:
+    """What a stage's manifest says in numbers: counts, metrics (flattened) and wall time."""
+    return {
+        "stage": manifest.get("stage"),
+        "counts": flatten(manifest.get("counts", {})),
+        "metrics": flatten(manifest.get("metrics", {})),
+        "wall_time_s": manifest.get("wall_time_s"),
+        "finished_at": manifest.get("finished_at"),
+        "memory": manifest.get("memory"),
+    }
+
+
+def summary_line(headline: tuple[str, ...], s: dict, limit: int = 10) -> str:
+    """`key=value` pairs of a summary's numbers that match the `headline` patterns (all when empty), in one line."""
+    numbers = {**{f"counts.{k}": v for k, v in s["counts"].items()},
+               **{f"metrics.{k}": v for k, v in s["metrics"].items()}}
+    if headline:
+        numbers = {k: v for k, v in numbers.items() if any(fnmatch.fnmatchcase(k, p) for p in headline)}
+    parts = [f"{k.split('.', 1)[1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+             for k, v in list(numbers.items())[:limit]]
+    return ", ".join(parts) or "(no counts)"
 
 
 def reset_if_changed(out_dir: str | Path, sources: list[str | Path]) -> None:
@@ -113,12 +147,10 @@ def reset_if_changed(out_dir: str | Path, sources: list[str | Path]) -> None:
     For outputs whose own skip check knows a model only by its path (`eval.run`, `generate.run`): a
     model retrained at the same path must not be answered from the old model's cached results.
     """
-    import shutil
-
     stamp = json.dumps([input_hash(p) for p in sources if Path(p).exists()])
     out_dir = Path(out_dir)
     marker = out_dir / "sources.hash"
     if marker.is_file() and marker.read_text() != stamp:
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        remove_own_directory(out_dir)
+    own_directory(out_dir)
     marker.write_text(stamp)

@@ -19,6 +19,7 @@ from ray import serve
 
 from almost_ray.models.text import prompt_seed, truncate_at_stop
 from almost_ray.prompts.templates import default_stop, render_prompt
+from almost_ray.runs.paths import aligned_model_in
 from almost_ray.serve.config import ChatDeploymentConfig, ServeConfig
 from almost_ray.serve.protocol import APIError, ChatJob, ChatResult, Choice
 
@@ -27,15 +28,12 @@ EMBEDDED = "embedded:smollm2-135m-instruct"
 
 def resolve_chat_model(cfg: ServeConfig) -> str:
     """The configured model (a path made absolute, since replicas may run elsewhere), else the run's
-    aligned model (`ppo/model`, then `sft/model`), else the embedded SmolLM2."""
+    aligned model (PPO's, then SFT's: `runs/paths.py`), else the embedded SmolLM2."""
     if cfg.chat.model:
         path = Path(cfg.chat.model).expanduser()
         return str(path.resolve()) if path.exists() else cfg.chat.model
-    for stage in ("ppo", "sft"):
-        candidate = cfg.run_dir / stage / "model"
-        if (candidate / "config.json").is_file():
-            return str(candidate.resolve())
-    return EMBEDDED
+    found = aligned_model_in(cfg.run_dir)
+    return str(found.resolve()) if found is not None else EMBEDDED
 
 
 def model_id_of(ref: str) -> str:

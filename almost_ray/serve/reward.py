@@ -8,18 +8,19 @@ from pathlib import Path
 
 from ray import serve
 
+from almost_ray.runs.paths import reward_model_in
 from almost_ray.serve.config import RewardDeploymentConfig, ServeConfig
 
 
 def resolve_reward_model(cfg: ServeConfig) -> str | None:
-    """The configured RM (paths made absolute), else `<run_dir>/rm/model` when it exists, else None."""
+    """The configured RM (paths made absolute), else the run's train_rm model when it exists, else None."""
     if not cfg.reward.enabled:
         return None
     if cfg.reward.model:
         path = Path(cfg.reward.model).expanduser()
         return str(path.resolve()) if path.exists() else cfg.reward.model
-    candidate = cfg.run_dir / "rm" / "model"
-    return str(candidate.resolve()) if (candidate / "config.json").is_file() else None
+    found = reward_model_in(cfg.run_dir)
+    return str(found.resolve()) if found is not None else None
 
 
 @serve.deployment

@@ -10,19 +10,27 @@ of the funnel and every drop with its reason; `funnel_rows` turns it into the `-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.dashboard import add_counts, run_of
 from almost_ray.cluster.pools import stream_pool
+from almost_ray.cluster.replicas import ModelReplica, reward_model
+from almost_ray.config import Config
 from almost_ray.data.atomic import atomic_open
 from almost_ray.data.records import Comparison, RecordError, write_jsonl
 from almost_ray.data.shards import ShardedJsonl
-from almost_ray.data.sources import load_queries, parse_source, read_rows
-from almost_ray.runs.manifest import is_done, read_manifest, write_manifest
+from almost_ray.data.sources import load_queries, read_rows
+from almost_ray.models.loading import check_model_ref
+from almost_ray.models.reward import score_conversations
+from almost_ray.runs import paths
+from almost_ray.runs.manifest import read_manifest
+from almost_ray.runs.stage import Outcome, Stage
 from almost_ray.synth.config import CompareConfig
 from almost_ray.synth.filters import Candidate, binarize, rm_agrees
 from almost_ray.synth.ladder import generate_responses, remove_parts
@@ -30,11 +38,6 @@ from almost_ray.synth.ladder import generate_responses, remove_parts
 
 def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[dict]], out_dir: Path) -> dict:
     """As-is RM scores of the responses that appear in kept pairs: id -> reward (resumable shards)."""
-    import hashlib
-
-    from almost_ray.cluster.connect import init_ray
-    from almost_ray.models.reward import RewardReplica
-
     rm = cfg.as_is_rm
     rows = [{"id": k, "conversation": json.dumps(v)} for k, v in sorted(items.items())]
     key = hashlib.sha256(json.dumps([rm.ref, rm.dtype, rm.max_length]).encode()).hexdigest()[:12]
@@ -44,10 +47,11 @@ def _as_is_scores(cfg: CompareConfig, ray_cfg: RayConfig, items: dict[str, list[
     todo = shards.pending(rows)
     if todo:
         init_ray(ray_cfg)
-        kwargs = dict(ref=rm.ref, dtype=rm.dtype, max_length=rm.max_length, batch_size=rm.resources.batch_size)
+        kwargs = dict(answer=score_conversations, model=reward_model(rm.ref, rm.dtype, rm.max_length,
+                                                                     rm.resources.batch_size))
         shards.collect(
             {"id": r["id"], "reward": float(r["reward"]), "_shard": r["_shard"], "_row": r["_row"]}
-            for r in stream_pool(todo, RewardReplica, kwargs, rm.resources, "compare.as_is_rm.resources")
+            for r in stream_pool(todo, ModelReplica, kwargs, rm.resources, "compare.as_is_rm.resources")
         )
     shards.finalize()  # the merged file stays in parts/ until the stage is done
     return {r["id"]: r["reward"] for r in read_rows(shards.final)}
@@ -94,32 +98,42 @@ def build_comparisons(
     return comparisons, counts
 
 
-def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir/{responses,comparisons}.jsonl` and `manifest.json` (skipped when up to date)."""
-    out_dir = Path(out_dir)
-    output = out_dir / "comparisons.jsonl"
-    inputs = {"queries": queries_path}
-    if is_done(out_dir, cfg, inputs) and output.exists():
-        return output
-    started = time.time()
-    if parse_source(queries_path).kind in ("jsonl", "text") and not parse_source(queries_path).path.exists():
-        raise RecordError(f"{queries_path}: queries file not found (run `almost-ray queries` first)")
-    queries = load_queries(queries_path)[: cfg.max_queries]
+def load_compare_queries(cfg: Config) -> list:
+    """The queries the ladder answers (`compare.queries`, else the queries stage's), at most `max_queries`."""
+    source = paths.compare_queries(cfg)
+    queries = load_queries(source)[: cfg.compare.max_queries]
     if not queries:
-        raise RecordError(f"{queries_path}: no queries")
-    responses_path, pool_metrics = generate_responses(cfg, ray_cfg, queries, out_dir)
-    responses = list(read_rows(responses_path))
-    comparisons, counts = build_comparisons(cfg, responses)
+        raise RecordError(f"{source}: no rows")
+    return queries
 
-    as_is = {"configured": cfg.as_is_rm is not None}
-    if cfg.as_is_rm is not None and comparisons:
+
+def check(cfg: Config) -> None:
+    """Every query row, every rung's generator and the As-is RM, before Ray starts or a model loads."""
+    load_compare_queries(cfg)
+    for i, rung in enumerate(cfg.compare.ladder):
+        check_model_ref(rung.model.ref, f"compare.ladder.{i}.model.ref")
+    if cfg.compare.as_is_rm is not None:
+        check_model_ref(cfg.compare.as_is_rm.ref, "compare.as_is_rm.ref", "reward_model")
+
+
+def work(cfg: Config) -> Outcome:
+    """Write `{responses,comparisons}.jsonl`, the funnel's metrics and `funnel.png`."""
+    c_cfg, ray_cfg = cfg.compare, cfg.ray
+    out_dir = paths.stage_dir(cfg, "compare")
+    queries = load_compare_queries(cfg)
+    responses_path, pool_metrics = generate_responses(c_cfg, ray_cfg, queries, out_dir)
+    responses = list(read_rows(responses_path))
+    comparisons, counts = build_comparisons(c_cfg, responses)
+
+    as_is = {"configured": c_cfg.as_is_rm is not None}
+    if c_cfg.as_is_rm is not None and comparisons:
         t0 = time.time()
         items = {}
         for c in comparisons:
             for side in ("chosen", "rejected"):
                 items[f"{c['query_id']}|{c[side + '_rung']}"] = [
                     {"role": "user", "content": c["prompt"]}, {"role": "assistant", "content": c[side]}]
-        scores = _as_is_scores(cfg, ray_cfg, items, out_dir)
+        scores = _as_is_scores(c_cfg, ray_cfg, items, out_dir)
         kept = []
         for c in comparisons:
             c["chosen_score"] = scores[f"{c['query_id']}|{c['chosen_rung']}"]
@@ -129,7 +143,7 @@ def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_di
         counts["pairs_dropped"]["as_is_rm"] = len(comparisons) - len(kept)
         comparisons = kept
         as_is.update(responses_scored=len(items), seconds=round(time.time() - t0, 2))
-    counts["comparisons"] = write_jsonl(output, (Comparison(**c) for c in comparisons))
+    counts["comparisons"] = write_jsonl(paths.comparisons_file(cfg), (Comparison(**c) for c in comparisons))
     counts["comparisons_by_rungs"] = dict(Counter(f"{c['chosen_rung']}>{c['rejected_rung']}" for c in comparisons))
 
     publish_funnel(run_of(out_dir), counts)
@@ -138,11 +152,24 @@ def run(cfg: CompareConfig, ray_cfg: RayConfig, queries_path: str | Path, out_di
             f.write(json.dumps({"step": "generate", "pool": pool, **m}) + "\n")
         if as_is.get("seconds") is not None:
             f.write(json.dumps({"step": "as_is_rm", **as_is}) + "\n")
-    write_manifest(out_dir, "compare", cfg, inputs, started, counts=counts,
-                   metrics={"pools": pool_metrics, "as_is_rm": as_is})
-    plot_funnel(out_dir)
+    plot_funnel(out_dir, counts)
     remove_parts(out_dir)
-    return output
+    return Outcome(counts=counts, metrics={"pools": pool_metrics, "as_is_rm": as_is})
+
+
+STAGE = Stage(
+    "compare", "the generator ladder, Heuristic Filter and As-is RM filter -> synthetic comparisons",
+    section=lambda c: c.compare,
+    inputs=lambda c: {"queries": paths.compare_queries(c)},
+    outputs=lambda c: {"comparisons": paths.comparisons_file(c)},
+    work=work, check=check,
+    headline=("counts.queries", "counts.pairs_possible", "counts.pairs_after_heuristic_filter", "counts.comparisons"),
+)
+
+
+def run(cfg: Config) -> Path:
+    """Synthetic comparisons into `<run dir>/compare/comparisons.jsonl`; skipped when up to date."""
+    return STAGE.run(cfg)
 
 
 def publish_funnel(run: str, counts: dict) -> None:
@@ -193,15 +220,14 @@ def format_funnel(out_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def plot_funnel(out_dir: str | Path) -> Path:
-    """`funnel.png`: responses kept per rung and pairs at each filter step."""
+def plot_funnel(out_dir: str | Path, c: dict) -> Path:
+    """`funnel.png`: responses kept per rung and pairs at each filter step (`c`: the stage's counts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    c = read_manifest(out_dir)["counts"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     rungs = list(c["responses"])
     ax1.barh(rungs, [c["responses"][r] for r in rungs], color="#ccc", label="generated")

@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from almost_ray.cluster.config import ResourcesConfig
-from almost_ray.config_base import StrictModel
+from almost_ray.config_base import StageSection, StrictModel
 from almost_ray.models.config import ModelConfig, SamplingParams
 
 
@@ -22,7 +21,7 @@ class QuerySampling(SamplingParams):
     max_new_tokens: int = Field(default=64, ge=1)
 
 
-class QueriesConfig(StrictModel):
+class QueriesConfig(StageSection):
     """`almost-ray queries`: Self-Instruct query mining (ALMoST Appendix C.1).
 
     Each prompt is `instruction` then `static_shots` seed queries and `dynamic_shots` already-mined
@@ -31,10 +30,11 @@ class QueriesConfig(StrictModel):
     in a fixed order, so the result depends on `seed`, not on the number of replicas.
     """
 
-    seeds: Path | None = Field(
+    seeds: str | None = Field(
         default=None,
-        description="seed queries, one per line (a first line '### Instruction: ...' is the instruction, as "
-        "in ALMoST's seed_prompts.txt); null: almost_ray/prompts/seed_queries.txt",
+        description="seed queries: a .txt, one per line (a first line '### Instruction: ...' is the instruction, "
+        "as in ALMoST's seed_prompts.txt), or rows with `text` in any source form; null: "
+        "almost_ray/prompts/seed_queries.txt",
     )
     instruction: str = "Write a question or a request that a person might ask an AI assistant."
     prefix: str = "Query:"
@@ -126,7 +126,7 @@ def _demo_ladder() -> list[RungConfig]:
     return [RungConfig(name="faithful-3shot", prompt="faithful", shots=3), RungConfig(name="hhh-1shot", shots=1)]
 
 
-class CompareConfig(StrictModel):
+class CompareConfig(StageSection):
     """`almost-ray compare`: synthetic comparisons from a generator ladder (ALMoST Section 2.1).
 
     `ladder` is ordered best first; every pair of surviving responses to a query is a comparison whose
@@ -135,8 +135,9 @@ class CompareConfig(StrictModel):
     released code).
     """
 
-    queries: Path | None = Field(
-        default=None, description="queries .jsonl/.txt; null: <run dir>/queries/queries.jsonl"
+    queries: str | None = Field(
+        default=None, description="queries (a .txt, one per line, or Query rows in any source form); null: the "
+        "queries stage's queries.jsonl"
     )
     max_queries: int | None = Field(default=None, ge=1, description="first N queries only")
     ladder: list[RungConfig] = Field(default_factory=_demo_ladder, min_length=2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +22,12 @@ import pandas as pd
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.pools import stream_pool
-from almost_ray.data.atomic import atomic_open
+from almost_ray.cluster.replicas import ModelReplica, generator_model
+from almost_ray.data.atomic import atomic_open, own_directory, remove_own_directory
 from almost_ray.data.records import Query
 from almost_ray.data.shards import ShardedJsonl
 from almost_ray.data.sources import read_rows
-from almost_ray.models.config import ModelConfig, SamplingParams
+from almost_ray.models.config import SamplingParams
 from almost_ray.prompts.templates import default_stop, fewshot_header, human_assistant, load_prompt_text
 from almost_ray.synth.config import CompareConfig, RungConfig
 
@@ -68,35 +68,25 @@ def pool_groups(ladder: list[RungConfig]) -> list[list[RungConfig]]:
     return list(groups.values())
 
 
-class LadderReplica:
-    """Ray Data callable class: one model, several rungs; adds `raw` (the response) to each row."""
-
-    def __init__(self, model: dict, rungs: dict[str, dict]):
-        from almost_ray.models.generator import make_generator
-
-        self.generator = make_generator(ModelConfig.model_validate(model))
-        self.rungs = {
-            name: (spec["header"], SamplingParams.model_validate(spec["sampling"])) for name, spec in rungs.items()
-        }
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch.copy()
-        raw = [""] * len(batch)
-        for name, (header, sampling) in self.rungs.items():
-            idx = [i for i, r in enumerate(batch["rung"]) if r == name]
-            if not idx:
-                continue
-            prompts = [human_assistant([{"role": "user", "content": batch["query"].iloc[i]}], header) for i in idx]
-            for i, out in zip(idx, self.generator.generate(prompts, sampling)):
-                raw[i] = out[0]
-        batch["raw"] = raw
-        return batch
+def answer_rungs(generator, batch: pd.DataFrame, rungs: dict[str, dict]) -> pd.DataFrame:
+    """One model answering for several rungs (each its few-shot header and sampling): adds `raw`, the
+    response, to each row by its `rung`."""
+    raw = [""] * len(batch)
+    for name, spec in rungs.items():
+        idx = [i for i, r in enumerate(batch["rung"]) if r == name]
+        if not idx:
+            continue
+        sampling = SamplingParams.model_validate(spec["sampling"])
+        prompts = [human_assistant([{"role": "user", "content": batch["query"].iloc[i]}], spec["header"]) for i in idx]
+        for i, out in zip(idx, generator.generate(prompts, sampling)):
+            raw[i] = out[0]
+    return batch.assign(raw=raw)
 
 
 def _run_pool(rows: list[dict], group: list[RungConfig], name: str) -> Iterator[dict]:
     rungs = {r.name: {"header": rung_header(r), "sampling": rung_sampling(r).model_dump()} for r in group}
-    kwargs = dict(model=group[0].model.model_dump(), rungs=rungs)
-    yield from stream_pool(rows, LadderReplica, kwargs, group[0].resources, name)
+    kwargs = dict(answer=answer_rungs, model=generator_model(group[0].model), options=dict(rungs=rungs))
+    yield from stream_pool(rows, ModelReplica, kwargs, group[0].resources, name)
 
 
 def generate_responses(
@@ -107,7 +97,7 @@ def generate_responses(
     Returns the path and per-pool timing metrics. Finished shards of an interrupted run are reused.
     """
     out_dir = Path(out_dir)
-    parts = out_dir / "parts"
+    parts = own_directory(out_dir / "parts")
     rank = {r.name: i for i, r in enumerate(cfg.ladder)}
     metrics: dict[str, dict] = {}
     part_files = []
@@ -154,4 +144,4 @@ def generate_responses(
 
 def remove_parts(out_dir: str | Path) -> None:
     """Drop the per-pool part files once the stage's outputs and manifest are written."""
-    shutil.rmtree(Path(out_dir) / "parts", ignore_errors=True)
+    remove_own_directory(Path(out_dir) / "parts")

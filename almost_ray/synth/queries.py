@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,16 +27,21 @@ from pathlib import Path
 from rouge_score import rouge_scorer, tokenizers
 
 from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.dashboard import add_counts, progress, run_of
-from almost_ray.cluster.replicas import ReplicaSet
+from almost_ray.cluster.replicas import ModelReplica, ReplicaSet
+from almost_ray.config import Config
 from almost_ray.config_base import config_hash
-from almost_ray.data.atomic import atomic_open, write_json
+from almost_ray.data.atomic import atomic_open, own_directory, remove_own_directory, write_json
 from almost_ray.data.records import Query, RecordError, write_jsonl
 from almost_ray.data.shards import ShardedJsonl
-from almost_ray.data.sources import read_rows
-from almost_ray.generate.pool import GenerationReplica
+from almost_ray.data.sources import iter_rows, read_rows
+from almost_ray.generate.pool import generation_replica
+from almost_ray.models.loading import check_model_ref
 from almost_ray.prompts.templates import packaged_text
-from almost_ray.runs.manifest import is_done, read_manifest, write_manifest
+from almost_ray.runs import paths
+from almost_ray.runs.manifest import read_manifest
+from almost_ray.runs.stage import Outcome, Stage
 from almost_ray.synth.config import QueriesConfig
 
 INSTRUCTION_LINE = "### Instruction:"
@@ -46,15 +50,30 @@ INSTRUCTION_LINE = "### Instruction:"
 # ---- pure pieces -------------------------------------------------------------------------------
 
 
-def read_seeds(text: str, source: str = "<seeds>") -> tuple[str | None, list[str]]:
-    """Seed queries from a one-per-line file; a first `### Instruction: ...` line is the instruction."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+def split_instruction(lines: list[str], source: str = "<seeds>") -> tuple[str | None, list[str]]:
+    """Seed queries, and the instruction when the first line is `### Instruction: ...` (as in ALMoST's
+    seed_prompts.txt)."""
+    lines = [line.strip() for line in lines if line.strip()]
     instruction = None
     if lines and lines[0].startswith(INSTRUCTION_LINE):
         instruction = lines.pop(0)[len(INSTRUCTION_LINE):].strip()
     if not lines:
         raise RecordError(f"{source}: no seed queries")
     return instruction, lines
+
+
+def load_seeds(spec: str | None) -> tuple[str | None, list[str]]:
+    """The seeds of `queries.seeds` from any source: a .txt (one query per line), or rows with `text`
+    (JSONL, Parquet, a saved dataset, a hub id); null: the project's own `prompts/seed_queries.txt`."""
+    if spec is None:
+        return split_instruction(packaged_text("seed_queries.txt").splitlines(), "seed_queries.txt")
+    texts = []
+    for number, row in iter_rows(spec):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise RecordError(f"{spec}:{number}: text: expected a non-empty string (a seed query)")
+        texts.append(text)
+    return split_instruction(texts, str(spec))
 
 
 def draw_shots(
@@ -188,8 +207,6 @@ def _generate_round(cfg: QueriesConfig, ray_cfg: RayConfig, prompts: list[str], 
                 for i, p in enumerate(prompts)]
         todo = shards.pending(rows)
         if todo:
-            from almost_ray.cluster.connect import init_ray
-
             init_ray(ray_cfg)
             shards.collect(
                 {"id": r["id"], "completion": json.loads(r["responses"])[0], "_shard": r["_shard"], "_row": r["_row"]}
@@ -202,56 +219,55 @@ def _generate_round(cfg: QueriesConfig, ray_cfg: RayConfig, prompts: list[str], 
 def generation_replicas(cfg: QueriesConfig, run: str) -> ReplicaSet:
     """The generator's replicas for every round: started at the first round that generates, kept
     loaded across rounds (a Ray Data pool per round would load the model again each round)."""
-    kwargs = dict(model=cfg.model.model_dump(), sampling=cfg.sampling.model_dump(), prompt_format="raw", header="",
-                  metrics_tags=(run, "queries"))
-    return ReplicaSet(GenerationReplica, kwargs, cfg.resources, "queries.resources")
+    kwargs = generation_replica(cfg.model, cfg.sampling, "raw", metrics_tags=(run, "queries"))
+    return ReplicaSet(ModelReplica, kwargs, cfg.resources, "queries.resources")
 
 
-def run(cfg: QueriesConfig, ray_cfg: RayConfig, out_dir: str | Path) -> Path:
-    """Mine `cfg.target` queries into `out_dir/queries.jsonl` (skipped when already up to date)."""
-    out_dir = Path(out_dir)
-    output = out_dir / "queries.jsonl"
-    inputs = {"seeds": cfg.seeds} if cfg.seeds is not None else {}
-    if is_done(out_dir, cfg, inputs) and output.exists():
-        return output
-    started = time.time()
-    seed_text = Path(cfg.seeds).read_text(encoding="utf-8") if cfg.seeds else packaged_text("seed_queries.txt")
-    file_instruction, seeds = read_seeds(seed_text, str(cfg.seeds or "seed_queries.txt"))
-    instruction = file_instruction or cfg.instruction
-    if cfg.static_shots > 0 and not seeds:
-        raise RecordError("queries.seeds: no seed queries")
+def check(cfg: Config) -> None:
+    """Seeds readable and not empty, the generator a causal LM: before Ray starts or a model loads."""
+    q = cfg.queries
+    load_seeds(q.seeds)
+    check_model_ref(q.model.ref, "queries.model.ref")
+
+
+def work(cfg: Config) -> Outcome:
+    """Mine `queries.target` queries into `queries.jsonl`, round by round (replaying saved rounds)."""
+    q = cfg.queries
+    out_dir = paths.stage_dir(cfg, "queries")
+    file_instruction, seeds = load_seeds(q.seeds)
+    instruction = file_instruction or q.instruction
 
     rounds_dir = out_dir / "rounds"
     key_file = rounds_dir / "replay_key.json"
-    key = _replay_key(cfg, instruction, seeds)
+    key = _replay_key(q, instruction, seeds)
     if rounds_dir.exists() and (not key_file.exists() or json.loads(key_file.read_text()) != key):
-        shutil.rmtree(rounds_dir)  # rounds mined with other settings cannot be replayed
+        remove_own_directory(rounds_dir)  # rounds mined with other settings cannot be replayed
+    own_directory(rounds_dir)
     write_json(key_file, key)
 
-    dedup = RougeDedup(cfg.rouge_threshold, initial=seeds)
+    dedup = RougeDedup(q.rouge_threshold, initial=seeds)
     mined: list[Query] = []
     counts: Counter = Counter()
-    metrics_path = out_dir / "metrics.jsonl"
-    with atomic_open(metrics_path) as metrics, generation_replicas(cfg, run_of(out_dir)) as replicas:
-        for rnd in range(cfg.max_rounds):
-            if len(mined) >= cfg.target:
+    run = run_of(out_dir)
+    with atomic_open(out_dir / "metrics.jsonl") as metrics, generation_replicas(q, run) as replicas:
+        for rnd in range(q.max_rounds):
+            if len(mined) >= q.target:
                 break
             t0 = time.time()
-            rng = random.Random(f"{cfg.seed}/{rnd}")
-            texts = [q.text for q in mined]
+            rng = random.Random(f"{q.seed}/{rnd}")
+            texts = [m.text for m in mined]
             prompts = [
-                build_prompt(instruction, draw_shots(rng, seeds, texts, cfg.static_shots, cfg.dynamic_shots),
-                             cfg.prefix)
-                for _ in range(cfg.prompts_per_round)
+                build_prompt(instruction, draw_shots(rng, seeds, texts, q.static_shots, q.dynamic_shots), q.prefix)
+                for _ in range(q.prompts_per_round)
             ]
             path = rounds_dir / f"round-{rnd:04d}.jsonl"
             replayed = path.exists()
-            completions = _generate_round(cfg, ray_cfg, prompts, path, replicas)
+            completions = _generate_round(q, cfg.ray, prompts, path, replicas)
             before, seen = len(mined), Counter(counts)
             for completion in completions:
-                for text in parse_queries(completion, cfg.prefix):
+                for text in parse_queries(completion, q.prefix):
                     counts["parsed"] += 1
-                    issue = query_issue(text, cfg)
+                    issue = query_issue(text, q)
                     if issue is None:
                         keep, _ = dedup.offer(text)
                         issue = None if keep else "rouge_overlap"
@@ -261,26 +277,39 @@ def run(cfg: QueriesConfig, ray_cfg: RayConfig, out_dir: str | Path) -> Path:
                     mined.append(Query(id=f"q{len(mined):06d}", text=text, source="mined", round=rnd))
             counts["completions"] += len(completions)
             counts["rounds"] += 1
+            round_counts = {k: counts[k] - seen[k] for k in counts if k.startswith("dropped_") or k == "parsed"}
             metrics.write(json.dumps({
                 "round": rnd, "completions": len(completions), "new_queries": len(mined) - before,
                 "total_queries": len(mined), "replayed": replayed, "seconds": round(time.time() - t0, 2),
-                **{k: counts[k] - seen[k] for k in counts if k.startswith("dropped_") or k == "parsed"},
+                **round_counts,
             }) + "\n")
             metrics.flush()
-            round_counts = {k: counts[k] - seen[k] for k in counts if k.startswith("dropped_") or k == "parsed"}
-            add_counts(run_of(out_dir), "queries", {"mined": len(mined) - before, **round_counts})
-            progress(run_of(out_dir), "queries", min(len(mined), cfg.target), cfg.target)
-            print(f"queries: round {rnd}: +{len(mined) - before} -> {len(mined)}/{cfg.target}", flush=True)
-    kept = mined[: cfg.target]
-    if len(kept) < cfg.target:
-        print(f"queries: warning: only {len(kept)} of {cfg.target} queries after {cfg.max_rounds} rounds")
-    write_jsonl(output, kept)
-    counts.update({"seeds": len(seeds), "kept": len(kept), "target": cfg.target,
+            add_counts(run, "queries", {"mined": len(mined) - before, **round_counts})
+            progress(run, "queries", min(len(mined), q.target), q.target)
+            print(f"queries: round {rnd}: +{len(mined) - before} -> {len(mined)}/{q.target}", flush=True)
+    kept = mined[: q.target]
+    if len(kept) < q.target:
+        print(f"queries: warning: only {len(kept)} of {q.target} queries after {q.max_rounds} rounds")
+    write_jsonl(paths.queries_file(cfg), kept)
+    counts.update({"seeds": len(seeds), "kept": len(kept), "target": q.target,
                    "surplus_dropped": len(mined) - len(kept)})
-    write_manifest(out_dir, "queries", cfg, inputs, started, counts=dict(counts),
-                   metrics={"target_reached": len(kept) >= cfg.target})
     plot_rounds(out_dir)
-    return output
+    return Outcome(counts=dict(counts), metrics={"target_reached": len(kept) >= q.target})
+
+
+STAGE = Stage(
+    "queries", "Self-Instruct query mining (ALMoST step 1, Appendix C.1)",
+    section=lambda c: c.queries,
+    inputs=lambda c: {"seeds": c.queries.seeds} if c.queries.seeds is not None else {},
+    outputs=lambda c: {"queries": paths.queries_file(c)},
+    work=work, check=check,
+    headline=("counts.kept", "counts.parsed", "counts.rounds", "counts.dropped_*"),
+)
+
+
+def run(cfg: Config) -> Path:
+    """Mine queries into `<run dir>/queries/queries.jsonl`; skipped when up to date (`runs/stage.py`)."""
+    return STAGE.run(cfg)
 
 
 def plot_rounds(out_dir: str | Path) -> Path:

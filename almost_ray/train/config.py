@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from almost_ray.config_base import StrictModel
+from almost_ray.config_base import StageSection, StrictModel
 
 
 class TrainConfig(StrictModel):
@@ -53,9 +53,13 @@ class TrainConfig(StrictModel):
     )
 
 
-class TrainRMConfig(TrainConfig):
+class TrainRMConfig(TrainConfig, StageSection):
     """`almost-ray train-rm`: reward model (ALMoST Section 2.1, Appendix D.1: 1 epoch, lr 1e-5, batch 64,
     max length 1024). The text of a conversation is `models.reward.rm_text`, as `RewardModel` scores it."""
+
+    comparisons: str | None = Field(
+        default=None, description="comparisons to train on (any source form, docs/pipeline.md); null: the compare "
+        "stage's comparisons.jsonl")
 
     heldout_fraction: float = Field(
         default=0.0, ge=0, lt=1,
@@ -69,7 +73,7 @@ SFTMode = Literal["sft", "response_tuning", "single_task"]
 _HEWITT_DEFAULTS = {"lr": 1e-5, "warmup_ratio": 0.1, "global_batch_size": 64, "prompt_format": "tulu"}
 
 
-class TrainSFTConfig(TrainConfig):
+class TrainSFTConfig(TrainConfig, StageSection):
     """`almost-ray train-sft`: supervised finetuning, loss on assistant tokens only.
 
     `mode: sft` is ALMoST's SFT (Section 2.2, Appendix D.2 after Alpaca: lr 2e-5, batch 128, max length
@@ -79,6 +83,9 @@ class TrainSFTConfig(TrainConfig):
     """
 
     mode: SFTMode = "sft"
+    dialogues: str | None = Field(
+        default=None, description="dialogues or prompt-completion rows (any source form); null: the rmsp stage's "
+        "dialogues.jsonl")
     prompt_format: Literal["human_assistant", "tulu"] = Field(
         default="human_assistant", description="sft: human_assistant; Hewitt et al.'s modes: tulu"
     )

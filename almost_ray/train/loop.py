@@ -29,7 +29,6 @@ import importlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -41,12 +40,16 @@ from typing import Any
 import torch
 
 from almost_ray.cluster import dashboard
+from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.memory import ensure_ledger, report_peak
+from almost_ray.cluster.preflight import preflight, train_bundles
 from almost_ray.config_base import config_hash
-from almost_ray.data.atomic import write_json
-from almost_ray.data.metrics_log import MetricsLog
+from almost_ray.data.atomic import atomic_directory, write_json
+from almost_ray.data.metrics_log import MetricsLog, plot_metrics, summarize
 from almost_ray.models.loading import ready_for_generation
 from almost_ray.models.packing import use_packed_attention
+from almost_ray.runs.paths import MODEL
 from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.losses import cosine_with_warmup
@@ -54,7 +57,22 @@ from almost_ray.train.optim import adamw
 
 TASKS = {"rm": "almost_ray.train.rm", "sft": "almost_ray.train.sft"}
 METRICS = "metrics.jsonl"
-MODEL_DIR = "model"
+
+
+def start_workers(cfg: TrainConfig, ray_cfg: RayConfig, stage: str) -> None:
+    """Before a model is converted or encoded: Ray up and the worker group checked against the cluster,
+    so a group that cannot start fails in seconds, naming `<stage> workers` (`cluster/preflight.py`)."""
+    if cfg.num_workers > 0:
+        init_ray(ray_cfg)
+        preflight(f"{stage} workers", train_bundles(cfg))
+
+
+def train_and_plot(task: str, cfg: TrainConfig, examples: list[dict], model_dir: Path, stage_dir: Path,
+                   plot_keys: list[str], title: str) -> dict:
+    """`fit`, then `training.png` of `plot_keys`; returns the summary of `metrics.jsonl` for the manifest."""
+    fit(task, cfg, examples, model_dir, stage_dir)
+    plot_metrics(stage_dir / METRICS, stage_dir / "training.png", plot_keys, title=title)
+    return summarize(stage_dir / METRICS)
 
 
 def fit(
@@ -108,7 +126,7 @@ def fit(
     if ray.is_initialized():
         ensure_ledger()  # the workers report their peak memory to it (memory.py)
     trainer.fit()
-    return stage_dir / MODEL_DIR
+    return stage_dir / MODEL
 
 
 def _examples_hash(examples: list[dict]) -> str:
@@ -210,7 +228,7 @@ def train_worker(job: dict[str, Any]) -> None:
                 # comes once they are collected, as a real one would
                 time.sleep(5)
                 os._exit(1)  # a worker dies without warning; FailureConfig restarts the group
-    save_hf_model(model, task, job["model_dir"], stage_dir / MODEL_DIR, rank, distributed)
+    save_hf_model(model, task, job["model_dir"], stage_dir / MODEL, rank, distributed)
     report_peak(f"train_{job['task']}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
 
 
@@ -422,16 +440,9 @@ def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed:
         fresh.load_state_dict(full, assign=True)
         fresh.tie_weights()
         ready_for_generation(fresh)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             _save_safetensors(fresh, tmp)
             task.load_tokenizer(base_dir).save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     if distributed:
         import torch.distributed as dist
 

@@ -1,4 +1,4 @@
-"""`almost-ray train-rm`: the reward model of ALMoST Section 2.1 (Appendix D.1), on `loop.py`.
+"""The `train_rm` stage (`almost-ray train-rm`): the reward model of ALMoST Section 2.1 (Appendix D.1), on `loop.py`.
 
 A sequence classifier with one output on the base LM scores a conversation that ends with the
 judged reply; the loss is −log σ(r(x, y_chosen) − r(x, y_rejected)). Text and tokenization are
@@ -16,17 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from almost_ray.cluster.config import RayConfig
+from almost_ray.config import Config
 from almost_ray.data.preferences import PreferencePair, load_pairs, split_by_query
 from almost_ray.models import loading
+from almost_ray.models.loading import check_model_ref, resolve_model_dir
 from almost_ray.models.packing import pack_sequences
 from almost_ray.models.reward import rm_text
-from almost_ray.train.config import TrainRMConfig
+from almost_ray.runs import paths
+from almost_ray.runs.stage import Outcome, Stage
+from almost_ray.train import loop
 from almost_ray.train.data import pad_batch
 from almost_ray.train.losses import pairwise_loss, pairwise_stats
 
-TRAIN_SPLIT = "train_comparisons.jsonl"  # with train_rm.heldout_fraction > 0
-HELDOUT_SPLIT = "heldout_comparisons.jsonl"
+TRAIN_SPLIT = "train_comparisons.jsonl"  # with train_rm.heldout_fraction > 0; the rest: paths.rm_heldout_file
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -135,19 +137,39 @@ def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str
     }
 
 
-def run(cfg: TrainRMConfig, ray_cfg: RayConfig, input_path: str | Path, stage_dir: str | Path) -> Path:
-    """Train an RM on a comparisons file into `stage_dir/model` (skipped when already done)."""
-    from almost_ray.train.stage import run_stage
+def check(cfg: Config) -> None:
+    """Every comparison row, and the base model, before Ray starts or a model is converted."""
+    load_pairs(paths.train_rm_comparisons(cfg))
+    check_model_ref(cfg.train_rm.model, "train_rm.model")
 
-    def prepare(model_dir: Path):
-        counts = {}
-        train_path = input_path
-        if cfg.heldout_fraction > 0:  # eval_rm measures the RM on queries it never trained on
-            train_path = Path(stage_dir) / TRAIN_SPLIT
-            _, counts["heldout_pairs"] = split_by_query(input_path, cfg.heldout_fraction, train_path,
-                                                        Path(stage_dir) / HELDOUT_SPLIT)
-        pairs = load_pairs(train_path)
-        return encode_pairs(pairs, load_tokenizer(model_dir), cfg.max_length), {"pairs": len(pairs), **counts}
 
-    return run_stage("train-rm", "rm", cfg, ray_cfg, {"comparisons": input_path}, stage_dir, prepare,
-                     (["loss", "accuracy"], "reward model"))
+def work(cfg: Config) -> Outcome:
+    """Hold out `heldout_fraction` of the queries, encode the pairs and train the RM into `<stage>/model`."""
+    t = cfg.train_rm
+    stage_dir = paths.stage_dir(cfg, "train_rm")
+    loop.start_workers(t, cfg.ray, "train_rm")
+    model_dir = resolve_model_dir(t.model)
+    source, counts = paths.train_rm_comparisons(cfg), {}
+    train_path = source
+    if t.heldout_fraction > 0:  # eval_rm measures the RM on queries it never trained on
+        train_path = stage_dir / TRAIN_SPLIT
+        _, counts["heldout_pairs"] = split_by_query(source, t.heldout_fraction, train_path, paths.rm_heldout_file(cfg))
+    pairs = load_pairs(train_path)
+    examples = encode_pairs(pairs, load_tokenizer(model_dir), t.max_length)
+    metrics = loop.train_and_plot("rm", t, examples, model_dir, stage_dir, ["loss", "accuracy"], "reward model")
+    return Outcome(counts={"pairs": len(pairs), **counts}, metrics=metrics)
+
+
+STAGE = Stage(
+    "train_rm", "the reward model on the comparisons (Ray Train, FSDP)",
+    section=lambda c: c.train_rm,
+    inputs=lambda c: {"comparisons": paths.train_rm_comparisons(c)},
+    outputs=lambda c: {"model": paths.rm_model(c), **({"heldout": h} if (h := paths.rm_heldout_file(c)) else {})},
+    work=work, check=check,
+    headline=("counts.*", "metrics.steps", "metrics.final_loss", "metrics.tail_accuracy"),
+)
+
+
+def run(cfg: Config) -> Path:
+    """Train the RM into `<run dir>/rm/model`; skipped when up to date (`runs/stage.py`)."""
+    return STAGE.run(cfg)

@@ -1,4 +1,4 @@
-"""`almost-ray train-sft`: supervised finetuning with loss on assistant tokens only, on `loop.py`.
+"""The `train_sft` stage (`almost-ray train-sft`): supervised finetuning with loss on assistant tokens only, on `loop.py`.
 
 One path, three methods, chosen by `train_sft.mode`:
 
@@ -25,12 +25,16 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from almost_ray.cluster.config import RayConfig
+from almost_ray.config import Config
 from almost_ray.data.records import Dialogue, Messages, RecordError, field_error
 from almost_ray.data.sources import iter_rows
 from almost_ray.models import loading
+from almost_ray.models.loading import check_model_ref, resolve_model_dir
 from almost_ray.models.packing import pack_sequences
 from almost_ray.prompts.templates import ASSISTANT, HUMAN, TULU_ASSISTANT, TULU_USER
+from almost_ray.runs import paths
+from almost_ray.runs.stage import Outcome, Stage
+from almost_ray.train import loop
 from almost_ray.train.config import TrainSFTConfig
 from almost_ray.train.data import encode_supervised, pad_batch
 from almost_ray.train.losses import IGNORE_INDEX, token_nll_sum
@@ -96,7 +100,7 @@ def load_conversations(path: str | Path) -> list[Messages]:
             raise RecordError(f"{path}:{lineno}: messages: no assistant turn to learn")
         out.append(messages)
     if not out:
-        raise RecordError(f"{path}: no dialogues")
+        raise RecordError(f"{path}: no rows (no dialogues)")
     return out
 
 
@@ -176,16 +180,37 @@ def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str
     return {"loss": totals["loss"] / units, "supervised_tokens": int(totals["tokens"])}
 
 
-def run(cfg: TrainSFTConfig, ray_cfg: RayConfig, input_path: str | Path, stage_dir: str | Path) -> Path:
-    """Finetune on a dialogues file into `stage_dir/model` (skipped when already done)."""
-    from almost_ray.train.stage import run_stage
+def check(cfg: Config) -> None:
+    """Every dialogue row, and the base model, before Ray starts or a model is converted."""
+    load_conversations(paths.train_sft_dialogues(cfg))
+    check_model_ref(cfg.train_sft.model, "train_sft.model")
 
-    def prepare(model_dir: Path):
-        conversations = load_conversations(input_path)
-        examples = encode_conversations(conversations, load_tokenizer(model_dir), cfg)
-        if not examples:
-            raise RecordError(f"{input_path}: no dialogue keeps an assistant token within max_length={cfg.max_length}")
-        return examples, {"dialogues": len(conversations), "trained": len(examples)}
 
-    return run_stage(f"train-sft:{cfg.mode}", "sft", cfg, ray_cfg, {"dialogues": input_path}, stage_dir, prepare,
-                     (["loss", "lr"], cfg.mode))
+def work(cfg: Config) -> Outcome:
+    """Encode the dialogues (assistant tokens supervised) and finetune into `<stage>/model`."""
+    t = cfg.train_sft
+    source = paths.train_sft_dialogues(cfg)
+    loop.start_workers(t, cfg.ray, "train_sft")
+    model_dir = resolve_model_dir(t.model)
+    conversations = load_conversations(source)
+    examples = encode_conversations(conversations, load_tokenizer(model_dir), t)
+    if not examples:
+        raise RecordError(f"{source}: no dialogue keeps an assistant token within max_length={t.max_length}")
+    metrics = loop.train_and_plot("sft", t, examples, model_dir, paths.stage_dir(cfg, "train_sft"),
+                                  ["loss", "lr"], t.mode)
+    return Outcome(counts={"dialogues": len(conversations), "trained": len(examples)}, metrics=metrics)
+
+
+STAGE = Stage(
+    "train_sft", "supervised finetuning on the RMSP dialogues (Ray Train, FSDP)",
+    section=lambda c: c.train_sft,
+    inputs=lambda c: {"dialogues": paths.train_sft_dialogues(c)},
+    outputs=lambda c: {"model": paths.sft_model(c)},
+    work=work, check=check,
+    headline=("counts.*", "metrics.steps", "metrics.final_loss"),
+)
+
+
+def run(cfg: Config) -> Path:
+    """Finetune into `<run dir>/<train_sft.mode>/model`; skipped when up to date (`runs/stage.py`)."""
+    return STAGE.run(cfg)
