@@ -61,17 +61,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
+        text = _read_config_text(Path(path))
     try:
-        data = yaml.safe_load(text) if text else {}
+        data = yaml.safe_load(text) if path is not None else {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
     if data is None:
+        if path is not None:  # a file that sets nothing would run every stage on defaults, unnoticed
+            raise ConfigError(f"{source}: empty config (no sections); omit --config to run on the defaults")
         data = {}
     duplicate = _first_duplicate_key(yaml.compose(text)) if text else None
     if duplicate:
@@ -86,6 +85,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err, source, text, overridden)) from None
+
+
+def _read_config_text(path: Path) -> str:
+    """The config file's text, or a one-line error naming it: missing, a folder, unreadable, not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {err.start})") from None
+    return text
 
 
 def _first_duplicate_key(node: Any, path: tuple[str, ...] = ()) -> str | None:

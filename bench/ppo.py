@@ -7,7 +7,7 @@ same RM (a sequence classifier directory; built once from the policy with a seed
 KL coefficient 0.05 (k1), gamma 1, lambda 0.95, clip 0.2, fp32 on CPU (`--bf16`: bf16 mixed precision on
 both sides, TRL `bf16=True` and our `ppo.mixed_precision: bf16`, fp32 weights).
 
-TRL: `trl.experimental.ppo.PPOTrainer` of trl==1.12.0, the last TRL with PPO (ENVIRONMENT.md). It is
+TRL: `trl.experimental.ppo.PPOTrainer` of trl==1.12.0, the last TRL with PPO (docs/ppo.md). It is
 installed once with `pip install --no-deps --target ~/.cache/almost_ray/bench-trl-1.12.0` and run in a
 subprocess with that directory first on sys.path (it works with our transformers 5.x, with deprecation
 warnings the subprocess silences). TRL has no phase timers: we time the functions its `train()` calls

@@ -81,6 +81,29 @@ def ray_local():
     ray.shutdown()
 
 
+def run_config(tmp_path: Path, **sections):
+    """A `Config` whose run folder is `tmp_path/runs/t`, with the given sections (objects or dicts)."""
+    from almost_ray.config import Config
+
+    return Config.model_validate({"runs_dir": str(tmp_path / "runs"), "run_name": "t", **sections})
+
+
+def run_ppo(section, run_dir: Path, prompts: Path | None = None, **hooks) -> Path:
+    """The ppo stage with `section` in the run folder `run_dir` (prompts from `prompts` when given); `hooks`
+    (`scorer`, `fault_at_iteration`) go to its work, as `rl.stage.work` takes them. Returns `<run_dir>/ppo`."""
+    from dataclasses import replace
+    from functools import partial
+
+    from almost_ray.config import Config
+    from almost_ray.rl import stage
+
+    if prompts is not None:
+        section = section.model_copy(update={"prompts": str(prompts)})
+    cfg = Config(runs_dir=Path(run_dir).parent, run_name=Path(run_dir).name, ppo=section)
+    ppo = replace(stage.STAGE, work=partial(stage.work, **hooks)) if hooks else stage.STAGE
+    return ppo.run(cfg)
+
+
 TINY_SEEDS = ["How do I clean a cast iron pan?", "What is the tallest building in the world?",
               "Can you suggest a name for my new puppy?", "Why do leaves change colour in autumn?",
               "How long should I boil an egg?", "What are some tips for a first marathon?"]

@@ -1,4 +1,4 @@
-"""The bad-config corpus (`tests/bad_inputs/configs/`, issue 14): every mistake stops the CLI before it
+"""The bad-config corpus (`tests/bad_inputs/configs/`): every mistake stops the CLI before it
 writes anything, with exit code 2 and one error line naming the file, the line and the field (or, for a
 model reference that cannot be used, the field and the reference)."""
 

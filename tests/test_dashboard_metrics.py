@@ -16,9 +16,7 @@ CHILD = textwrap.dedent('''
     import json, socket, sys, threading, time, urllib.request
     from pathlib import Path
     import ray
-    from almost_ray.cluster.config import RayConfig
-    from almost_ray.synth.config import QueriesConfig
-    from almost_ray.train.config import TrainRMConfig
+    from almost_ray.config import Config
     from almost_ray.synth import queries
     from almost_ray.train import rm as reward
 
@@ -51,17 +49,19 @@ CHILD = textwrap.dedent('''
     try:
         seeds = work / "seeds.txt"
         seeds.write_text("How do I clean a pan?\\nWhat is the tallest tree?\\nWhy is the sea salty?\\n")
-        qcfg = QueriesConfig.model_validate(dict(
-            seeds=seeds, target=50, prompts_per_round=2, max_rounds=1, static_shots=2, dynamic_shots=0,
-            min_chars=1, end_chars="", banned_words=[], model={"ref": "tiny:llama", "dtype": "float32"},
-            sampling={"max_new_tokens": 12}, resources={"concurrency": 1, "num_cpus": 1, "batch_size": 2}))
-        queries.run(qcfg, RayConfig(), work / "metricsrun" / "queries")
         pairs = work / "pairs.jsonl"
         pairs.write_text("".join(json.dumps({"prompt": f"Tell me {w}.", "chosen": f"{w} is fine.", "rejected": "No."})
                                  + "\\n" for w in ("tea", "rain", "stone", "music")))
-        rcfg = TrainRMConfig(model="tiny:llama", num_workers=1, cpus_per_worker=1, global_batch_size=4,
-                             micro_batch_size=4, max_steps=2, max_length=32)
-        reward.run(rcfg, RayConfig(), pairs, work / "metricsrun" / "rm")
+        cfg = Config.model_validate(dict(
+            runs_dir=str(work), run_name="metricsrun",
+            queries=dict(seeds=str(seeds), target=50, prompts_per_round=2, max_rounds=1, static_shots=2,
+                         dynamic_shots=0, min_chars=1, end_chars="", banned_words=[],
+                         model={"ref": "tiny:llama", "dtype": "float32"}, sampling={"max_new_tokens": 12},
+                         resources={"concurrency": 1, "num_cpus": 1, "batch_size": 2}),
+            train_rm=dict(model="tiny:llama", num_workers=1, cpus_per_worker=1, global_batch_size=4,
+                          micro_batch_size=4, max_steps=2, max_length=32, comparisons=str(pairs))))
+        queries.run(cfg)
+        reward.run(cfg)
         deadline = time.time() + 60  # the last values are exported within a few seconds
         running = False
         scraper.join()

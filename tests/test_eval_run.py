@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from functools import partial
 
 import pytest
 import yaml
 
 from almost_ray.cli import main
 from almost_ray.config import load_config
-from almost_ray.eval import hhh, truthfulqa
-from almost_ray.eval.evaluate import apply_cli, in_process_backends, run
+from almost_ray.eval import evaluate, hhh, truthfulqa
+from almost_ray.eval.evaluate import apply_cli, in_process_backends
 from almost_ray.eval.scoring import score_in_process
 
 
@@ -63,7 +65,10 @@ def test_every_suite_end_to_end(data, tiny_generator):
     cfg = apply_cli(cfg, None, "hhh,truthfulqa,ranking,judge", "tiny:llama", False)
     assert cfg.eval.vs.ref == "tiny:llama" and not cfg.eval.vs.rules.enabled and cfg.eval.vs.max_batch_size == 4
     out = data["dir"] / "report"
-    report = run(cfg, out, in_process_backends(cfg))
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"output_dir": out})})
+    in_process = replace(evaluate.STAGE, work=partial(evaluate.evaluate, backends=in_process_backends(cfg)))
+    assert in_process.run(cfg) == out
+    report = json.loads((out / "report.json").read_text())
 
     assert report["model_label"] == "tiny:llama+rules" and report["suites"]["judge"]["vs_label"] == "tiny:llama"
     for name in ("report.json", "report.md", "hhh.png", "truthfulqa.png", "ranking.png", "judge.png",
@@ -85,9 +90,9 @@ def test_every_suite_end_to_end(data, tiny_generator):
     assert all(j["outcome"] == "tie" or j["verdict_first"] == j["verdict_swapped"] for j in judged)
     assert report["suites"]["judge"]["overall"]["n"] == 2
 
-    # a second run with the same config and data is read from the manifest
-    again = run(cfg, out)
-    assert again == json.loads((out / "report.json").read_text())
+    # a second run with the same config and data is skipped: its manifest says it is done
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert evaluate.run(cfg) == out and (out / "manifest.json").stat().st_mtime_ns == stamp
 
 
 def test_cli_prints_accuracies_and_reports_config_errors(ray_local, data, capsys):

@@ -1,4 +1,4 @@
-"""Fault tests (issue 14): a killed generator actor, a lost node, a killed driver, an output that
+"""Fault tests (docs/reliability.md): a killed generator actor, a lost node, a killed driver, an output that
 cannot be written, a killed RMSP reward-model replica and a killed eval scorer. Each compares record
 counts and content hashes with an uninterrupted run of the same config and seed, not just that the
 stage finished. They drive the stages' public `run` functions and the CLI only, so they hold whatever
@@ -29,7 +29,6 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
-from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config
 from almost_ray.runs.manifest import read_manifest
 from almost_ray.synth import compare
@@ -73,10 +72,7 @@ def _outputs(stage: Path) -> dict[str, tuple[int, str]]:
 
 
 def _run_compare(raw: dict) -> Path:
-    cfg = Config.model_validate(raw)
-    stage = cfg.run_dir / "compare"
-    compare.run(cfg.compare, RayConfig(), cfg.compare.queries, stage)
-    return stage
+    return compare.run(Config.model_validate(raw))
 
 
 def _finished_shards(stage: Path) -> list[Path]:
@@ -358,7 +354,7 @@ def _rmsp(tmp_path: Path, tiny_rm: Path, run_name: str) -> Path:
         "rmsp.user.shots=1", "rmsp.assistant.sampling.max_new_tokens=8", "rmsp.user.sampling.max_new_tokens=6",
         *pools,
     ])
-    return rmsp.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+    return rmsp.run(cfg)
 
 
 def _file_hashes(stage: Path, names: tuple[str, ...]) -> dict[str, tuple[int, str]]:
@@ -372,7 +368,7 @@ def _file_hashes(stage: Path, names: tuple[str, ...]) -> dict[str, tuple[int, st
 @pytest.mark.faults
 @pytest.mark.slow
 def test_rmsp_survives_a_killed_reward_model_replica(tmp_path, ray_local, tiny_rm):
-    """SIGKILL the RMSP reward-model replica (a `replicas.ReplicaSet` actor, `CandidateScorerReplica`)
+    """SIGKILL the RMSP reward-model replica (a `replicas.ReplicaSet` actor, `RmspRewardModelReplica`)
     once the first dialogue is on disk: Ray restarts it (max_restarts=-1), the batches queued on it are
     retried (max_task_retries=-1), and dialogues.jsonl / dropped.jsonl equal the uninterrupted run's."""
     names = ("dialogues.jsonl", "dropped.jsonl")
@@ -383,7 +379,7 @@ def test_rmsp_survives_a_killed_reward_model_replica(tmp_path, ray_local, tiny_r
     stage = tmp_path / "runs" / "killed" / "rmsp"
     fault: dict = {}
     killer = _kill_when(lambda: len(list(stage.glob(".selfplay-*.jsonl.shards/shard-*.jsonl"))),
-                        lambda: _alive_actors("CandidateScorerReplica"), fault)
+                        lambda: _alive_actors("RmspRewardModelReplica"), fault)
     _rmsp(tmp_path, tiny_rm, "killed")
     killer.join(timeout=60)
     assert "error" not in fault, fault.get("error")

@@ -1,4 +1,4 @@
-"""Fault test of the pipeline job (issue 14, docs/reliability.md): `jobs/rlsf.py` submitted to a local
+"""Fault test of the pipeline job (docs/reliability.md): `jobs/rlsf.py` submitted to a local
 head, its driver SIGKILLed in the middle of `compare` (after `queries` finished), and the same job
 submitted again. `make test-faults` runs it (slow: a head of its own and three jobs).
 """

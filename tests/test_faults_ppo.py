@@ -1,4 +1,4 @@
-"""Fault tests of PPO (issue 14, docs/reliability.md): a role actor killed mid-iteration, and the
+"""Fault tests of PPO (docs/reliability.md): a role actor killed mid-iteration, and the
 `almost-ray ppo` driver killed after a checkpoint. Each run is compared, iteration by iteration and
 weight by weight, with an uninterrupted run of the same config and seed (the module's `reference`),
 within the tolerances of tests/test_rl_ppo_slow.py's resume test. `make test-faults` runs them.
@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_ppo
 from test_faults import _alive_actors, _kill_group, _subprocess_env, _wait_for
 
-from almost_ray.cluster.config import RayConfig
-from almost_ray.rl import stage
 from almost_ray.rl.checkpoint import latest_iteration
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.failures import RESTARTS
@@ -67,7 +66,7 @@ def _weights(stage_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(ray_local, tmp_path_factory, tiny_rm, prompts) -> Path:
     """The uninterrupted run."""
-    out = stage.run(_cfg(tiny_rm), RayConfig(), tmp_path_factory.mktemp("ref") / "run", prompts)
+    out = run_ppo(_cfg(tiny_rm), tmp_path_factory.mktemp("ref") / "run", prompts)
     assert [r["iteration"] for r in _metrics(out)] == list(range(1, ITERATIONS + 1))
     return out
 
@@ -104,7 +103,7 @@ def test_a_killed_ppo_role_actor_restarts_the_roles_from_the_last_checkpoint(
 
     killer = threading.Thread(target=kill_the_critic, daemon=True)
     killer.start()
-    out = stage.run(_cfg(tiny_rm), RayConfig(), tmp_path / "killed", prompts)
+    out = run_ppo(_cfg(tiny_rm), tmp_path / "killed", prompts)
     killer.join(timeout=60)
     assert "error" not in fault, fault.get("error")
     assert fault["logged"] < ITERATIONS, "the run ended before the critic was killed"
@@ -143,7 +142,7 @@ def test_no_failures_allowed_fails_at_once(ray_local, tmp_path, tiny_rm, prompts
     killer.start()
     with pytest.raises(RoleActorDied, match=r"ppo.max_failures=0 restarts are used up; run the command again to "
                                             r"resume from the checkpoint after iteration [24]"):
-        stage.run(_cfg(tiny_rm).model_copy(update={"max_failures": 0}), RayConfig(), tmp_path / "strict", prompts)
+        run_ppo(_cfg(tiny_rm).model_copy(update={"max_failures": 0}), tmp_path / "strict", prompts)
     killer.join(timeout=60)
     assert "error" not in fault, fault.get("error")
     assert not (stage_dir / "manifest.json").exists() and not (stage_dir / RESTARTS).exists()

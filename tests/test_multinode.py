@@ -19,6 +19,7 @@ CHILD = textwrap.dedent('''
     import ray
     from ray.cluster_utils import Cluster
     from almost_ray.cluster.config import RayConfig, ResourcesConfig
+    from almost_ray.config import Config
     from almost_ray.config_base import ConfigError
     from almost_ray.models.config import ModelConfig, SamplingParams
     from almost_ray.train.config import TrainRMConfig
@@ -58,8 +59,9 @@ CHILD = textwrap.dedent('''
         pairs.write_text("".join(json.dumps({"prompt": f"Tell me {w}.", "chosen": f"{w} is fine.", "rejected": "No."})
                                  + "\\n" for w in ("tea", "rain", "stone", "music")))
         rcfg = TrainRMConfig(model="tiny:llama", num_workers=2, cpus_per_worker=1, global_batch_size=4,
-                             micro_batch_size=2, max_steps=1, max_length=32, storage_path=str(work / "ray_storage"))
-        reward.run(rcfg, RayConfig(), pairs, work / "run" / "rm")
+                             micro_batch_size=2, max_steps=1, max_length=32, storage_path=str(work / "ray_storage"),
+                             comparisons=str(pairs))
+        reward.run(Config(runs_dir=work, run_name="run", train_rm=rcfg))
         ranks = [json.loads(p.read_text()) for p in sorted((work / "run" / "rm" / "workers").glob("rank-*.json"))]
         out["train_nodes"] = sorted(r["node_id"] for r in ranks)
         out["model_saved"] = (work / "run" / "rm" / "model" / "config.json").exists()

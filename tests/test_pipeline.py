@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,9 @@ from almost_ray.cli import main
 from almost_ray.config import load_config
 from almost_ray.config_base import ConfigError
 from almost_ray.data.preferences import is_heldout, split_by_query
-from almost_ray.pipeline.loop import flatten, select, summary, summary_line
-from almost_ray.pipeline.stages import STAGES
+from almost_ray.pipeline.loop import PIPELINE as STAGES
+from almost_ray.pipeline.loop import check_inputs, select
+from almost_ray.runs.manifest import flatten, summary, summary_line
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER = ["queries", "compare", "train_rm", "eval_rm", "rmsp", "train_sft", "ppo", "eval", "report"]
@@ -65,21 +65,17 @@ def test_missing_input_stops_before_ray_naming_the_stage_that_writes_it(tmp_path
     assert f"stage train_sft: input dialogues not found: {tmp_path}/runs/tiny/rmsp/dialogues.jsonl" in err
     assert "(run stage rmsp first)" in err
     # inputs written by an earlier selected stage are fine; the first stage's missing seeds file is not
-    from almost_ray.pipeline.loop import check_inputs
-
-    check_inputs(STAGES, select(STAGES), load_config(tiny_config(tmp_path)))
+    check_inputs(select(STAGES), load_config(tiny_config(tmp_path)))
     cfg = load_config(tiny_config(tmp_path), [f"queries.seeds={tmp_path}/none.txt"])
     with pytest.raises(ConfigError, match="stage queries: input seeds not found: .*none.txt \\(check the config\\)"):
-        check_inputs(STAGES, select(STAGES), cfg)
+        check_inputs(select(STAGES), cfg)
 
 
-def test_list_shows_each_stage_and_ppo_only_as_built_as_it_is(tmp_path, capsys):
+def test_list_shows_each_stage_and_its_outputs(tmp_path, capsys):
     assert main(["pipeline", "--config", str(tiny_config(tmp_path)), "--list"]) == 0
     out = capsys.readouterr().out
-    ppo = next(line for line in out.splitlines() if line.startswith("ppo "))
-    built = find_spec("almost_ray.rl.stage") is not None
-    assert ("not built" in ppo) is (not built)
-    assert out.count("to run") == (9 if built else 8)
+    assert [line.split()[0] for line in out.splitlines() if not line.startswith(" ")] == ORDER
+    assert out.count("to run") == 9
     assert f"{tmp_path}/runs/tiny/rm/heldout_comparisons.jsonl" in out
 
 
@@ -91,7 +87,7 @@ def test_summary_flattens_manifest_numbers_and_the_line_shows_headline_keys():
     assert s["counts"] == {"queries": 4, "dialogues": 3, "complete_2_turn": 2, "max_turns": 2}
     assert s["metrics"] == {"per_turn.1.mean_chosen_reward": 0.25, "per_turn.1.n": 3}
     rmsp = next(st for st in STAGES if st.name == "rmsp")
-    assert summary_line(rmsp, s) == "queries=4, dialogues=3, complete_2_turn=2, per_turn.1.mean_chosen_reward=0.25"
+    assert summary_line(rmsp.headline, s) == "queries=4, dialogues=3, complete_2_turn=2, per_turn.1.mean_chosen_reward=0.25"
     assert flatten({"a": [1, 2], "b": None, "c": {"d": True}}) == {"c.d": True}
 
 

@@ -71,17 +71,17 @@ def test_cli_stops_a_gpu_pool_within_seconds_with_one_line(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_rmsp_stops_before_loading_any_role_when_one_role_cannot_fit(ray_local, tmp_path):
+def test_rmsp_stops_before_loading_any_role_when_one_role_cannot_fit(ray_local, tmp_path, tiny_rm):
     from almost_ray.config import load_config
     from almost_ray.rmsp import stage
 
     (tmp_path / "q.txt").write_text("What is rain?\n")
     cfg = load_config(None, [f"runs_dir={tmp_path}", f"rmsp.queries={tmp_path / 'q.txt'}",
                              "rmsp.assistant.model.ref=tiny:llama", "rmsp.user.model.ref=tiny:llama",
-                             "rmsp.reward_model.ref=tiny:llama", "rmsp.assistant.resources.num_cpus=0.1",
+                             f"rmsp.reward_model.ref={tiny_rm}", "rmsp.assistant.resources.num_cpus=0.1",
                              "rmsp.user.resources.num_cpus=0.1", "rmsp.reward_model.resources.num_gpus=2"])
     started = time.time()
     with pytest.raises(ConfigError, match=r"^rmsp\.reward_model\.resources pool: needs 2 GPUs per replica, "
                                           r"the cluster has 0 GPUs$"):
-        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+        stage.run(cfg)
     assert time.time() - started < 30

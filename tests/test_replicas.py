@@ -10,8 +10,8 @@ import pandas as pd
 import ray
 
 from almost_ray.cluster.config import ResourcesConfig
-from almost_ray.cluster.replicas import ReplicaSet
-from almost_ray.generate.pool import GenerationReplica, stream_generation
+from almost_ray.cluster.replicas import ModelReplica, ReplicaSet
+from almost_ray.generate.pool import generation_replica, stream_generation
 from almost_ray.models.config import ModelConfig, SamplingParams
 
 # test classes are pickled by value: Ray workers cannot import the tests folder
@@ -63,7 +63,6 @@ def test_replica_set_answers_like_the_ray_data_pool(ray_local):
     rows = [{"id": f"p{i}", "messages": json.dumps([{"role": "user", "content": q}])}
             for i, q in enumerate(["What is rain?", "Name a color.", "Why is the sky blue?", "Hi", "2+2?"])]
     via_ray_data = {r["id"]: r["responses"] for r in stream_generation(rows, model, sampling, res, "chat")}
-    kwargs = dict(model=model.model_dump(), sampling=sampling.model_dump(), prompt_format="chat", header="")
-    with ReplicaSet(GenerationReplica, kwargs, res, "test.resources") as replicas:
+    with ReplicaSet(ModelReplica, generation_replica(model, sampling, "chat"), res, "test.resources") as replicas:
         via_replicas = {r["id"]: json.loads(r["responses"]) for r in replicas.map(reversed(rows))}
     assert via_replicas == via_ray_data

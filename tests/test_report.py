@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from importlib.util import find_spec
 
 from almost_ray.config import Config
 from almost_ray.data.atomic import write_json
 from almost_ray.eval.stats import proportion
 from almost_ray.pipeline.report import markdown, terminal_summary, write_report
-from almost_ray.runs.manifest import write_manifest
+from almost_ray.runs.manifest import build_manifest, write_manifest
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,9 +24,11 @@ def build_run(tmp_path) -> Config:
     })
     run = cfg.run_dir
     started = time.time() - 98
-    write_manifest(run / "queries", "queries", cfg.queries, {}, started, counts={"kept": 40, "parsed": 90})
-    write_manifest(run / "rm", "train-rm", cfg.train_rm, {}, started, counts={"pairs": 90, "heldout_pairs": 12},
-                   metrics={"final_loss": 0.61, "tail_accuracy": 0.7})
+    write_manifest(run / "queries", build_manifest("queries", cfg.queries, {}, started,
+                                                   counts={"kept": 40, "parsed": 90}))
+    write_manifest(run / "rm", build_manifest("train_rm", cfg.train_rm, {}, started,
+                                              counts={"pairs": 90, "heldout_pairs": 12},
+                                              metrics={"final_loss": 0.61, "tail_accuracy": 0.7}))
     heldout = str(run / "rm" / "heldout_comparisons.jsonl")
     write_json(run / "eval_rm" / "rm_accuracy.json", {"results": [
         {"file": heldout, "pairs": 12, "rm_accuracy": 0.75, "length_baseline": 0.5},
@@ -74,7 +75,7 @@ def test_report_tables_did_not_run_rows_and_plots(tmp_path):
     assert stages["queries"]["status"] == "done" and stages["queries"]["summary"].startswith("kept=40, parsed=90")
     assert stages["queries"]["wall_time_s"] >= 98
     assert stages["compare"]["status"] == "did not run"
-    assert stages["ppo"]["status"] == ("did not run" if find_spec("almost_ray.rl.stage") else "not built")
+    assert stages["ppo"]["status"] == "did not run"
     assert "the first 40 items" in report["subsets"]["hhh"] and "first 100 pairs" in report["subsets"]["eval_rm"]
 
     md = (out / "report.md").read_text()
@@ -97,5 +98,5 @@ def test_report_of_an_empty_run_says_every_result_did_not_run(tmp_path):
     report = write_report(cfg, cfg.run_dir / "report", {})
     notes = [r["note"] for r in report["results"]]
     assert all(n.startswith("did not run") for n in notes), notes
-    assert all(s["status"] in ("did not run", "not built") for s in report["stages"])
+    assert all(s["status"] == "did not run" for s in report["stages"])
     assert "No model answered" in (cfg.run_dir / "report" / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""Reproducibility (issue 14, item 4): manifests record seeds, versions and the config hash, and the
+"""Reproducibility: manifests record seeds, versions and the config hash, and the
 deterministic stages give byte-identical outputs when run twice with the same config and seed."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config
 from almost_ray.config_base import config_hash
-from almost_ray.runs.manifest import read_manifest, write_manifest
+from almost_ray.runs.manifest import build_manifest, read_manifest, write_manifest
 from almost_ray.synth.config import CompareConfig, QueriesConfig
 from almost_ray.train.config import TrainRMConfig
 
@@ -26,7 +25,8 @@ TINY = {"ref": "tiny:llama", "dtype": "float32", "max_batch_size": 4}
     ("train-rm", TrainRMConfig(seed=11), {"seed": 11}),
 ])
 def test_every_manifest_records_seeds_versions_and_config_hash(tmp_path, stage, section, seeds):
-    manifest = write_manifest(tmp_path, stage, section, {}, time.time(), counts={"rows": 0})
+    manifest = build_manifest(stage, section, {}, time.time(), counts={"rows": 0})
+    write_manifest(tmp_path, manifest)
     assert read_manifest(tmp_path) == manifest
     assert manifest["seeds"] == seeds
     assert manifest["config_hash"] == config_hash(section)
@@ -56,12 +56,11 @@ def test_deterministic_stages_give_byte_identical_outputs(tmp_path, ray_local):
         "train_rm": {"model": "tiny:llama", "num_workers": 0, "epochs": 2, "max_steps": 2, "global_batch_size": 1,
                      "micro_batch_size": 1, "max_length": 48, "seed": 13},
     }
-    cfg = Config.model_validate(raw)
-    ray_cfg = RayConfig()
     for run in ("one", "two"):
-        q = queries.run(cfg.queries, ray_cfg, tmp_path / run / "queries")
-        compare.run(cfg.compare, ray_cfg, q, tmp_path / run / "compare")
-        reward.run(cfg.train_rm, ray_cfg, tmp_path / run / "compare" / "comparisons.jsonl", tmp_path / run / "rm")
+        cfg = Config.model_validate({**raw, "runs_dir": str(tmp_path), "run_name": run})
+        queries.run(cfg)
+        compare.run(cfg)
+        reward.run(cfg)
 
     mined = [json.loads(line) for line in (tmp_path / "one" / "queries" / "queries.jsonl").read_text().splitlines()]
     assert len(mined) >= 4

@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_ppo
 from pydantic import ValidationError
 
-from almost_ray.cluster.config import RayConfig
 from almost_ray.config_base import ConfigError
 from almost_ray.data.records import RecordError
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
@@ -112,21 +112,21 @@ def test_bad_inputs_fail_before_any_actor(tmp_path, no_actors):
     prompts.write_text("What is a cat?\n")
     run_dir = tmp_path / "run"
     with pytest.raises(ModelRefError, match=r"ppo.policy: .*sft/model.*train-sft"):
-        stage.run(PPOConfig(**SMALL), RayConfig(), run_dir, prompts)
+        run_ppo(PPOConfig(**SMALL), run_dir, prompts)
     with pytest.raises(ModelRefError, match=r"ppo.reward_model: .*train-rm"):
-        stage.run(PPOConfig(policy="tiny:llama", **SMALL), RayConfig(), run_dir, prompts)
-    with pytest.raises(ModelRefError, match="2 outputs"):  # a causal LM is not a reward model
-        stage.run(PPOConfig(policy="tiny:llama", reward_model="tiny:llama", **SMALL), RayConfig(), run_dir, prompts)
+        run_ppo(PPOConfig(policy="tiny:llama", **SMALL), run_dir, prompts)
+    with pytest.raises(ModelRefError, match="not a reward model"):  # a causal LM
+        run_ppo(PPOConfig(policy="tiny:llama", reward_model="tiny:llama", **SMALL), run_dir, prompts)
     rm = _rm_dir(tmp_path)
     cfg = PPOConfig(policy="tiny:llama", reward_model=str(rm), **SMALL)
-    with pytest.raises(ConfigError, match=r"rmsp/dialogues.jsonl: prompts file not found"):
-        stage.run(cfg, RayConfig(), run_dir)
+    with pytest.raises(RecordError, match=r"rmsp/dialogues.jsonl: file not found"):
+        run_ppo(cfg, run_dir)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    with pytest.raises(ConfigError, match="no prompts"):
-        stage.run(cfg, RayConfig(), run_dir, empty)
+    with pytest.raises(RecordError, match="no rows"):
+        run_ppo(cfg, run_dir, empty)
     with pytest.raises(RecordError, match="longer than ppo.max_prompt_tokens"):
-        stage.run(cfg.model_copy(update={"max_prompt_tokens": 8}), RayConfig(), run_dir,
+        run_ppo(cfg.model_copy(update={"max_prompt_tokens": 8}), run_dir,
                   _write(tmp_path / "long.txt", "word " * 50))
 
 
@@ -145,12 +145,12 @@ def test_prompts_are_first_user_turns(tmp_path):
         {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}]},
     ]
     dialogues.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert load_prompts(PPOConfig(), tmp_path, dialogues) == ["How do I bake bread?", "Hi"]
+    assert load_prompts(dialogues) == ["How do I bake bread?", "Hi"]
     queries = _write(tmp_path / "q.jsonl", json.dumps({"id": "a", "text": "Why is the sky blue?"}) + "\n")
-    assert load_prompts(PPOConfig(), tmp_path, queries) == ["Why is the sky blue?"]
+    assert load_prompts(queries) == ["Why is the sky blue?"]
     bad = _write(tmp_path / "bad.jsonl", json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(RecordError, match="bad.jsonl:1"):
-        load_prompts(PPOConfig(), tmp_path, bad)
+        load_prompts(bad)
 
 
 def test_prompts_render_in_the_sft_format():

@@ -14,10 +14,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_ppo
 
-from almost_ray.cluster.config import RayConfig
 from almost_ray.models.loading import load_tokenizer, resolve_model_dir
-from almost_ray.rl import stage
 from almost_ray.rl.config import PPOConfig
 
 pytestmark = pytest.mark.slow
@@ -99,7 +98,7 @@ def test_planted_reward_rises_and_kl_coef_bounds_the_kl(local_ray, tmp_path, tin
             rollout_batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=2, max_new_tokens=8,
             lr=3e-3, min_lr=3e-3, critic_lr=3e-3, kl_coef=kl_coef, checkpoint_every=10, **ONE_CPU,
         )
-        out = stage.run(cfg, RayConfig(), tmp_path / f"kl{kl_coef}", prompts, scorer=cat_reward(8))
+        out = run_ppo(cfg, tmp_path / f"kl{kl_coef}", prompts, scorer=cat_reward(8))
         runs[kl_coef] = _metrics(out)
     low = runs[0.05]
     first, last = low[0]["reward_mean"], sum(r["reward_mean"] for r in low[-2:]) / 2
@@ -139,9 +138,9 @@ def test_stage_cli_outputs_and_resume_after_a_kill(local_ray, tmp_path, tiny_rm,
     # killed after iteration 3 (checkpoint at 2), then started again
     cfg = PPOConfig(**_small(tiny_rm))
     with pytest.raises(RuntimeError, match="fault injected"):
-        stage.run(cfg, RayConfig(), tmp_path / "killed", prompts, fault_at_iteration=3)
+        run_ppo(cfg, tmp_path / "killed", prompts, fault_at_iteration=3)
     assert not (tmp_path / "killed" / "ppo" / "manifest.json").exists()
-    resumed = stage.run(cfg, RayConfig(), tmp_path / "killed", prompts)
+    resumed = run_ppo(cfg, tmp_path / "killed", prompts)
     rows_a, rows_b = _metrics(whole), _metrics(resumed)
     assert [r["iteration"] for r in rows_b] == [1, 2, 3, 4]
     for a, b in zip(rows_a, rows_b):
@@ -153,7 +152,7 @@ def test_stage_cli_outputs_and_resume_after_a_kill(local_ray, tmp_path, tiny_rm,
     assert len(list((resumed / "checkpoints").glob("iter_*"))) == 2
 
     # done: a second run is skipped
-    assert stage.run(cfg, RayConfig(), tmp_path / "killed", prompts) == resumed
+    assert run_ppo(cfg, tmp_path / "killed", prompts) == resumed
 
 
 def test_two_policy_replicas_take_the_step_of_one(local_ray):
@@ -211,7 +210,7 @@ def test_spread_places_role_groups_on_different_nodes(tmp_path, tiny_rm, prompts
             **_small(tiny_rm), "total_episodes": 4, "ppo_epochs": 1, "placement_strategy": "SPREAD",
             "colocate": [["policy", "reference"], ["critic", "reward"]],
         })
-        out = stage.run(cfg, RayConfig(), tmp_path / "spread", prompts)
+        out = run_ppo(cfg, tmp_path / "spread", prompts)
         nodes = json.loads((out / "placement.json").read_text())
         assert nodes["policy"] == nodes["reference"] and nodes["critic"] == nodes["reward"]
         groups = {nodes["policy"][0], nodes["critic"][0], nodes["rollout"][0]}

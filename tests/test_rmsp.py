@@ -15,7 +15,7 @@ from almost_ray.config_base import ConfigError
 from almost_ray.models.config import SamplingParams
 from almost_ray.prompts.templates import fewshot_header, load_prompt_text
 from almost_ray.rmsp import turns
-from almost_ray.rmsp.replicas import generate_candidates, score_candidates
+from almost_ray.rmsp.turns import generate_candidates, score_candidates
 from almost_ray.rmsp.vs_self_play import compare_records
 
 

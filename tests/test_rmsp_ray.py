@@ -42,13 +42,13 @@ def test_rmsp_end_to_end_resumes_without_duplicates(ray_local, tmp_path, tiny_rm
 
     monkeypatch.setattr(stage, "_progress", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+        stage.run(cfg)
     stage_dir = cfg.run_dir / "rmsp"
     assert not (stage_dir / "manifest.json").exists()
     assert len(list(stage_dir.glob(".selfplay-*.shards/shard-*.jsonl"))) == 2  # two finished dialogues kept
 
     monkeypatch.setattr(stage, "_progress", real_progress)
-    stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+    stage.run(cfg)
     metrics = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["of"] == 3  # the re-run did only the three unfinished dialogues
 
@@ -77,13 +77,13 @@ def test_rmsp_end_to_end_resumes_without_duplicates(ray_local, tmp_path, tiny_rm
     assert manifest["metrics"]["switches"]["mode"] == "rmsp"
     assert manifest["metrics"]["per_turn"]["1"]["mean_best_minus_mean"] >= 0
     finished = (stage_dir / "manifest.json").stat().st_mtime_ns
-    stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)  # up to date: skipped
+    stage.run(cfg)  # up to date: skipped
     assert (stage_dir / "manifest.json").stat().st_mtime_ns == finished
 
 
 def test_plain_self_play_without_rm(ray_local, tmp_path):
     cfg = _cfg(tmp_path, "rmsp.reward_model=null", "rmsp.max_turns=1")
-    stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+    stage.run(cfg)
     records = list(read_rows(cfg.run_dir / "rmsp" / "dialogues.jsonl"))
     assert records and all(r["mode"] == "self-play" and r["best_of"] == 1 and r["reward_model"] is None for r in records)
     for rec in records:
@@ -102,7 +102,7 @@ def test_roles_that_do_not_fit_together_take_turns_with_the_same_dialogues(ray_l
     for name, cpus in (("together", 0.1), ("in_turn", 1.5)):
         pools = [f"rmsp.{r}.resources.num_cpus={cpus}" for r in ("assistant", "user", "reward_model")]
         cfg = _cfg(tmp_path / name, f"rmsp.reward_model.ref={tiny_rm}", "rmsp.max_turns=2", *pools)
-        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+        stage.run(cfg)
         dialogues[name] = (cfg.run_dir / "rmsp" / "dialogues.jsonl").read_bytes()
         started[name] = read_manifest(cfg.run_dir / "rmsp")["metrics"]["replicas_started"]
     assert dialogues["together"] == dialogues["in_turn"]
@@ -121,7 +121,7 @@ def test_assistant_and_user_share_replicas_when_they_can_with_the_same_dialogues
         cfg = _cfg(tmp_path / name, f"rmsp.reward_model.ref={tiny_rm}", "rmsp.max_turns=2", "rmsp.num_queries=3",
                    f"rmsp.user.resources.num_cpus={user_cpus}")
         assert stage.shares_generator(cfg.rmsp) == (name == "shared")
-        stage.run(cfg.rmsp, cfg.ray, cfg.run_dir)
+        stage.run(cfg)
         dialogues[name] = (cfg.run_dir / "rmsp" / "dialogues.jsonl").read_bytes()
         manifests[name] = read_manifest(cfg.run_dir / "rmsp")
     assert dialogues["shared"] == dialogues["separate"]

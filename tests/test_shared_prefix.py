@@ -1,5 +1,5 @@
 """Shared-prefix generation: a few-shot header's key/value cache is computed once per replica and reused,
-with outputs identical to plain left-padded generation (issue 15)."""
+with outputs identical to plain left-padded generation."""
 
 from __future__ import annotations
 

@@ -10,13 +10,14 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
+from almost_ray.data.cards import write_card
 from almost_ray.data.preferences import load_pairs
 from almost_ray.data.records import RecordError, write_jsonl
 from almost_ray.data.sources import load_queries, parse_source, source_hash
 from almost_ray.generate.stage import read_prompts
-from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.prompt_data import load_prompts
-from almost_ray.runs.manifest import write_manifest
+from almost_ray.runs.manifest import build_manifest, write_manifest
+from almost_ray.synth.queries import load_seeds
 from almost_ray.train.sft import load_conversations
 
 COMPARISONS = [
@@ -62,9 +63,13 @@ def test_every_reader_takes_every_form(tmp_path, form):
     queries = load_queries(_forms(tmp_path, "qry", QUERIES)[form])  # queries, compare, rmsp
     assert [(q.id, q.text) for q in queries] == [(q["id"], q["text"]) for q in QUERIES]
     prompts = read_prompts(_forms(tmp_path, "gen", QUERIES)[form])  # generate
-    assert prompts[1] == {"id": "q1", "messages": [{"role": "user", "content": QUERIES[1]["text"]}]}
-    ppo_prompts = load_prompts(PPOConfig(), tmp_path, _forms(tmp_path, "ppo", DIALOGUES)[form])  # ppo
+    assert {k: prompts[1][k] for k in ("id", "messages")} == {
+        "id": "q1", "messages": [{"role": "user", "content": QUERIES[1]["text"]}]}
+    assert prompts[1]["where"].endswith(":2" if form == "jsonl" else ":1")  # a line number, or a row index
+    ppo_prompts = load_prompts(_forms(tmp_path, "ppo", DIALOGUES)[form])  # ppo
     assert ppo_prompts == [d["messages"][0]["content"] for d in DIALOGUES]
+    _, seeds = load_seeds(_forms(tmp_path, "seeds", QUERIES)[form])  # queries' seeds
+    assert seeds == [q["text"] for q in QUERIES]
 
 
 def test_columns_are_renamed_and_missing_ids_assigned(tmp_path):
@@ -138,8 +143,9 @@ def _finished_stage(tmp_path, stage, filename, rows, config):
 
     stage_dir = tmp_path / stage
     write_jsonl(stage_dir / filename, rows)
-    section = ModelConfig(ref=config)
-    write_manifest(stage_dir, stage, section, {}, time.time(), counts={"rows": len(rows)})
+    manifest = build_manifest(stage, ModelConfig(ref=config), {}, time.time(), counts={"rows": len(rows)})
+    write_card(stage_dir, stage, manifest)  # as a stage writes them (runs/stage.py): the card, then the manifest
+    write_manifest(stage_dir, manifest)
     return stage_dir
 
 
@@ -154,7 +160,7 @@ def test_data_stages_write_a_hub_card(tmp_path):
     other = tmp_path / "rm"
     from almost_ray.models.config import ModelConfig
 
-    write_manifest(other, "train-rm", ModelConfig(), {}, time.time())
+    assert write_card(other, "train_rm", build_manifest("train_rm", ModelConfig(), {}, time.time())) is None
     assert not (other / "README.md").exists()
 
 

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from almost_ray.cli import main
-from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config, load_config
 from almost_ray.data.records import Comparison
 from almost_ray.data.sources import read_rows
@@ -96,7 +95,7 @@ QUERIES = ["How do I clean a cast iron pan?", "What is the tallest building in t
            "How long should I boil an egg?"]
 
 
-def _config(tmp_path: Path) -> dict:
+def _config(tmp_path: Path, rm: Path) -> dict:
     queries = tmp_path / "queries.jsonl"
     queries.write_text("".join(json.dumps({"id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(QUERIES)))
     sampling = {"max_new_tokens": 10}
@@ -115,13 +114,13 @@ def _config(tmp_path: Path) -> dict:
             # random weights write no sentences: keep only the length rule
             "heuristic_filter": {"min_chars": 0, "required_endings": [], "bad_endings": [], "bad_starts": [],
                                  "bad_patterns": []},
-            "as_is_rm": {"ref": "tiny:llama", "dtype": "float32", "resources": res},
+            "as_is_rm": {"ref": str(rm), "dtype": "float32", "resources": res},
         },
     }
 
 
-def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkeypatch, capsys):
-    raw = _config(tmp_path)
+def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkeypatch, capsys, tiny_rm):
+    raw = _config(tmp_path, tiny_rm)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["compare", "--config", str(path), "--report"]) == 0
@@ -161,7 +160,7 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
 
     monkeypatch.setattr(ladder, "_run_pool", crash_after_first_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        compare.run(cfg.compare, RayConfig(), cfg.compare.queries, stage2)
+        compare.run(cfg)
     assert not (stage2 / "manifest.json").exists()
 
     def recording_pool(rows, group, name):
@@ -169,7 +168,7 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
         yield from real_pool(rows, group, name)
 
     monkeypatch.setattr(ladder, "_run_pool", recording_pool)
-    compare.run(cfg.compare, RayConfig(), cfg.compare.queries, stage2)
+    compare.run(cfg)
     first_pool_rows = [f"q{i}|{r}" for r in ("faithful-2", "hhh-1") for i in range(len(QUERIES))]
     assert not set(first_pool_rows[:4]) & set(seen)  # shard 0 (4 rows) was not generated again
     assert set(first_pool_rows[4:]) <= set(seen)
@@ -181,4 +180,4 @@ def test_compare_end_to_end_on_tiny_llama_and_resume(tmp_path, ray_local, monkey
 
     # a finished stage is skipped
     monkeypatch.setattr(ladder, "_run_pool", None)
-    compare.run(cfg.compare, RayConfig(), cfg.compare.queries, stage2)
+    compare.run(cfg)

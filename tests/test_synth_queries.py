@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
+from conftest import run_config
 from rouge_score import rouge_scorer
 
-from almost_ray.cluster.config import RayConfig
 from almost_ray.data.sources import read_rows
 from almost_ray.synth import queries as mining
 from almost_ray.synth.config import QueriesConfig
@@ -16,9 +17,10 @@ from almost_ray.synth.queries import (
     RougeDedup,
     build_prompt,
     draw_shots,
+    load_seeds,
     parse_queries,
     query_issue,
-    read_seeds,
+    split_instruction,
 )
 
 
@@ -113,14 +115,23 @@ def test_shots_and_prompt():
     assert prompt == "Write a query.\n\nQuery: A?\nQuery: B?\nQuery:"
 
 
-def test_read_seeds_takes_the_instruction_line():
-    instruction, seeds = read_seeds("### Instruction: Please write a query.\nFirst?\n\nSecond?\n")
+def test_seeds_take_the_instruction_line():
+    instruction, seeds = split_instruction("### Instruction: Please write a query.\nFirst?\n\nSecond?\n".splitlines())
     assert instruction == "Please write a query." and seeds == ["First?", "Second?"]
-    assert read_seeds("Only?\n") == (None, ["Only?"])
+    assert split_instruction(["Only?"]) == (None, ["Only?"])
 
 
-def test_read_seeds_of_alMoST_file(shared_data):
-    instruction, seeds = read_seeds((shared_data / "almost" / "seed_prompts.txt").read_text())
+def test_seeds_in_any_source_form(tmp_path):
+    (tmp_path / "seeds.jsonl").write_text('{"text": "First?"}\n{"text": "Second?"}\n')
+    assert load_seeds(str(tmp_path / "seeds.jsonl")) == (None, ["First?", "Second?"])
+    import datasets
+
+    datasets.Dataset.from_list([{"question": "A?"}, {"question": "B?"}]).to_parquet(str(tmp_path / "s.parquet"))
+    assert load_seeds(f"{tmp_path / 's.parquet'}?columns=question:text") == (None, ["A?", "B?"])
+
+
+def test_seeds_of_alMoST_file(shared_data):
+    instruction, seeds = load_seeds(str(shared_data / "almost" / "seed_prompts.txt"))
     assert instruction.startswith("Please generate") and len(seeds) == 100
 
 
@@ -133,7 +144,7 @@ def _cfg(tmp_path, **kw) -> QueriesConfig:
         "Could you explain how vaccines work?", "What should I cook for a picnic?",
     ]) + "\n")
     base = dict(
-        seeds=seeds, target=6, prompts_per_round=4, max_rounds=6, static_shots=3, dynamic_shots=2,
+        seeds=str(seeds), target=6, prompts_per_round=4, max_rounds=6, static_shots=3, dynamic_shots=2,
         min_chars=1, end_chars="", banned_words=[], rouge_threshold=0.7, shard_size=2,
         model={"ref": "tiny:llama", "dtype": "float32", "max_batch_size": 4},
         sampling={"max_new_tokens": 16}, resources={"concurrency": 1, "num_cpus": 1, "batch_size": 2},
@@ -144,7 +155,12 @@ def _cfg(tmp_path, **kw) -> QueriesConfig:
 
 def test_mining_on_tiny_llama_is_deterministic_and_resumes(tmp_path, ray_local, monkeypatch):
     cfg = _cfg(tmp_path)
-    out = mining.run(cfg, RayConfig(), tmp_path / "one")
+
+    def mine(section: QueriesConfig, folder: str) -> Path:
+        stage_dir = mining.run(run_config(tmp_path, queries=section.model_copy(update={"output_dir": tmp_path / folder})))
+        return stage_dir / "queries.jsonl"
+
+    out = mine(cfg, "one")
     mined = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(mined) == cfg.target
     assert all(q["source"] == "mined" and q["text"].strip() for q in mined)
@@ -156,7 +172,7 @@ def test_mining_on_tiny_llama_is_deterministic_and_resumes(tmp_path, ray_local, 
 
     # two replicas and bigger batches: same queries
     cfg2 = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"concurrency": 2, "batch_size": 1})})
-    out2 = mining.run(cfg2, RayConfig(), tmp_path / "two")
+    out2 = mine(cfg2, "two")
     assert [q["text"] for q in read_rows(out2)] == [q["text"] for q in mined]
 
     # an interrupted run (outputs gone, rounds kept) replays its rounds without generating anything
@@ -167,6 +183,6 @@ def test_mining_on_tiny_llama_is_deterministic_and_resumes(tmp_path, ray_local, 
         raise AssertionError("a finished round was generated again")
 
     monkeypatch.setattr("almost_ray.cluster.replicas.ReplicaSet._start", no_generation)
-    again = mining.run(cfg, RayConfig(), tmp_path / "one")
+    again = mine(cfg, "one")
     assert [q["text"] for q in read_rows(again)] == [q["text"] for q in mined]
     assert all(m["replayed"] for m in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()))

@@ -1,4 +1,4 @@
-"""One tokenization and one prompt-length policy for every backend (issue 11, items 1, 2 and 12).
+"""One tokenization and one prompt-length policy for every backend .
 
 The tokenizer here HAS a BOS that it adds by default (`add_bos_token=True`), like LLaMA's: the HF path,
 the training path (SFT encoding, RM encoding) and the ids handed to vLLM must agree token for token,
@@ -187,12 +187,13 @@ def test_both_backends_apply_the_same_length_policy(bos_model_dir, monkeypatch):
 
 
 def test_generation_replica_reports_the_policy_per_row(bos_model_dir):
-    from almost_ray.generate.pool import GenerationReplica
+    from almost_ray.cluster.replicas import ModelReplica
+    from almost_ray.generate.pool import generation_replica
 
     header, _ = fewshot_prompt(3)
     model = ModelConfig(ref=str(bos_model_dir), backend="hf", dtype="float32", on_overlong="skip")
-    replica = GenerationReplica(model.model_dump(), GREEDY.model_dump(), "human_assistant", header)
-    replica.generator.max_positions = len(prompt_token_ids(replica.generator.tokenizer, fewshot_prompt(2)[1])) + 4
+    replica = ModelReplica(**generation_replica(model, GREEDY, "human_assistant", header))
+    replica.model.max_positions = len(prompt_token_ids(replica.model.tokenizer, fewshot_prompt(2)[1])) + 4
     batch = pd.DataFrame({"messages": ['[{"role": "user", "content": "What is a good name for a cat?"}]',
                                        '[{"role": "user", "content": "' + "very long " * 400 + '"}]']})
     out = replica(batch)

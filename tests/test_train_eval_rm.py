@@ -27,17 +27,17 @@ def test_length_baseline_prefers_the_longer_reply():
     assert length_baseline(pairs) == pytest.approx(1.5 / 3)
 
 
-def test_eval_rm_cli_reports_rm_and_length_baseline(tmp_path, ray_local, shared_data, capsys):
+def test_eval_rm_cli_reports_rm_and_length_baseline(tmp_path, ray_local, shared_data, capsys, tiny_rm):
     from almost_ray.cli import main
 
     hh = shared_data / "hh_helpful_base_test_500.jsonl"
     comparisons = tmp_path / "c.jsonl"
     comparisons.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "A full, careful answer.",
                                                "rejected": "No."}) + "\n" for i in range(6)))
-    out = tmp_path / "rm.json"
-    # tiny:llama has a random head: the point here is the plumbing, the numbers are checked below
-    code = main(["eval-rm", "--model", "tiny:llama", "--input", str(hh), "--input", str(comparisons),
-                 "--output", str(out), "--set", "eval_rm.limit=24", "--set", "eval_rm.max_length=128",
+    out = tmp_path / "eval_rm" / "rm_accuracy.json"
+    # tiny_rm has a random head: the point here is the plumbing, the numbers are checked below
+    code = main(["eval-rm", "--model", str(tiny_rm), "--input", str(hh), "--input", str(comparisons),
+                 "--output", str(out.parent), "--set", "eval_rm.limit=24", "--set", "eval_rm.max_length=128",
                  "--set", "eval_rm.resources.concurrency=1", "--set", "ray.num_cpus=2"])
     assert code == 0
     report = json.loads(out.read_text())
@@ -54,10 +54,10 @@ def test_eval_rm_cli_reports_rm_and_length_baseline(tmp_path, ray_local, shared_
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_eval_rm_bad_input_exits_2(tmp_path, capsys):
+def test_eval_rm_bad_input_exits_2(tmp_path, capsys, tiny_rm):
     from almost_ray.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
-    assert main(["eval-rm", "--model", "tiny:llama", "--input", str(bad), "--output", str(tmp_path / "o.json")]) == 2
+    assert main(["eval-rm", "--model", str(tiny_rm), "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:1: rejected: field required" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import torch
+from conftest import run_config
 
-from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.memory import actor_reports
 from almost_ray.data.metrics_log import read_metrics
 from almost_ray.data.preferences import load_pairs
@@ -44,10 +44,11 @@ def test_rm_learns_a_planted_preference(tmp_path):
 
     planted_pairs(tmp_path / "train.jsonl", 256, seed=0)
     planted_pairs(tmp_path / "heldout.jsonl", 64, seed=1)
-    cfg = TrainRMConfig(model="tiny:llama", num_workers=0, epochs=2, global_batch_size=16, micro_batch_size=16,
-                        lr=3e-3, warmup_ratio=0.1, max_length=64)
+    cfg = run_config(tmp_path, train_rm=TrainRMConfig(
+        model="tiny:llama", num_workers=0, epochs=2, global_batch_size=16, micro_batch_size=16, lr=3e-3,
+        warmup_ratio=0.1, max_length=64, comparisons=str(tmp_path / "train.jsonl"), output_dir=tmp_path / "rm"))
     start = time.time()
-    out = reward.run(cfg, RayConfig(), tmp_path / "train.jsonl", tmp_path / "rm")
+    out = reward.run(cfg) / "model"
     assert time.time() - start < 60
 
     pairs = load_pairs(tmp_path / "heldout.jsonl")
@@ -65,7 +66,7 @@ def test_rm_learns_a_planted_preference(tmp_path):
     assert manifest["counts"] == {"pairs": 256} and manifest["metrics"]["tail_accuracy"] > 0.9
     # a second run with the same config and data is skipped
     start = time.time()
-    assert reward.run(cfg, RayConfig(), tmp_path / "train.jsonl", tmp_path / "rm") == out
+    assert reward.run(cfg) / "model" == out
     assert time.time() - start < 5
 
 
@@ -78,9 +79,10 @@ def test_sft_loss_falls(tmp_path):
             q = "Say something about " + rng.choice(WORDS) + "."
             f.write(json.dumps({"messages": [{"role": "user", "content": q},
                                              {"role": "assistant", "content": "It is a fine " + rng.choice(WORDS) + "."}]}) + "\n")
-    cfg = TrainSFTConfig(model="tiny:llama", num_workers=0, epochs=4, global_batch_size=8, micro_batch_size=4,
-                         lr=2e-2, warmup_ratio=0.1, max_length=64)
-    out = sft.run(cfg, RayConfig(), tmp_path / "dialogues.jsonl", tmp_path / "sft")
+    cfg = run_config(tmp_path, train_sft=TrainSFTConfig(
+        model="tiny:llama", num_workers=0, epochs=4, global_batch_size=8, micro_batch_size=4, lr=2e-2,
+        warmup_ratio=0.1, max_length=64, dialogues=str(tmp_path / "dialogues.jsonl"), output_dir=tmp_path / "sft"))
+    out = sft.run(cfg) / "model"
     losses = [r["loss"] for r in read_metrics(tmp_path / "sft" / "metrics.jsonl")]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3

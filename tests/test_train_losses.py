@@ -7,13 +7,8 @@ import math
 import pytest
 import torch
 
-from almost_ray.train.losses import (
-    IGNORE_INDEX,
-    cosine_with_warmup,
-    pairwise_loss,
-    pairwise_stats,
-    token_nll_sum,
-)
+from almost_ray.train.losses import IGNORE_INDEX, pairwise_loss, pairwise_stats, token_nll_sum
+from almost_ray.train.optim import cosine_with_warmup
 
 
 def test_pairwise_loss_matches_hand_values():

@@ -82,8 +82,8 @@ def atomic_directory(path: str | Path, keep_existing: bool = False) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        (tmp / MARKER).write_text(_MARKER_TEXT)  # a killed run's temp folder is ours to remove later
         yield tmp
-        (tmp / MARKER).write_text(_MARKER_TEXT)
         if path.exists() and keep_existing:
             return
         if path.exists():

@@ -146,7 +146,7 @@ def load_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePai
         except ValueError as err:
             raise RecordError(f"{path}:{lineno}: {err}") from None
     if not pairs:
-        raise RecordError(f"{path}: no preference pairs")
+        raise RecordError(f"{path}: no rows")
     return pairs
 
 

@@ -101,6 +101,15 @@ def parse_source(spec: str | Path) -> Source:
                   data_dir=options.get("data_dir") or None, columns=columns)
 
 
+def require(spec: str | Path, field: str, made_by: str | None = None) -> None:
+    """A local input named by config `field` exists, else a one-line error naming the field (and, for a
+    default path another stage writes, the command that writes it). Hub ids are left to the hub."""
+    source = parse_source(spec)
+    if source.kind != "hub" and not source.path.exists():
+        hint = f" (run `almost-ray {made_by}` first, or set {field})" if made_by else ""
+        raise RecordError(f"{field}: {spec}: file not found{hint}")
+
+
 def iter_rows(spec: str | Path) -> Iterator[tuple[int, Any]]:
     """`(row number, row)` for every row of a source, columns renamed; JSONL rows numbered by line."""
     source = parse_source(spec)
@@ -152,6 +161,8 @@ def load_queries(path: str | Path) -> list[Query]:
         if query_id in first_seen:
             raise RecordError(f"{path}:{number}: id: duplicate id {query_id!r} (first at {first_seen[query_id]})")
         first_seen[query_id] = number
+    if not queries:
+        raise RecordError(f"{path}: no rows")
     return queries
 
 

@@ -120,7 +120,8 @@ def check(cfg: Config) -> None:
                           "(files that exist)")
     for path in files:
         load_pairs(path, limit=cfg.eval_rm.limit)
-    check_model_ref(paths.eval_rm_model(cfg), "eval_rm.model", "reward_model")
+    check_model_ref(paths.eval_rm_model(cfg), "eval_rm.model", "reward_model",
+                    made_by=None if cfg.eval_rm.model else "train-rm")
 
 
 def work(cfg: Config) -> Outcome:

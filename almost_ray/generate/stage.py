@@ -18,9 +18,10 @@ from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
 from almost_ray.data.records import Dialogue, RecordError, Response, field_error
 from almost_ray.data.shards import ShardedJsonl
-from almost_ray.data.sources import iter_rows, row_id
+from almost_ray.data.sources import iter_rows, require, row_id
 from almost_ray.generate.pool import stream_generation
 from almost_ray.models.loading import check_model_ref, resolve_model_dir
+from almost_ray.models.text import check_prompts_fit
 from almost_ray.prompts.templates import default_stop
 from almost_ray.runs import paths
 from almost_ray.runs.stage import Outcome, Stage
@@ -46,7 +47,7 @@ def read_prompts(path: str | Path) -> list[dict]:
             messages = [{"role": "user", "content": obj[field]}]
         else:
             raise RecordError(f"{path}:{number}: expected one of the fields 'messages', 'prompt', 'text'")
-        rows.append({"id": rid, "messages": messages})
+        rows.append({"id": rid, "messages": messages, "where": f"{path}:{number}"})
     if not rows:
         raise RecordError(f"{path}: no rows")
     return rows
@@ -59,9 +60,14 @@ def prompts_source(cfg: Config) -> str:
 
 
 def check(cfg: Config) -> None:
-    """Every prompt row and the model, before Ray starts or the model loads."""
-    read_prompts(prompts_source(cfg))
-    check_model_ref(cfg.generate.model.ref, "generate.model.ref")
+    """Every prompt row, the model, and every prompt's length against the model's context (with its
+    tokenizer alone), before Ray starts or the model loads."""
+    g = cfg.generate
+    require(prompts_source(cfg), "generate.prompts")
+    rows = read_prompts(prompts_source(cfg))
+    check_model_ref(g.model.ref, "generate.model.ref")
+    check_prompts_fit(g.model, [(r["where"], r["messages"]) for r in rows], g.prompt_format,
+                      g.sampling.max_new_tokens, "prompt")
 
 
 def work(cfg: Config) -> Outcome:

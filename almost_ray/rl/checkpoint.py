@@ -9,30 +9,13 @@ exists is complete: a run killed while writing leaves only a hidden temp directo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from almost_ray.data.atomic import atomic_directory, remove_own_directory
+
 CHECKPOINTS = "checkpoints"
-
-
-@contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `out`; on success it replaces `out`, on failure it is deleted."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checkpoint_dirs(stage_dir: Path) -> list[Path]:
@@ -45,14 +28,14 @@ def save(stage_dir: Path, iteration: int, trainables: dict, keep: int) -> Path:
     import ray
 
     out = stage_dir / CHECKPOINTS / f"iter_{iteration:07d}"
-    with atomic_dir(out) as tmp:
+    with atomic_directory(out) as tmp:
         ray.get([actors[0].save.remote(str(tmp / role)) for role, actors in trainables.items()])
         state = {"iteration": iteration, "torch_rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(json.dumps(state))
     for old in checkpoint_dirs(stage_dir)[:-keep]:
-        shutil.rmtree(old)
+        remove_own_directory(old)
     for stale in (stage_dir / CHECKPOINTS).glob(".iter_*"):  # temp dirs of a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_own_directory(stale)
     return out
 
 

@@ -40,5 +40,5 @@ def load_prompts(source: str | Path) -> list[str]:
     # any source (`sources.py`): a .txt's lines arrive as {"text": line}, dataset rows as dicts
     found = [first_user_turn(row, f"{source}:{number}") for number, row in iter_rows(source)]
     if not found:
-        raise RecordError(f"{source}: no rows (no prompts)")
+        raise RecordError(f"{source}: no rows")
     return found

@@ -30,8 +30,7 @@ from almost_ray.config_base import ConfigError
 from almost_ray.rl import losses
 from almost_ray.rl.config import ROLES, PPOConfig
 from almost_ray.rl.episodes import pack, response_logprobs, response_values, split_rows, take
-from almost_ray.train.losses import cosine_with_warmup
-from almost_ray.train.optim import adamw
+from almost_ray.train.optim import adamw, cosine_with_warmup
 
 ROLLOUT = "rollout"
 

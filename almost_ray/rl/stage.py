@@ -18,6 +18,7 @@ from almost_ray.cluster.connect import init_ray
 from almost_ray.config import Config
 from almost_ray.data.metrics_log import plot_metrics, read_metrics
 from almost_ray.data.records import RecordError
+from almost_ray.data.sources import require
 from almost_ray.models.loading import check_model_ref, load_tokenizer, resolve_model_dir
 from almost_ray.prompts.templates import render_prompt
 from almost_ray.rl.config import PPOConfig
@@ -56,8 +57,10 @@ def summarize(path: Path) -> dict:
 
 def check(cfg: Config) -> None:
     """The policy (a causal LM), the RM (one score), the prompts, before Ray starts or a model loads."""
-    check_model_ref(paths.ppo_policy(cfg), "ppo.policy")
-    check_model_ref(paths.ppo_reward_model(cfg), "ppo.reward_model", "reward_model")
+    check_model_ref(paths.ppo_policy(cfg), "ppo.policy", made_by=None if cfg.ppo.policy else "train-sft")
+    check_model_ref(paths.ppo_reward_model(cfg), "ppo.reward_model", "reward_model",
+                    made_by=None if cfg.ppo.reward_model else "train-rm")
+    require(paths.ppo_prompts(cfg), "ppo.prompts", None if cfg.ppo.prompts else "rmsp")
     load_prompts(paths.ppo_prompts(cfg))
 
 

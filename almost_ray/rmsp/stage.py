@@ -32,9 +32,8 @@ from almost_ray.cluster.replicas import ModelReplica, ReplicaSet, generator_mode
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError, config_hash
 from almost_ray.data.atomic import atomic_open, remove_own_directory
-from almost_ray.data.records import RecordError
 from almost_ray.data.shards import ROW_KEY, SHARD_KEY, ShardedJsonl
-from almost_ray.data.sources import load_queries, read_rows
+from almost_ray.data.sources import load_queries, read_rows, require
 from almost_ray.models.loading import check_model_ref
 from almost_ray.prompts.templates import fewshot_header, load_prompt_text
 from almost_ray.rmsp import turns
@@ -162,21 +161,19 @@ def _inputs(cfg: Config) -> dict[str, Path | str]:
 
 
 def load_rmsp_queries(cfg: Config) -> list:
-    source = paths.rmsp_queries(cfg)
-    queries = load_queries(source)[: cfg.rmsp.num_queries]
-    if not queries:
-        raise RecordError(f"{source}: no rows")
-    return queries
+    return load_queries(paths.rmsp_queries(cfg))[: cfg.rmsp.num_queries]
 
 
 def check(cfg: Config) -> None:
     """The queries, both roles' generators and prompts, and the RM, before Ray starts or a model loads."""
     r = cfg.rmsp
+    require(paths.rmsp_queries(cfg), "rmsp.queries", None if r.queries else "queries")
     load_rmsp_queries(cfg)
     check_model_ref(r.assistant.model.ref, "rmsp.assistant.model.ref")
     check_model_ref(r.user.model.ref, "rmsp.user.model.ref")
     if (rm := paths.rmsp_reward_model(cfg)) is not None:
-        check_model_ref(rm, "rmsp.reward_model.ref", "reward_model")
+        check_model_ref(rm, "rmsp.reward_model.ref", "reward_model",
+                        made_by=None if r.reward_model.ref else "train-rm")
     role_header(r.assistant, "assistant.prompt")
     role_header(r.user, "user.prompt")
 

@@ -25,7 +25,7 @@ from almost_ray.config import Config
 from almost_ray.data.atomic import atomic_open
 from almost_ray.data.records import Comparison, RecordError, write_jsonl
 from almost_ray.data.shards import ShardedJsonl
-from almost_ray.data.sources import load_queries, read_rows
+from almost_ray.data.sources import load_queries, read_rows, require
 from almost_ray.models.loading import check_model_ref
 from almost_ray.models.reward import score_conversations
 from almost_ray.runs import paths
@@ -100,15 +100,12 @@ def build_comparisons(
 
 def load_compare_queries(cfg: Config) -> list:
     """The queries the ladder answers (`compare.queries`, else the queries stage's), at most `max_queries`."""
-    source = paths.compare_queries(cfg)
-    queries = load_queries(source)[: cfg.compare.max_queries]
-    if not queries:
-        raise RecordError(f"{source}: no rows")
-    return queries
+    return load_queries(paths.compare_queries(cfg))[: cfg.compare.max_queries]
 
 
 def check(cfg: Config) -> None:
     """Every query row, every rung's generator and the As-is RM, before Ray starts or a model loads."""
+    require(paths.compare_queries(cfg), "compare.queries", None if cfg.compare.queries else "queries")
     load_compare_queries(cfg)
     for i, rung in enumerate(cfg.compare.ladder):
         check_model_ref(rung.model.ref, f"compare.ladder.{i}.model.ref")
@@ -248,14 +245,3 @@ def plot_funnel(out_dir: str | Path, c: dict) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def run_step1(cfg) -> Path:
-    """ALMoST step 1 end to end for `make demo` and jobs: mine queries, then compare; prints the funnel."""
-    from almost_ray.synth import queries as mining
-
-    queries_path = cfg.compare.queries or mining.run(cfg.queries, cfg.ray, cfg.run_dir / "queries")
-    stage_dir = cfg.run_dir / "compare"
-    out = run(cfg.compare, cfg.ray, queries_path, stage_dir)
-    print(format_funnel(stage_dir))
-    return out

@@ -29,6 +29,7 @@ from almost_ray.data.atomic import write_json
 from almost_ray.data.sources import read_rows
 from almost_ray.eval.stats import wilson_interval
 from almost_ray.models.config import ModelConfig
+from almost_ray.runs import paths
 
 
 class PMIJudge:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, help="default: <run dir>/compare/ladder_order.json")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    stage = cfg.run_dir / "compare"
+    stage = paths.stage_dir(cfg, "compare")
     # small batches: the backend takes a log-softmax over the whole vocabulary at every position
     judge = PMIJudge(ModelConfig(ref=args.judge, max_batch_size=4), args.format)
     report = ladder_order(list(read_rows(stage / "responses.jsonl")),

@@ -35,7 +35,7 @@ from almost_ray.config_base import config_hash
 from almost_ray.data.atomic import atomic_open, own_directory, remove_own_directory, write_json
 from almost_ray.data.records import Query, RecordError, write_jsonl
 from almost_ray.data.shards import ShardedJsonl
-from almost_ray.data.sources import iter_rows, read_rows
+from almost_ray.data.sources import iter_rows, read_rows, require
 from almost_ray.generate.pool import generation_replica
 from almost_ray.models.loading import check_model_ref
 from almost_ray.prompts.templates import packaged_text
@@ -58,7 +58,7 @@ def split_instruction(lines: list[str], source: str = "<seeds>") -> tuple[str | 
     if lines and lines[0].startswith(INSTRUCTION_LINE):
         instruction = lines.pop(0)[len(INSTRUCTION_LINE):].strip()
     if not lines:
-        raise RecordError(f"{source}: no seed queries")
+        raise RecordError(f"{source}: no rows (no seed queries)")
     return instruction, lines
 
 
@@ -226,6 +226,8 @@ def generation_replicas(cfg: QueriesConfig, run: str) -> ReplicaSet:
 def check(cfg: Config) -> None:
     """Seeds readable and not empty, the generator a causal LM: before Ray starts or a model loads."""
     q = cfg.queries
+    if q.seeds is not None:
+        require(q.seeds, "queries.seeds")
     load_seeds(q.seeds)
     check_model_ref(q.model.ref, "queries.model.ref")
 

@@ -11,7 +11,7 @@ loss units it holds, and the loss of a micro-batch. This module does the rest, t
   `fully_shard` on every decoder block, then the root, built on the meta device and filled from rank
   0's copy of the weights (`load_for_training`), so no rank holds the whole model on its device — over
   gloo on CPU and NCCL on GPU (Ray's `prepare_model(parallel_strategy="fsdp")` refuses CPU, see
-  ENVIRONMENT.md), with bf16 compute on GPU; a single worker trains the plain model; AdamW; cosine schedule with
+  docs/training.md), with bf16 compute on GPU; a single worker trains the plain model; AdamW; cosine schedule with
   linear warm-up; gradient clipping; gradient accumulation so one optimizer step sees exactly
   `global_batch_size` examples whatever the worker count (ALMoST Appendix D: FSDP, batch 64 / 128).
 - Checkpoints (model and optimizer through `torch.distributed.checkpoint`, scheduler, step, RNG)
@@ -52,8 +52,7 @@ from almost_ray.models.packing import use_packed_attention
 from almost_ray.runs.paths import MODEL
 from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
-from almost_ray.train.losses import cosine_with_warmup
-from almost_ray.train.optim import adamw
+from almost_ray.train.optim import adamw, cosine_with_warmup
 
 TASKS = {"rm": "almost_ray.train.rm", "sft": "almost_ray.train.sft"}
 METRICS = "metrics.jsonl"

@@ -1,4 +1,4 @@
-"""Loss functions and the learning-rate schedule: pure functions of tensors and numbers.
+"""Loss functions: pure functions of tensors.
 
 Each loss returns a *sum* over its items, never a mean: the training loop divides by the number
 of items in the whole global batch (pairs for the RM, supervised tokens for SFT), so the gradient
@@ -7,8 +7,6 @@ micro-batch size (see `almost_ray/train/loop.py`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -47,16 +45,3 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return nll, (labels != IGNORE_INDEX).sum()
-
-
-def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warm-up from 0, then cosine decay to `min_ratio` at `total_steps`.
-
-    Hewitt et al. (Appendix A): 10 % linear warm-up, cosine annealing to 0; Alpaca (ALMoST D.2): 3 %.
-    `step` counts optimizer steps already taken, so the first update uses `step=0`.
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -18,6 +18,7 @@ import torch
 
 from almost_ray.config import Config
 from almost_ray.data.preferences import PreferencePair, load_pairs, split_by_query
+from almost_ray.data.sources import require
 from almost_ray.models import loading
 from almost_ray.models.loading import check_model_ref, resolve_model_dir
 from almost_ray.models.packing import pack_sequences
@@ -139,6 +140,7 @@ def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str
 
 def check(cfg: Config) -> None:
     """Every comparison row, and the base model, before Ray starts or a model is converted."""
+    require(paths.train_rm_comparisons(cfg), "train_rm.comparisons", None if cfg.train_rm.comparisons else "compare")
     load_pairs(paths.train_rm_comparisons(cfg))
     check_model_ref(cfg.train_rm.model, "train_rm.model")
 

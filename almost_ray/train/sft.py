@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from almost_ray.config import Config
 from almost_ray.data.records import Dialogue, Messages, RecordError, field_error
-from almost_ray.data.sources import iter_rows
+from almost_ray.data.sources import iter_rows, require
 from almost_ray.models import loading
 from almost_ray.models.loading import check_model_ref, resolve_model_dir
 from almost_ray.models.packing import pack_sequences
@@ -100,7 +100,7 @@ def load_conversations(path: str | Path) -> list[Messages]:
             raise RecordError(f"{path}:{lineno}: messages: no assistant turn to learn")
         out.append(messages)
     if not out:
-        raise RecordError(f"{path}: no rows (no dialogues)")
+        raise RecordError(f"{path}: no rows")
     return out
 
 
@@ -182,6 +182,7 @@ def step_metrics(totals: dict[str, float], units: int, samples: int) -> dict[str
 
 def check(cfg: Config) -> None:
     """Every dialogue row, and the base model, before Ray starts or a model is converted."""
+    require(paths.train_sft_dialogues(cfg), "train_sft.dialogues", None if cfg.train_sft.dialogues else "rmsp")
     load_conversations(paths.train_sft_dialogues(cfg))
     check_model_ref(cfg.train_sft.model, "train_sft.model")
 
