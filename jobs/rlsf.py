@@ -1,10 +1,11 @@
 """The whole pipeline as one Ray job (ALMoST: synthetic feedback, RMSP, SFT, RLSF, evaluation, report).
 
-    ray job submit --address http://HEAD:8265 --working-dir . \\
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env-json '{"excludes": ["runs/", ".venv/", ".git/"], "env_vars": {"PYTHONUNBUFFERED": "1"}}' \\
         -- python jobs/rlsf.py --config configs/demo.yaml [--from STAGE] [--until STAGE] [--only STAGE,...]
 
-The flags are `almost-ray pipeline`'s (the same parser, `almost_ray.cli`). Inside a job the driver joins
+The flags are `almost-ray pipeline`'s (the same parser, `almost_ray.cli`). `RAY_AUTH_MODE=token` makes the
+client send the head's token (Ray's token authentication; docs/pipeline.md). Inside a job the driver joins
 the job's cluster (`RAY_ADDRESS`), prints a banner and a one-line summary per stage into the job log, and
 exits 0 when every selected stage finished, 2 for a config or input error (the message names the field
 or file), 1 with the traceback for anything else: the job then ends FAILED. See docs/pipeline.md.

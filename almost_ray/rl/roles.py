@@ -294,7 +294,10 @@ class PolicyActor(TrainableActor):
         from vllm.distributed.utils import StatelessProcessGroup
 
         group = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world_size)
-        self._engine_sync = PyNcclCommunicator(group, device=self.device)
+        # PyNcclCommunicator.broadcast asserts each tensor's device equals the one given here, and the
+        # parameters sit on an indexed device (cuda:0), which never equals a bare torch.device("cuda").
+        device = torch.device("cuda", torch.cuda.current_device())
+        self._engine_sync = PyNcclCommunicator(group, device=device)
 
     def broadcast_weights(self, engines: list) -> None:
         import ray

@@ -6,7 +6,7 @@ As in OpenRLHF, generation runs in its own actors, apart from the trainable poli
   seeded sampler per episode (the seed is a function of the run seed, the iteration and the episode,
   so a resumed run samples exactly what an uninterrupted one does). Weights arrive through the Ray
   object store: the policy's state dict is put there once and every engine `load_state_dict`s it.
-- `VLLMRolloutEngine` (GPU, `[gpu]` extra, imported lazily, vLLM 0.33's public API): `vllm.LLM` with
+- `VLLMRolloutEngine` (GPU, `[gpu]` extra, imported lazily, vLLM 0.29's public API): `vllm.LLM` with
   `worker_extension_cls` = `almost_ray.rl.vllm_sync.WeightSync`; weights arrive by an NCCL broadcast
   from the policy's rank 0 (`collective_rpc("update_weight", ...)` on the engine side). It cannot run
   on this machine; `vllm_engine_kwargs`/`vllm_sampling_kwargs` are pure and tested.

@@ -1,10 +1,11 @@
 """The vLLM worker extension that receives the policy's weights (GPU only; imported inside vLLM workers).
 
-vLLM 0.33 mixes the class named by `LLM(worker_extension_cls=...)` into each worker, and
-`LLM.collective_rpc(method, args)` calls its methods on every worker. `init_weight_sync` joins an
-NCCL group whose rank 0 is the policy's rank 0 (vLLM's `StatelessProcessGroup` + `PyNcclCommunicator`,
-which do not touch the global torch.distributed group); `update_weight` receives one broadcast tensor
-and hands it to the model's own `load_weights`, which knows the HF-name-to-vLLM-layout mapping.
+vLLM 0.29 (the [gpu] extra's, Ray 2.60's `llm` pin) mixes the class named by
+`LLM(worker_extension_cls=...)` into each worker, and `LLM.collective_rpc(method, args)` calls its methods
+on every worker. `init_weight_sync` joins an NCCL group whose rank 0 is the policy's rank 0 (vLLM's
+`StatelessProcessGroup` + `PyNcclCommunicator`, which do not touch the global torch.distributed group);
+`update_weight` receives one broadcast tensor and hands it to the model's own `load_weights`, which knows
+the HF-name-to-vLLM-layout mapping.
 """
 
 from __future__ import annotations
