@@ -195,7 +195,7 @@ def _job(**fields):
 
 def test_chat_bounds_and_defaults():
     job = _job(stop="\n")
-    assert job.max_tokens == LIMITS.default_max_tokens and job.stop == ("\n",) and job.rules is None
+    assert job.max_tokens == LIMITS.default_max_tokens and job.sampling.stop == ("\n",) and job.sampling.rules is None
     assert _job(max_completion_tokens=7).max_tokens == 7
     assert _job(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
                 ).messages == [{"role": "user", "content": "ab"}]
@@ -216,7 +216,7 @@ def test_read_completion_counts_tokens_and_finish_reason():
 
     eos, pad = {0}, 0
     assert read_completion([1, 2, 0, 0], 4, (), eos, pad, decode).__dict__ == {
-        "text": "ab", "finish_reason": "stop", "completion_tokens": 3}
+        "text": "ab", "finish_reason": "stop", "completion_tokens": 3, "logprobs": None}
     assert read_completion([1, 2, 3, 4], 4, (), eos, pad, decode).finish_reason == "length"
     # a row generated past its own max_tokens (another request in the batch wanted more) is cut
     cut = read_completion([1, 2, 3, 4, 5, 6], 3, (), eos, pad, decode)

@@ -112,6 +112,8 @@ class RequestLimits(StrictModel):
     max_stop: int = Field(default=4, ge=0)
     max_stop_chars: int = Field(default=64, ge=1)
     max_reward_items: int = Field(default=32, ge=1, description="conversations per /v1/reward request")
+    max_prompts: int = Field(default=16, ge=1, description="prompts per /v1/completions request")
+    max_logit_bias: int = Field(default=300, ge=0, description="entries of a request's logit_bias")
 
     @model_validator(mode="after")
     def _default_within_bound(self) -> RequestLimits:
