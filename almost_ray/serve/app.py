@@ -204,30 +204,47 @@ class OpenAIIngress:
         return await reward_scores(request, self.reward, self.limits, self.reward_id)
 
 
-def build_app(args: dict[str, Any] | ServeConfig | None = None):
-    """The Serve application builder (`import_path: almost_ray.serve.app:build_app`, `args`: ServeConfig)."""
+def parse_args(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
     if isinstance(args, ServeConfig):
-        cfg = args
-    else:
+        return args
+    try:
+        return ServeConfig.model_validate(args or {})
+    except ValidationError as err:
+        lines = [f"serve args: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def reward_deployment(cfg: ServeConfig):
+    """The bound reward deployment and the id it is served under, or (None, None) without an RM."""
+    ref = resolve_reward_model(cfg)
+    if ref is None:
+        return None, None
+    scorer = RewardScorer.options(**cfg.reward.deployment.serve_options()).bind(cfg.reward.model_dump(mode="json"), ref)
+    return scorer, model_id_of(ref)
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None):
+    """The Serve application builder (`import_path: almost_ray.serve.app:build_app`, `args`: ServeConfig).
+
+    `chat.backend: hf` composes our ingress with our chat and reward deployments; `chat.backend: vllm`
+    composes Ray's LLM deployment with our reward deployment (`llm_app.py`; needs vLLM, the `[gpu]`
+    extra). Either way the same routes answer under one base URL.
+    """
+    cfg = parse_args(args)
+    if cfg.chat.enabled and cfg.chat.backend == "vllm":
         try:
-            cfg = ServeConfig.model_validate(args or {})
-        except ValidationError as err:
-            lines = [f"serve args: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-            raise ConfigError("\n".join(lines)) from None
+            from almost_ray.serve.llm_app import build_llm_app
+        except ImportError as err:
+            raise ConfigError(f"serve.chat.backend: vllm needs vLLM (pip install 'almost-ray[gpu]'): {err}") from None
+        return build_llm_app(cfg)
     chat_ref = resolve_chat_model(cfg) if cfg.chat.enabled else None
     chat = None
     if chat_ref is not None:
         chat = ChatModel.options(**cfg.chat.deployment.serve_options()).bind(cfg.chat.model_dump(mode="json"), chat_ref)
-    reward_ref = resolve_reward_model(cfg)
-    reward = None
-    if reward_ref is not None:
-        reward = RewardScorer.options(**cfg.reward.deployment.serve_options()).bind(
-            cfg.reward.model_dump(mode="json"), reward_ref
-        )
+    reward, reward_id = reward_deployment(cfg)
     return OpenAIIngress.options(**cfg.ingress.serve_options()).bind(
         chat, reward, cfg.limits.model_dump(mode="json"),
-        (cfg.chat.model_id or model_id_of(chat_ref)) if chat_ref else None,
-        model_id_of(reward_ref) if reward_ref else None,
+        (cfg.chat.model_id or model_id_of(chat_ref)) if chat_ref else None, reward_id,
     )
 
 
