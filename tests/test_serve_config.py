@@ -330,8 +330,7 @@ def test_cli_writes_the_gpu_deploy_file(tmp_path, monkeypatch):
     assert main(["serve", "--set", "runs_dir=.", "--set", "run_name=run", "--set", "serve.chat.model=run/ppo/model",
                  "--write-gpu-config", str(out)]) == 0
     deploy = yaml.safe_load(out.read_text())
-    ServeDeploySchema.model_validate(deploy)
-    assert deploy["http_options"]["host"] == "0.0.0.0"
+    assert ServeDeploySchema.model_validate(deploy).http_options.host == "0.0.0.0"  # Ray's default: the pod's interfaces
     (app,) = deploy["applications"]
     cfg = ServeConfig.model_validate(app["args"])
     assert cfg.chat.backend == "vllm" and cfg.chat.model == "run/ppo/model" and str(cfg.run_dir) == "run"

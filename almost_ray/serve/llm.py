@@ -101,13 +101,15 @@ def llm_config(cfg: ServeConfig, ref: str) -> dict[str, Any]:
 
 
 def gpu_deploy_config(cfg: ServeConfig) -> dict[str, Any]:
-    """A `serve deploy` file for a GPU cluster: `build_app` with `chat.backend: vllm`, the proxy on 0.0.0.0.
+    """A `serve deploy` file for a GPU cluster: `build_app` with `chat.backend: vllm`.
 
     Model paths stay as written: the cluster resolves them when it builds the application (a path on
     the writer's machine means nothing in a pod). `max_model_len` is written from the model's config.json
-    when the writer can read it, and taken from it at build time otherwise. The proxy binds 0.0.0.0
-    because a cluster's Service reaches it on the pod's address; the Service, not the proxy, is then the
-    boundary (docs/serving.md, Authentication).
+    when the writer can read it, and taken from it at build time otherwise. `http_options` names only the
+    port, so the proxy takes Ray's default host, every interface of the pod, as KubeRay's own samples
+    leave it: a cluster's Service reaches the proxy on the pod's address, and the Service (with what
+    authenticates in front of it) is the boundary (docs/serving.md, Authentication). `almost-ray serve`
+    on a machine keeps `serve.http.host` (loopback).
     """
     args = cfg.model_dump(mode="json")
     args["chat"]["backend"] = "vllm"
@@ -116,7 +118,7 @@ def gpu_deploy_config(cfg: ServeConfig) -> dict[str, Any]:
         if positions is not None:
             args["llm"]["engine_kwargs"]["max_model_len"] = positions
     return {
-        "http_options": {"host": "0.0.0.0", "port": cfg.http.port},
+        "http_options": {"port": cfg.http.port},
         "applications": [{"name": "almost_ray", "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": args}],
     }
 
