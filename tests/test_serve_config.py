@@ -336,3 +336,16 @@ def test_cli_writes_the_gpu_deploy_file(tmp_path, monkeypatch):
     assert cfg.chat.backend == "vllm" and cfg.chat.model == "run/ppo/model" and str(cfg.run_dir) == "run"
     assert cfg.llm.engine_kwargs["max_model_len"] == 2048
     assert cfg.http.host == "127.0.0.1"  # `almost-ray serve` on a machine still binds loopback
+
+
+def test_a_completion_keeps_the_space_a_sentencepiece_decoder_drops():
+    from almost_ray.serve.chat import decode_after
+
+    vocab = {1: "\u2581The", 2: "\u2581capital", 3: "\u2581is", 4: "\u2581Paris"}
+
+    def decode(ids):  # SentencePiece: "\u2581" is a space, and a sequence's leading space is dropped
+        return "".join(vocab[i] for i in ids).replace("\u2581", " ").removeprefix(" ")
+
+    assert decode([4]) == "Paris"
+    assert decode_after(decode, [1, 2, 3], [4]) == " Paris"
+    assert decode([1, 2, 3]) + decode_after(decode, [1, 2, 3], [4]) == "The capital is Paris"

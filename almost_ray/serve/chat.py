@@ -99,6 +99,16 @@ def read_completion(ids: list[int], max_tokens: int, stop: tuple[str, ...], end_
     return Choice(tidy(cut), reason, len(row))
 
 
+def decode_after(decode, context: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `context` (a prompt's last tokens). A SentencePiece tokenizer drops the
+    leading space of a sequence's first word, so a completion decoded alone would read "isParis" when
+    joined to its prompt; decoded after the context it keeps its space, as vLLM's incremental detokenizer
+    keeps it."""
+    head = decode(context)
+    text = decode(list(context) + list(ids))
+    return text[len(head):] if text.startswith(head) else decode(ids)
+
+
 def rank_best_of(choices: list[Choice], n: int) -> list[Choice]:
     """`best_of`: the n choices with the highest log-probability per token (OpenAI's definition)."""
     def mean_logprob(c: Choice) -> float:
@@ -248,6 +258,14 @@ class ChatModel:
         logprobs, tops = prompt_logprobs(self.generator.model, ids, k)
         return self._entries(ids, logprobs, tops, k)
 
+    def _decoder(self, item: GenerationItem):
+        tok = self.generator.tokenizer
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        if item.strip:  # a chat answer is stripped anyway
+            return decode
+        context = item.ids[-4:]
+        return lambda ids: decode_after(decode, context, ids)
+
     def generate_batch(self, items: list[GenerationItem]) -> list[list[Choice]]:
         from almost_ray.models.config import SamplingParams
 
@@ -256,7 +274,6 @@ class ChatModel:
         for i, item in enumerate(items):
             groups.setdefault(item.sampling.key(), []).append(i)
         tok = self.generator.tokenizer
-        decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
         for sampling, members in groups.items():
             rows, seeds, owners = [], [], []
             for i in members:
@@ -284,7 +301,7 @@ class ChatModel:
                 for r, row in enumerate(new.tolist()):
                     item = items[owners[start + r]]
                     choice = read_completion(row, item.max_tokens, sampling.stop, self.end_ids, tok.pad_token_id,
-                                             decode, item.strip)
+                                             self._decoder(item), item.strip)
                     if item.top_k is not None:
                         count = choice.completion_tokens
                         choice.logprobs = self._entries(row[:count], chosen[r][:count], tops[r][:count], item.top_k)
