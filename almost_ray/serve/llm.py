@@ -21,10 +21,10 @@ What carries over from the CPU path:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from almost_ray.config_base import ConfigError
+from almost_ray.models.vllm_data import context_length
 from almost_ray.serve.chat import model_id_of, trained_prompt_format
 from almost_ray.serve.config import ServeConfig
 
@@ -49,18 +49,6 @@ CHAT_TEMPLATES = {
 }
 
 
-def max_positions(ref: str) -> int | None:
-    """The model's context (`max_position_embeddings` of its config.json), when `ref` is a readable
-    directory; None for a hub id or a path that exists only on the cluster."""
-    path = Path(ref) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    value = config.get("max_position_embeddings", config.get("text_config", {}).get("max_position_embeddings"))
-    return value if isinstance(value, int) and value > 0 else None
-
-
 def engine_kwargs(cfg: ServeConfig, ref: str) -> dict[str, Any]:
     """vLLM's engine arguments: parallelism, dtype, the trained prompt format, the rules processor, the
     context, then `serve.llm.engine_kwargs` on top."""
@@ -74,7 +62,7 @@ def engine_kwargs(cfg: ServeConfig, ref: str) -> dict[str, Any]:
     if fmt in CHAT_TEMPLATES:
         out["chat_template"] = CHAT_TEMPLATES[fmt]
     out.update(cfg.llm.engine_kwargs)
-    positions = max_positions(ref)
+    positions = context_length(ref)
     asked = out.get("max_model_len")
     if positions is not None and asked is not None and asked > positions:
         raise ConfigError(f"serve.llm.engine_kwargs.max_model_len: {asked} exceeds the model's context of "
@@ -114,7 +102,7 @@ def gpu_deploy_config(cfg: ServeConfig) -> dict[str, Any]:
     args = cfg.model_dump(mode="json")
     args["chat"]["backend"] = "vllm"
     if cfg.chat.model and "max_model_len" not in cfg.llm.engine_kwargs:
-        positions = max_positions(cfg.chat.model)
+        positions = context_length(cfg.chat.model)
         if positions is not None:
             args["llm"]["engine_kwargs"]["max_model_len"] = positions
     return {
