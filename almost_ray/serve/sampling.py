@@ -80,7 +80,8 @@ class LogprobRecorder(LogitsProcessor):
 
     A step's choice is known only at the next step (it is the last column of `input_ids` then), so the
     recorder holds one step's log-softmax and resolves it one call later; `finish` resolves the last step
-    from the generated ids. Only `[rows, k]` per step is kept, never `[rows, vocab]` per step.
+    from the generated ids. Only `[rows, k]` per step is kept, never `[rows, vocab]` per step, and it stays
+    on the device until `finish` (a copy to the host at every step would stall a GPU's decode loop).
     """
 
     def __init__(self, k: int):
@@ -92,18 +93,18 @@ class LogprobRecorder(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.pending is not None:
-            self.chosen.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1).cpu())
+            self.chosen.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
         self.pending = torch.log_softmax(scores.float(), dim=-1)
         values, ids = top_logprobs(self.pending, self.k)
-        self.top_values.append(values.cpu())
-        self.top_ids.append(ids.cpu())
+        self.top_values.append(values)
+        self.top_ids.append(ids)
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> tuple[list[list[float]], list[list[list[tuple[int, float]]]]]:
         """Per row: the chosen tokens' log-probs, and per step the top-k `(token id, log-prob)` pairs."""
         if self.pending is not None and len(self.chosen) < new_tokens.shape[1]:
             last = new_tokens[:, len(self.chosen) : len(self.chosen) + 1].to(self.pending.device)
-            self.chosen.append(self.pending.gather(-1, last).squeeze(-1).cpu())
+            self.chosen.append(self.pending.gather(-1, last).squeeze(-1))
             self.pending = None
         rows = new_tokens.shape[0]
         if not self.chosen:
