@@ -208,7 +208,10 @@ def test_serve_config_v2_is_a_valid_serve_deploy_config():
     assert app.import_path == "almost_ray.serve.app:build_app"
     assert app.args["chat"]["model"].startswith("/mnt/shared/runs/")
     assert app.args["reward"]["model"].startswith("/mnt/shared/runs/")
-    gpus = [app.args[d]["deployment"]["num_gpus"] * app.args[d]["deployment"]["num_replicas"] for d in ("chat", "reward")]
+    chat, reward = app.args["chat"], app.args["reward"]
+    # the chat model's GPUs are vLLM's tensor-parallel group per replica; the RM's are its num_gpus
+    gpus = [app.args["llm"]["tensor_parallel_size"] * chat["deployment"]["autoscaling_config"]["min_replicas"],
+            reward["deployment"]["num_gpus"] * reward["deployment"]["autoscaling_config"]["min_replicas"]]
     spec = cluster_spec(load("rayservice.yaml"))
     (group,) = spec["workerGroupSpecs"]
     per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])

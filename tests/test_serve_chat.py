@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from almost_ray.serve.protocol import ChatJob
+from almost_ray.serve.protocol import Sampling
 
 MESSAGES = [{"role": "user", "content": "Name a color."}]
 
@@ -21,14 +21,15 @@ def chat_model():
     return _model()
 
 
-def _item(model, content="Name a color.", **fields):
+def _item(model, content="Name a color.", n=1, max_tokens=6, seed=3, top_k=None, **sampling):
+    from almost_ray.models.text import prompt_token_ids
     from almost_ray.prompts.templates import render_prompt
+    from almost_ray.serve.chat import GenerationItem
 
-    defaults = dict(messages=[{"role": "user", "content": content}], max_tokens=6, temperature=1.0, top_p=0.9,
-                    n=1, stop=(), seed=3, rules=None)
-    job = ChatJob(**{**defaults, **fields})
-    prompt = render_prompt(model.prompt_format, job.messages, model.generator.tokenizer)
-    return job, prompt, job.seed
+    prompt = render_prompt(model.prompt_format, [{"role": "user", "content": content}], model.generator.tokenizer)
+    ids = prompt_token_ids(model.generator.tokenizer, prompt)
+    return GenerationItem(ids, prompt, n, seed, max_tokens, Sampling(**{"temperature": 1.0, "top_p": 0.9, **sampling}),
+                          top_k)
 
 
 def test_answers_do_not_depend_on_the_batch(chat_model):

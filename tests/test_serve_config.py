@@ -95,49 +95,137 @@ def test_aligned_model_and_its_prompt_format_are_found(tmp_path):
     assert model_id_of("tiny:llama") == "tiny:llama"
 
 
-# --- the GPU path --------------------------------------------------------------------------------
+# --- the GPU path: everything but vLLM itself, built and checked here ---------------------------------
 
 
-def _llm_serving_args_fields() -> set[str]:
-    """Field names of `LLMServingArgs` in the installed Ray (its module imports vLLM, so read its source)."""
-    ray_dir = Path(importlib.util.find_spec("ray").origin).parent
-    tree = ast.parse((ray_dir / "llm/_internal/serve/core/ingress/builder.py").read_text())
-    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "LLMServingArgs")
-    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+RAY_DIR = Path(importlib.util.find_spec("ray").origin).parent
 
 
-def test_gpu_deploy_config_validates_with_ray_schemas(tmp_path):
-    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
-    from ray.serve.schema import ServeDeploySchema
+def _ray_module_names(module: str) -> set[str]:
+    """Top-level names a module of the installed Ray defines, read from its source (`ray.serve.llm` and its
+    submodules import vLLM, which is not installed here)."""
+    rel = Path(*module.split(".")[1:])
+    path = RAY_DIR / rel / "__init__.py" if (RAY_DIR / rel).is_dir() else RAY_DIR / rel.with_suffix(".py")
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.ImportFrom):
+            names |= {a.asname or a.name for a in node.names}
+    return names
 
-    from almost_ray.serve.llm import CHAT_TEMPLATES, gpu_deploy_config
 
-    model = tmp_path / "ppo" / "model"
+def _class_methods(tree: ast.AST, name: str) -> dict[str, list[str]]:
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name)
+    return {f.name: [a.arg for a in f.args.args + f.args.kwonlyargs] for f in cls.body
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_gpu_app_uses_what_the_installed_ray_defines():
+    """`llm_app.py` (which needs vLLM to import) against the installed Ray's source: every name it imports
+    from Ray exists, every route it adds is a method of its ingress, and the methods it overrides keep
+    the parameters Ray's ingress routes with."""
+    source = (Path(__file__).resolve().parents[1] / "almost_ray/serve/llm_app.py").read_text()
+    tree = ast.parse(source)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module.startswith("ray."):
+            missing = {a.name for a in node.names} - _ray_module_names(node.module)
+            assert not missing, (node.module, missing)
+    ours = _class_methods(tree, "LLMIngress")
+    ray_ingress = _class_methods(ast.parse((RAY_DIR / "llm/_internal/serve/core/ingress/ingress.py").read_text()),
+                                 "OpenAiIngress")
+    endpoints = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "ENDPOINTS")
+    added = {k.value for k in endpoints.value.keys if k is not None}
+    assert added == {"reward_scores", "health"} and added <= set(ours)
+    for name in ("chat", "completions", "models"):
+        assert ours[name] == ray_ingress[name], name
+    assert ours["__init__"][:3] == ray_ingress["__init__"][:3]
+
+
+def _model_dir(root: Path, positions: int = 2048, fmt: str | None = "human_assistant") -> Path:
+    model = root / "ppo" / "model"
     model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    (model.parent / "manifest.json").write_text(json.dumps({"config": {"prompt_format": "human_assistant"}}))
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": positions}))
+    if fmt:
+        (model.parent / "manifest.json").write_text(json.dumps({"config": {"prompt_format": fmt}}))
+    return model
+
+
+def test_llm_config_validates_with_ray_and_takes_the_models_context(tmp_path):
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+
+    from almost_ray.config_base import ConfigError
+    from almost_ray.serve.llm import CHAT_TEMPLATES, llm_config
+
+    model = _model_dir(tmp_path)
     cfg = ServeConfig.model_validate({
         "run_dir": str(tmp_path),
-        "chat": {"rules": {"enabled": True}, "deployment": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}},
-        "llm": {"tensor_parallel_size": 2, "accelerator_type": "A100", "engine_kwargs": {"max_model_len": 2048}},
+        "chat": {"backend": "vllm", "deployment": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}},
+        "llm": {"tensor_parallel_size": 2, "accelerator_type": "A100"},
     })
-    deploy = gpu_deploy_config(cfg)
-    ServeDeploySchema.model_validate(deploy)
-    llm_app, rm_app = deploy["applications"]
-    assert llm_app["import_path"] == "ray.serve.llm:build_openai_app"
-    assert set(llm_app["args"]) <= _llm_serving_args_fields()
-    (entry,) = llm_app["args"]["llm_configs"]
-    parsed = LLMConfig.model_validate(entry)  # extra="forbid": every field name is one Ray knows
-    assert parsed.model_loading_config.model_source == str(model.resolve())
+    parsed = LLMConfig.model_validate(llm_config(cfg, str(model)))  # extra="forbid": every field is one Ray knows
+    assert parsed.model_loading_config.model_source == str(model)
+    assert parsed.engine_kwargs["max_model_len"] == 2048  # LLaMA-1's positions, from its config.json
     assert parsed.engine_kwargs["tensor_parallel_size"] == 2
     assert parsed.engine_kwargs["chat_template"] == CHAT_TEMPLATES["human_assistant"]
     assert parsed.engine_kwargs["logits_processors"] == ["almost_ray.adapters.rules_vllm:RulesAdapterProcessor"]
     assert parsed.deployment_config["autoscaling_config"]["max_replicas"] == 4
-    assert rm_app["import_path"] == "almost_ray.serve.app:build_app" and rm_app["route_prefix"] == "/rm"
-    rm_cfg = ServeConfig.model_validate(rm_app["args"])
-    assert not rm_cfg.chat.enabled and rm_cfg.run_dir == tmp_path.resolve()
-    with pytest.raises(ValueError, match="CPU-only"):
-        gpu_deploy_config(ServeConfig(run_dir=tmp_path / "nothing"))
+    assert "num_replicas" not in parsed.deployment_config and "ray_actor_options" not in parsed.deployment_config
+    smaller = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"engine_kwargs": {"max_model_len": 1024}})})
+    assert llm_config(smaller, str(model))["engine_kwargs"]["max_model_len"] == 1024
+    larger = cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"engine_kwargs": {"max_model_len": 4096}})})
+    with pytest.raises(ConfigError, match="serve.llm.engine_kwargs.max_model_len: 4096 exceeds .* 2048"):
+        llm_config(larger, str(model))
+    # a hub id or a path only the cluster has: vLLM reads the context itself
+    assert "max_model_len" not in llm_config(cfg, "/mnt/shared/elsewhere/model")["engine_kwargs"]
+    with pytest.raises(ConfigError, match="CPU-only"):
+        llm_config(cfg, "tiny:llama")
+
+
+def test_build_app_with_the_vllm_backend_needs_vllm(tmp_path):
+    from almost_ray.config_base import ConfigError
+    from almost_ray.serve.app import build_app
+
+    _model_dir(tmp_path)
+    with pytest.raises(ConfigError, match=r"serve.chat.backend: vllm needs vLLM .*(vLLM|vllm)"):
+        build_app({"run_dir": str(tmp_path), "chat": {"backend": "vllm"}})
+
+
+def test_rules_switch_becomes_the_adapters_vllm_argument():
+    from almost_ray.adapters.rules import RULES_EXTRA_ARG, rules_from_extra_arg
+    from almost_ray.serve.llm import rules_xargs
+
+    rules = {"enabled": False, "eos_weight": 3.0}
+    extra = {"rules_adapter": True, "other": 1}
+    xargs = rules_xargs(extra, None, False, rules)
+    assert extra == {"other": 1}  # popped: vLLM does not see an unknown field
+    parsed = rules_from_extra_arg(xargs[RULES_EXTRA_ARG])
+    assert parsed.enabled and parsed.eos_weight == 3.0
+    assert rules_xargs({}, {"a": 1}, True, rules)[RULES_EXTRA_ARG]  # the deployment's default
+    assert rules_xargs({"rules_adapter": False}, None, True, rules) is None  # a request turns it off
+    assert rules_xargs({}, {RULES_EXTRA_ARG: "{}"}, True, rules) == {RULES_EXTRA_ARG: "{}"}  # the client's own
+
+
+def test_rayservice_serves_through_ray_serve_llm():
+    """k8s/rayservice.yaml: the chat model on vLLM beside the RM, bound for the pod network, paths left to
+    the cluster, replica counts left to the autoscaler that the cluster turns on."""
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load((ROOT / "k8s" / "rayservice.yaml").read_text())
+    deploy = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(deploy)
+    assert deploy["http_options"]["host"] == "0.0.0.0"
+    (app,) = deploy["applications"]
+    assert app["import_path"] == "almost_ray.serve.app:build_app" and app["route_prefix"] == "/"
+    cfg = ServeConfig.model_validate(app["args"])
+    assert cfg.chat.backend == "vllm"
+    assert str(cfg.chat.model).startswith("/mnt/shared/") and str(cfg.reward.model).startswith("/mnt/shared/")
+    assert "max_model_len" not in cfg.llm.engine_kwargs or cfg.llm.engine_kwargs["max_model_len"] <= 2048
+    assert manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    for options in (cfg.chat.deployment, cfg.reward.deployment, cfg.ingress):
+        assert options.autoscaling_config is not None and options.num_replicas is None
 
 
 @pytest.mark.parametrize("fmt", ["human_assistant", "tulu"])
@@ -195,7 +283,7 @@ def _job(**fields):
 
 def test_chat_bounds_and_defaults():
     job = _job(stop="\n")
-    assert job.max_tokens == LIMITS.default_max_tokens and job.stop == ("\n",) and job.rules is None
+    assert job.max_tokens == LIMITS.default_max_tokens and job.sampling.stop == ("\n",) and job.sampling.rules is None
     assert _job(max_completion_tokens=7).max_tokens == 7
     assert _job(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
                 ).messages == [{"role": "user", "content": "ab"}]
@@ -216,7 +304,7 @@ def test_read_completion_counts_tokens_and_finish_reason():
 
     eos, pad = {0}, 0
     assert read_completion([1, 2, 0, 0], 4, (), eos, pad, decode).__dict__ == {
-        "text": "ab", "finish_reason": "stop", "completion_tokens": 3}
+        "text": "ab", "finish_reason": "stop", "completion_tokens": 3, "logprobs": None}
     assert read_completion([1, 2, 3, 4], 4, (), eos, pad, decode).finish_reason == "length"
     # a row generated past its own max_tokens (another request in the batch wanted more) is cut
     cut = read_completion([1, 2, 3, 4, 5, 6], 3, (), eos, pad, decode)
@@ -229,18 +317,35 @@ def test_read_completion_counts_tokens_and_finish_reason():
     assert (last.text, last.finish_reason) == ("ab", "stop")
 
 
-def test_cli_writes_the_gpu_deploy_file(tmp_path):
+def test_cli_writes_the_gpu_deploy_file(tmp_path, monkeypatch):
+    """`--write-gpu-config`: a cluster file (proxy on 0.0.0.0, `chat.backend: vllm`), paths as written (the
+    cluster resolves them), `max_model_len` from the model's config.json."""
     from ray.serve.schema import ServeDeploySchema
 
     from almost_ray.cli import main
 
-    model = tmp_path / "run" / "sft" / "model"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    _model_dir(Path("run"))
     out = tmp_path / "gpu.yaml"
-    assert main(["serve", "--set", f"runs_dir={tmp_path}", "--set", "run_name=run",
+    assert main(["serve", "--set", "runs_dir=.", "--set", "run_name=run", "--set", "serve.chat.model=run/ppo/model",
                  "--write-gpu-config", str(out)]) == 0
     deploy = yaml.safe_load(out.read_text())
-    ServeDeploySchema.model_validate(deploy)
-    assert deploy["applications"][0]["args"]["llm_configs"][0]["model_loading_config"]["model_source"] == str(
-        model.resolve())
+    assert ServeDeploySchema.model_validate(deploy).http_options.host == "0.0.0.0"  # Ray's default: the pod's interfaces
+    (app,) = deploy["applications"]
+    cfg = ServeConfig.model_validate(app["args"])
+    assert cfg.chat.backend == "vllm" and cfg.chat.model == "run/ppo/model" and str(cfg.run_dir) == "run"
+    assert cfg.llm.engine_kwargs["max_model_len"] == 2048
+    assert cfg.http.host == "127.0.0.1"  # `almost-ray serve` on a machine still binds loopback
+
+
+def test_a_completion_keeps_the_space_a_sentencepiece_decoder_drops():
+    from almost_ray.serve.chat import decode_after
+
+    vocab = {1: "\u2581The", 2: "\u2581capital", 3: "\u2581is", 4: "\u2581Paris"}
+
+    def decode(ids):  # SentencePiece: "\u2581" is a space, and a sequence's leading space is dropped
+        return "".join(vocab[i] for i in ids).replace("\u2581", " ").removeprefix(" ")
+
+    assert decode([4]) == "Paris"
+    assert decode_after(decode, [1, 2, 3], [4]) == " Paris"
+    assert decode([1, 2, 3]) + decode_after(decode, [1, 2, 3], [4]) == "The capital is Paris"

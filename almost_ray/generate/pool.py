@@ -20,6 +20,7 @@ from almost_ray.cluster.connect import node_id
 from almost_ray.cluster.dashboard import add_counts
 from almost_ray.cluster.pools import stream_pool
 from almost_ray.cluster.replicas import ModelReplica, generator_model
+from almost_ray.models import vllm_data
 from almost_ray.models.config import ModelConfig, PromptFormat, SamplingParams
 from almost_ray.prompts.templates import render_prompt
 
@@ -65,7 +66,13 @@ def stream_generation(
 ) -> Iterator[dict]:
     """Run `rows` through a generation pool and yield output rows as they finish (any order).
 
-    `pool` is the config path of `resources`, named by the preflight when the pool cannot fit."""
+    `pool` is the config path of `resources`, named by the preflight when the pool cannot fit. A vLLM pool
+    (GPUs per replica and vLLM installed, or `backend: vllm`) runs on Ray's `ray.data.llm` instead
+    (`models/vllm_data.py`)."""
+    if vllm_data.use_ray_data_llm(model, resources):
+        yield from vllm_data.stream_generation(rows, model, sampling, resources, prompt_format, header, pool,
+                                               metrics_tags)
+        return
     kwargs = generation_replica(model, sampling, prompt_format, header, metrics_tags)
     for row in stream_pool(rows, ModelReplica, kwargs, resources, pool):
         out = dict(row)

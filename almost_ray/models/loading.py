@@ -258,10 +258,14 @@ def tokenizer_dir(ref: str) -> Path:
     return resolve_model_dir(ref)
 
 
-def context_length(model_dir: Path) -> int:
-    """The positions a model takes (`max_position_embeddings` of its config.json)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config.get("max_position_embeddings") or config.get("max_sequence_length") or 4096)
+def context_length(model_dir: str | Path) -> int | None:
+    """`max_position_embeddings` of a model directory's config.json (None when it has none)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings", config.get("text_config", {}).get("max_position_embeddings"))
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def eos_token_ids(tokenizer, generation_config=None) -> list[int]:

@@ -91,7 +91,7 @@ def check_prompts_fit(model, conversations: list[tuple[str, list[dict]]], prompt
 
     folder = tokenizer_dir(model.ref)
     tokenizer = load_tokenizer(folder)
-    limit = max(context_length(folder) - max_new_tokens, 1)
+    limit = max((context_length(folder) or 4096) - max_new_tokens, 1)  # the HF backend's default too
 
     skipped = 0
     for where, messages in conversations:

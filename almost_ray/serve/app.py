@@ -32,21 +32,27 @@ from almost_ray.serve.config import RequestLimits, ServeConfig
 from almost_ray.serve.protocol import (
     APIError,
     ChatCompletionRequest,
+    CompletionRequest,
     RewardRequest,
     check_chat,
+    check_completion,
     check_reward,
-    completion_body,
-    completion_id,
     error_body,
     parse_json_body,
-    stream_events,
     validate_model,
     validation_error,
+)
+from almost_ray.serve.responses import (
+    chat_body,
+    chat_events,
+    completion_body,
+    completion_events,
+    completion_id,
 )
 from almost_ray.serve.reward import RewardScorer, resolve_reward_model
 
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="almost_ray", description="OpenAI-compatible chat completions and reward scoring")
+api = FastAPI(title="almost_ray", description="OpenAI-compatible chat completions, completions and reward scoring")
 
 
 @api.exception_handler(APIError)
@@ -94,6 +100,46 @@ async def read_json(request: Request, limits: RequestLimits) -> dict[str, Any]:
     return parse_json_body(bytes(body), limits)
 
 
+def check_model(name: str | None, served: str | None) -> None:
+    if name is not None and name != served:
+        raise APIError(f"model {name!r} is not served here (serving {served!r})", "model", 404, "model_not_found")
+
+
+async def reward_scores(request: Request, reward: DeploymentHandle | None, limits: RequestLimits,
+                        reward_id: str | None) -> dict:
+    """`POST /v1/reward`, the same on the CPU and the GPU ingress."""
+    req = validate_model(RewardRequest, await read_json(request, limits))
+    if reward is None:
+        raise APIError("no reward model is configured (serve.reward)", None, 503, "reward_model_unavailable",
+                       type="service_unavailable")
+    check_model(req.model, reward_id)
+    conversations = check_reward(req, limits)
+    scores = await asyncio.gather(*(reward.score.remote(c) for c in conversations))
+    return {"object": "list", "model": reward_id,
+            "data": [{"object": "reward", "index": i, "score": s} for i, s in enumerate(scores)]}
+
+
+def deployment_health(deployments: dict[str, tuple[str, int]]) -> tuple[bool, dict[str, dict]]:
+    """Serve's view of each deployment (`name -> (status, running replicas)`): the application is healthy
+    when every deployment has a running replica and none is marked unhealthy."""
+    report = {name: {"status": status, "running_replicas": running} for name, (status, running) in deployments.items()}
+    healthy = bool(deployments) and all(running > 0 and status != "UNHEALTHY" for status, running in deployments.values())
+    return healthy, report
+
+
+async def health_response(extra: dict[str, Any]) -> JSONResponse:
+    """`GET /health`: 200 when every deployment of this application has a running replica, else 503."""
+    app_name = serve.get_replica_context().app_name
+    status = await asyncio.to_thread(serve.status)
+    app = status.applications.get(app_name)
+    deployments = {} if app is None else {
+        name: (str(d.status.value), int(d.replica_states.get("RUNNING", 0))) for name, d in app.deployments.items()
+    }
+    healthy, report = deployment_health(deployments)
+    body = {"status": "ok" if healthy else "unavailable", **extra, "deployments": report}
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
 @serve.deployment
 @serve.ingress(api)
 class OpenAIIngress:
@@ -106,13 +152,9 @@ class OpenAIIngress:
         self.model_id, self.reward_id = model_id, reward_id
         self.created = int(time.time())
 
-    def _check_model(self, name: str | None, served: str | None) -> None:
-        if name is not None and name != served:
-            raise APIError(f"model {name!r} is not served here (serving {served!r})", "model", 404, "model_not_found")
-
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_id, "reward_model": self.reward_id}
+    async def health(self) -> JSONResponse:
+        return await health_response({"model": self.model_id, "reward_model": self.reward_id})
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -122,60 +164,87 @@ class OpenAIIngress:
             for name, kind in served
         ]}
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        req = validate_model(ChatCompletionRequest, await read_json(request, self.limits))
+    def _chat_model(self, name: str | None) -> DeploymentHandle:
         if self.chat is None:
             raise APIError("no chat model is served here (serve.chat.enabled is false)", None, 503,
                            "chat_model_unavailable", type="service_unavailable")
-        self._check_model(req.model, self.model_id)
+        check_model(name, self.model_id)
+        return self.chat
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        req = validate_model(ChatCompletionRequest, await read_json(request, self.limits))
+        chat = self._chat_model(req.model)
         job = check_chat(req, self.limits)
-        result = await self.chat.chat.remote(job)
+        result = await chat.chat.remote(job)
         if isinstance(result, APIError):
             raise result
         cid = completion_id()
         if job.stream:
-            events = stream_events(result, self.model_id, cid, job.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+            return StreamingResponse(chat_events(result, self.model_id, cid, job.include_usage),
+                                     media_type="text/event-stream")
+        return chat_body(result, self.model_id, cid)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        req = validate_model(CompletionRequest, await read_json(request, self.limits))
+        chat = self._chat_model(req.model)
+        job = check_completion(req, self.limits)
+        result = await chat.complete.remote(job)
+        if isinstance(result, APIError):
+            raise result
+        cid = completion_id("cmpl")
+        if job.stream:
+            return StreamingResponse(completion_events(result, self.model_id, cid, job.include_usage),
+                                     media_type="text/event-stream")
         return completion_body(result, self.model_id, cid)
 
     @api.post("/v1/reward")
     async def reward_scores(self, request: Request) -> dict:
-        req = validate_model(RewardRequest, await read_json(request, self.limits))
-        if self.reward is None:
-            raise APIError("no reward model is configured (serve.reward)", None, 503, "reward_model_unavailable",
-                           type="service_unavailable")
-        self._check_model(req.model, self.reward_id)
-        conversations = check_reward(req, self.limits)
-        scores = await asyncio.gather(*(self.reward.score.remote(c) for c in conversations))
-        return {"object": "list", "model": self.reward_id,
-                "data": [{"object": "reward", "index": i, "score": s} for i, s in enumerate(scores)]}
+        return await reward_scores(request, self.reward, self.limits, self.reward_id)
+
+
+def parse_args(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
+    if isinstance(args, ServeConfig):
+        return args
+    try:
+        return ServeConfig.model_validate(args or {})
+    except ValidationError as err:
+        lines = [f"serve args: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def reward_deployment(cfg: ServeConfig):
+    """The bound reward deployment and the id it is served under, or (None, None) without an RM."""
+    ref = resolve_reward_model(cfg)
+    if ref is None:
+        return None, None
+    scorer = RewardScorer.options(**cfg.reward.deployment.serve_options()).bind(cfg.reward.model_dump(mode="json"), ref)
+    return scorer, model_id_of(ref)
 
 
 def build_app(args: dict[str, Any] | ServeConfig | None = None):
-    """The Serve application builder (`import_path: almost_ray.serve.app:build_app`, `args`: ServeConfig)."""
-    if isinstance(args, ServeConfig):
-        cfg = args
-    else:
+    """The Serve application builder (`import_path: almost_ray.serve.app:build_app`, `args`: ServeConfig).
+
+    `chat.backend: hf` composes our ingress with our chat and reward deployments; `chat.backend: vllm`
+    composes Ray's LLM deployment with our reward deployment (`llm_app.py`; needs vLLM, the `[gpu]`
+    extra). Either way the same routes answer under one base URL.
+    """
+    cfg = parse_args(args)
+    if cfg.chat.enabled and cfg.chat.backend == "vllm":
         try:
-            cfg = ServeConfig.model_validate(args or {})
-        except ValidationError as err:
-            lines = [f"serve args: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
-            raise ConfigError("\n".join(lines)) from None
+            from almost_ray.serve.llm_app import build_llm_app
+        except ImportError as err:
+            raise ConfigError(f"serve.chat.backend: vllm needs vLLM (pip install 'almost-ray[gpu]'): {err}") from None
+        return build_llm_app(cfg)
     chat_ref = resolve_chat_model(cfg) if cfg.chat.enabled else None
     chat = None
     if chat_ref is not None:
         chat = ChatModel.options(**cfg.chat.deployment.serve_options()).bind(cfg.chat.model_dump(mode="json"), chat_ref)
-    reward_ref = resolve_reward_model(cfg)
-    reward = None
-    if reward_ref is not None:
-        reward = RewardScorer.options(**cfg.reward.deployment.serve_options()).bind(
-            cfg.reward.model_dump(mode="json"), reward_ref
-        )
+    reward, reward_id = reward_deployment(cfg)
     return OpenAIIngress.options(**cfg.ingress.serve_options()).bind(
         chat, reward, cfg.limits.model_dump(mode="json"),
-        (cfg.chat.model_id or model_id_of(chat_ref)) if chat_ref else None,
-        model_id_of(reward_ref) if reward_ref else None,
+        (cfg.chat.model_id or model_id_of(chat_ref)) if chat_ref else None, reward_id,
     )
 
 
@@ -196,7 +265,8 @@ def run(cfg: ServeConfig, ray_cfg, block: bool = True) -> str:
     try:
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
         serve.run(build_app(cfg), name="almost_ray", route_prefix="/")
-        print(f"serving {url}/v1 (chat completions, models, reward) and {url}/health; Ctrl-C stops", flush=True)
+        print(f"serving {url}/v1 (chat completions, completions, models, reward) and {url}/health; Ctrl-C stops",
+              flush=True)
         while block:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -52,7 +52,9 @@ class DeploymentOptions(StrictModel):
 
 
 class ChatDeploymentConfig(StrictModel):
-    """The chat model: an HF generator per replica; concurrent requests share forward passes.
+    """The chat model: with `backend: hf` our deployment (an HF generator per replica, concurrent requests
+    sharing forward passes: the `max_batch_size`, `batch_wait_timeout_s` and `max_rows` settings), with
+    `backend: vllm` Ray's `ray.serve.llm` deployment (vLLM; `serve.llm` holds its engine settings).
 
     `model: null` serves the aligned model of `run_dir` (`ppo/model`, else `sft/model`), else the
     embedded SmolLM2. `prompt_format: auto` reads the format the model was trained on from its stage's
@@ -60,7 +62,10 @@ class ChatDeploymentConfig(StrictModel):
     uses the tokenizer's chat template, else `human_assistant`.
     """
 
-    enabled: bool = Field(default=True, description="false: the RM only (the GPU path serves chat with vLLM)")
+    enabled: bool = Field(default=True, description="false: the RM only")
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf", description="hf: our deployment (CPU or GPU); vllm: Ray's `ray.serve.llm` deployment (GPU)"
+    )
     model: str | None = None
     model_id: str | None = Field(default=None, description="the name in /v1/models (default: from the model)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -112,6 +117,8 @@ class RequestLimits(StrictModel):
     max_stop: int = Field(default=4, ge=0)
     max_stop_chars: int = Field(default=64, ge=1)
     max_reward_items: int = Field(default=32, ge=1, description="conversations per /v1/reward request")
+    max_prompts: int = Field(default=16, ge=1, description="prompts per /v1/completions request")
+    max_logit_bias: int = Field(default=300, ge=0, description="entries of a request's logit_bias")
 
     @model_validator(mode="after")
     def _default_within_bound(self) -> RequestLimits:
@@ -128,10 +135,11 @@ class HTTPConfig(StrictModel):
 
 
 class LLMBackendConfig(StrictModel):
-    """The GPU path: the chat model through `ray.serve.llm` (vLLM), generated from this section."""
+    """`chat.backend: vllm`: the chat model on Ray's `ray.serve.llm` (vLLM); see `serve/llm.py`."""
 
     engine_kwargs: dict[str, Any] = Field(
-        default_factory=lambda: {"max_model_len": 4096}, description="vLLM engine arguments"
+        default_factory=dict,
+        description="vLLM engine arguments; max_model_len defaults to the model's max_position_embeddings",
     )
     tensor_parallel_size: int = Field(default=1, ge=1)
     accelerator_type: str | None = Field(default=None, description="e.g. A100, H100 (Ray's accelerator names)")
