@@ -22,7 +22,7 @@ CHILD = textwrap.dedent('''
 
     work = Path(sys.argv[1])
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
     wanted = ["ray_almost_ray_queries_mined_total", "ray_almost_ray_queries_parsed_total",
               "ray_almost_ray_queries_tokens_generated_total", "ray_almost_ray_queries_progress",
               "ray_almost_ray_train_rm_loss", "ray_almost_ray_train_rm_accuracy", "ray_almost_ray_train_rm_progress"]

@@ -190,7 +190,7 @@ def test_compare_survives_a_lost_node(tmp_path):
         ray.shutdown()
         cluster.shutdown()
         if had_ray:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 def _subprocess_env(ray_address: str | None = None) -> dict[str, str]:
