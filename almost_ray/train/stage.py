@@ -1,6 +1,6 @@
 """A training stage around `loop.fit`: skip when done, encode, train, plot, write the manifest.
 
-`train-rm` and `train-sft` differ only in how their input file becomes examples; everything that
+`train-rm`, `train-sft` and `train-dpo` differ only in how their input file becomes examples; everything that
 makes them a pipeline stage (resume, Ray start-up, metrics plot, manifest) lives here once.
 """
 
@@ -26,8 +26,10 @@ def run_stage(
     stage_dir: str | Path,
     prepare: Prepare,
     plot: tuple[list[str], str],
+    loss_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Train `kind` ("rm" | "sft") into `stage_dir/model`; returns it. Skipped when already done."""
+    """Train `kind` ("rm" | "sft" | "dpo") into `stage_dir/model`; returns it. Skipped when already done.
+    `loss_options` go to the task's `micro_loss` (`loop.fit`)."""
     from almost_ray.cluster import init_ray
     from almost_ray.manifest import is_done, write_manifest
     from almost_ray.models.loading import resolve_model_dir
@@ -45,7 +47,7 @@ def run_stage(
         preflight(f"{name.split(':')[0].replace('-', '_')} workers", train_bundles(cfg))
     model_dir = resolve_model_dir(cfg.model)
     examples, counts = prepare(model_dir)
-    out = loop.fit(kind, cfg, examples, model_dir, stage_dir)
+    out = loop.fit(kind, cfg, examples, model_dir, stage_dir, loss_options=loss_options)
     summary = summarize(stage_dir / loop.METRICS)
     keys, title = plot
     plot_metrics(stage_dir / loop.METRICS, stage_dir / "training.png", keys, title=title)
