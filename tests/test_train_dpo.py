@@ -130,6 +130,41 @@ def test_loss_and_metrics_equal_trl_dpo_trainer(tmp_path, loss_type, padding_fre
     assert 0 < trl["rewards/accuracies"] < 1  # a batch where the metric means something
 
 
+def test_simpo_loss_and_metrics_equal_trl_cpo_trainer(tmp_path, monkeypatch):
+    """SimPO lives in TRL 1.16's `CPOTrainer` (`loss_type="simpo"`, `cpo_alpha=0`: no NLL term); our loss and
+    `rewards/*` on its tokenized batch agree to 1e-5."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    rng = random.Random(1)
+    rows = [{"prompt": f"\n\nHuman: Tell me about {' '.join(rng.sample(WORDS, 3))}.\n\nAssistant:",
+             "chosen": " " + " ".join(rng.sample(WORDS, rng.randint(2, 7))),
+             "rejected": " " + " ".join(rng.sample(WORDS, rng.randint(1, 5)))} for _ in range(6)]
+    args = CPOConfig(output_dir=str(tmp_path / "cpo"), per_device_train_batch_size=6, report_to="none", use_cpu=True,
+                     loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, bf16=False, max_length=64)
+    trainer = CPOTrainer(model=_perturbed_tiny(), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=load_tokenizer("tiny:llama"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with torch.no_grad():
+        trl_loss, trl = trainer.get_batch_loss_metrics(trainer.model, batch, "train")
+    examples = []
+    for row in trainer.train_dataset:
+        ex = {"ref_chosen": 0.0, "ref_rejected": 0.0}
+        for side in ("chosen", "rejected"):
+            ex[side] = np.asarray(row[f"{side}_input_ids"], dtype=np.int32)
+            ex[f"{side}_start"] = next(i for i, label in enumerate(row[f"{side}_labels"]) if label != -100)
+        examples.append(ex)
+    with torch.no_grad():
+        loss_sum, stats = dpo.micro_loss(_perturbed_tiny().eval(), examples, torch.device("cpu"), loss_type="simpo",
+                                         beta=2.0, simpo_gamma=0.5)
+    ours = dpo.step_metrics({k: float(v) for k, v in stats.items()}, len(examples), len(examples))
+    assert loss_sum.item() / len(examples) == pytest.approx(trl_loss.item(), abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert ours[key] == pytest.approx(trl[key], abs=1e-5), key
+
+
 def planted_pairs(path, n: int, seed: int) -> None:
     """Comparisons whose chosen reply, and only it, contains the word "banana" somewhere."""
     rng = random.Random(seed)
