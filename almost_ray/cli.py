@@ -32,6 +32,7 @@ COMMANDS = {
     "eval-rm": "almost_ray.eval.rm",
     "rmsp": "almost_ray.rmsp.stage",
     "train-sft": "almost_ray.train.sft",
+    "train-dpo": "almost_ray.train.dpo",
     "ppo": "almost_ray.rl.stage",
     "eval": "almost_ray.eval.evaluate",
 }
@@ -95,6 +96,12 @@ def _train_sft(args, cfg: Config) -> None:
     out = stage_module("train-sft").run(with_flags(cfg, {"train_sft.dialogues": args.input,
                                                           "train_sft.output_dir": args.output}))
     print(f"{cfg.train_sft.mode} model written to {out / 'model'}")
+
+
+def _train_dpo(args, cfg: Config) -> None:
+    out = stage_module("train-dpo").run(with_flags(cfg, {"train_dpo.comparisons": args.input,
+                                                          "train_dpo.output_dir": args.output}))
+    print(f"DPO ({cfg.train_dpo.loss_type}) model written to {out / 'model'}")
 
 
 def _eval_rm(args, cfg: Config) -> None:
@@ -211,6 +218,15 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
         [
             (("--input",), dict(help=f"dialogues or prompt/completion rows (sets train_sft.dialogues; default: the "
                                      f"rmsp stage's): {SOURCE}")),
+            OUTPUT_DIR,
+        ],
+    ),
+    "train-dpo": (
+        "direct preference optimisation (DPO, IPO or SimPO) of the SFT model on comparisons (train_dpo.loss_type)",
+        _train_dpo,
+        [
+            (("--input",), dict(help=f"preference pairs (sets train_dpo.comparisons; default: the compare stage's): "
+                                     f"{SOURCE}")),
             OUTPUT_DIR,
         ],
     ),

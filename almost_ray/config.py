@@ -1,9 +1,9 @@
 """The whole run's configuration: one section per stage, loaded from YAML with dotted overrides.
 
 Each section is defined beside its stage (`synth/config.py`, `train/config.py`, `rmsp/config.py`,
-`rl/config.py`, `eval/config.py`, `serve/config.py`, `generate_config.py`, `report_config.py`) or in one
+`rl/config.py`, `eval/config.py`, `serve/config.py`, `generate/config.py`, `pipeline/config.py`) or in one
 module per area (`models/config.py`: model, sampling and prompt formats; `adapters/config.py`: the
-rules adapter; `cluster_config.py`: Ray and actor pools), all on `config_base.StrictModel`; this module
+rules adapter; `cluster/config.py`: Ray and actor pools), all on `config_base.StrictModel`; this module
 only puts them together. The config is validated once, at the edge (`load_config`), and passed down as
 objects. Unknown keys and wrong types are errors that name the file, the line and the field, so nothing
 runs with a half-valid config.
@@ -26,7 +26,7 @@ from almost_ray.rl.config import PPOConfig
 from almost_ray.rmsp.config import RMSPConfig
 from almost_ray.serve.config import ServeConfig
 from almost_ray.synth.config import CompareConfig, QueriesConfig
-from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
+from almost_ray.train.config import TrainDPOConfig, TrainRMConfig, TrainSFTConfig
 
 __all__ = ["Config", "load_config"]
 
@@ -43,6 +43,7 @@ class Config(StrictModel):
     compare: CompareConfig = Field(default_factory=CompareConfig)
     train_rm: TrainRMConfig = Field(default_factory=TrainRMConfig)
     train_sft: TrainSFTConfig = Field(default_factory=TrainSFTConfig)
+    train_dpo: TrainDPOConfig = Field(default_factory=TrainDPOConfig)
     eval_rm: EvalRMConfig = Field(default_factory=EvalRMConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rmsp: RMSPConfig = Field(default_factory=RMSPConfig)

@@ -40,6 +40,7 @@ OPENRLHF_FLAGS: dict[str, tuple[str, list[str] | None]] = {
     "--algo.advantage.lambd": ("float", None),
     "--algo.kl.estimator": ("str", ["k1", "k2", "k3"]),
     "--algo.kl.init_coef": ("float", None),
+    "--algo.kl.use_loss": ("store_true", None),
     "--ckpt.load_enable": ("store_true", None),
     "--ckpt.max_num": ("int", None),
     "--ckpt.output_dir": ("str", None),
@@ -212,6 +213,32 @@ def test_colocating_everything_shares_the_actor_gpus_with_vllm_and_chat_prompts_
     with pytest.raises(ConfigError, match="engines x tensor_parallel_size == policy replicas"):
         openrlhf.build_command(paper_config(colocate=[["policy", "reference", "critic", "reward"]],
                                             rollout={"engines": 2, "tensor_parallel_size": 2}))
+
+
+@pytest.mark.parametrize("ours, theirs", list(openrlhf.OPENRLHF_ESTIMATOR.items()))
+def test_critic_free_estimators_map_to_openrlhfs_and_start_no_critic(ours, theirs):
+    """OpenRLHF samples `--rollout.batch_size` prompts x `n_samples_per_prompt`: the same 512 samples per
+    iteration as ours; without a critic, no critic flag is passed and all remaining roles colocate."""
+    cfg = paper_config(advantage_estimator=ours, n_samples_per_prompt=8, use_kl_loss=ours == "grpo",
+                       kl_estimator="k3" if ours == "grpo" else "k1",
+                       colocate=[["policy", "reference", "critic", "reward"]],
+                       rollout={"engines": 4, "tensor_parallel_size": 2})
+    argv = openrlhf.build_command(cfg)
+    args = parse_as_openrlhf(argv)
+    assert args["algo.advantage.estimator"] == theirs
+    assert args["rollout.batch_size"] * args["rollout.n_samples_per_prompt"] == 512
+    assert args["rollout.n_samples_per_prompt"] == 8 and args["train.batch_size"] == 32
+    assert args["algo.kl.use_loss"] == (ours == "grpo")
+    critic_flags = [a for a in argv if a.startswith("--critic.") or a == "--train.colocate_critic_reward"]
+    assert (critic_flags == []) == (ours != "gae")
+    assert args["train.colocate_all"]  # policy, reference and reward: every role a critic-free run has
+
+
+def test_critic_free_prompts_file_holds_one_row_per_prompt_drawn(tmp_path):
+    cfg = tiny_run(tmp_path, advantage_estimator="rloo", n_samples_per_prompt=2, rollout_batch_size=4,
+                   minibatch_size=2, total_episodes=8)
+    written = openrlhf.write_prompts(cfg, tmp_path / "prompts.jsonl")
+    assert written == (4, 2, 1)  # 2 iterations x 2 prompts, each sampled twice by OpenRLHF
 
 
 def test_replicas_become_nodes_of_gpus_per_node():

@@ -55,6 +55,35 @@ def test_plan_bundles_separate_roles_and_empty_bundle():
                                reference_resources={"num_gpus": 0.5}))
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_plan_no_critic(estimator):
+    """No critic bundle, also when `colocate` names it (the demo colocates all four roles)."""
+    cfg = PPOConfig(advantage_estimator=estimator, rollout_batch_size=16, minibatch_size=8,
+                    colocate=[["policy", "critic", "reference", "reward"]],
+                    **{f"{r}_resources": {"num_cpus": 0.25} for r in ("policy", "critic", "reference", "reward")})
+    bundles, where = plan_bundles(cfg)
+    assert "critic" not in where and cfg.roles == ("policy", "reference", "reward")
+    assert bundles == [{"CPU": 0.75}, {"CPU": 1.0}] and where["rollout"] == [1]
+    separate, where = plan_bundles(PPOConfig(advantage_estimator=estimator, rollout_batch_size=16, minibatch_size=8,
+                                             colocate=[["critic", "reward"]]))
+    assert len(separate) == 4 and set(where) == {"policy", "reference", "reward", "rollout"}
+
+
+def test_group_estimators_sample_groups_of_responses():
+    assert PPOConfig(advantage_estimator="grpo").n_samples_per_prompt == 4  # a group even when unset
+    assert PPOConfig(advantage_estimator="reinforce_pp").n_samples_per_prompt == 1
+    cfg = PPOConfig(advantage_estimator="rloo", n_samples_per_prompt=8, rollout_batch_size=64, minibatch_size=16)
+    assert cfg.prompts_per_iteration == 8 and cfg.iterations == 80_000 // 64
+    with pytest.raises(ValidationError, match="n_samples_per_prompt must be 2 or more"):
+        PPOConfig(advantage_estimator="dr_grpo", n_samples_per_prompt=1)
+    with pytest.raises(ValidationError, match="multiple of n_samples_per_prompt"):
+        PPOConfig(n_samples_per_prompt=3, rollout_batch_size=16, minibatch_size=8)
+    with pytest.raises(ValidationError, match="gamma must be 1"):
+        PPOConfig(advantage_estimator="grpo", gamma=0.99)
+    with pytest.raises(ValidationError, match="advantage_estimator"):
+        PPOConfig(advantage_estimator="group_norm")  # OpenRLHF's name is not ours
+
+
 def test_config_rejects_unknown_role_and_uneven_minibatches():
     with pytest.raises(ValidationError, match="colocate"):
         PPOConfig(colocate=[["policy", "value"]])
@@ -221,7 +250,8 @@ def test_bf16_mixed_precision_trains_fp32_weights():
 
 def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
     from almost_ray.data.metrics_log import MetricsLog
-    from almost_ray.rl.checkpoint import CHECKPOINTS, atomic_dir, checkpoint_dirs
+    from almost_ray.data.atomic import atomic_directory as atomic_dir
+    from almost_ray.rl.checkpoint import CHECKPOINTS, checkpoint_dirs
 
     root = tmp_path / CHECKPOINTS
     with atomic_dir(root / "iter_0000002") as tmp:

@@ -1,7 +1,8 @@
 """PPO end to end on tiny models (slow: each run starts five Ray actors).
 
 - a planted reward rises within a few iterations while the KL stays bounded, and a larger lambda
-  gives a smaller KL;
+  gives a smaller KL; the same with each critic-free estimator (GRPO, Dr. GRPO, RLOO, REINFORCE++), and
+  Ray's state API shows that no critic actor was started;
 - the stage through the CLI writes model/, metrics.jsonl, ppo.png and the manifest, and the model
   reloads with plain transformers; a killed run, started again, ends where the uninterrupted one ends;
 - on a real 3-node Ray cluster (one raylet per node) SPREAD puts role groups on different nodes, and
@@ -29,18 +30,24 @@ ONE_CPU = dict(
 )
 
 
+def start_local_ray():
+    """A 2-CPU Ray of this process (`address="local"`: never another process's cluster on this machine), with
+    its dashboard, which serves the state API (`ray.util.state` answers an empty list without it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    """A 2-CPU Ray of this process (`address="local"`: never another process's cluster on this machine)."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray()
     yield ray
     if started:
         ray.shutdown()
-
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +112,39 @@ def test_planted_reward_rises_and_kl_coef_bounds_the_kl(local_ray, tmp_path, tin
     assert last > first + 0.15, [r["reward_mean"] for r in low]
     assert all(abs(r["kl"]) < 20 for r in low), [r["kl"] for r in low]
     assert runs[1.0][-1]["kl"] < low[-1]["kl"], ([r["kl"] for r in runs[1.0]], [r["kl"] for r in low])
+
+
+def actors_of(class_name: str) -> list:
+    """Every actor of this class the Ray of this process has started (alive or dead), from its state API."""
+    import ray
+    from ray.util.state import list_actors
+
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", class_name)],
+                       limit=1000, timeout=30)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_planted_reward_rises_without_a_critic(local_ray, tmp_path, tiny_rm, prompts, planted_policy, estimator):
+    """Groups of 4 responses per prompt (reinforce_pp too: its batch baseline does not need them); GRPO with
+    its KL as a k3 loss term, the others with the KL penalty in the reward. The run's policy actor is in
+    Ray's record, so the check that no critic actor is there cannot pass because the API saw nothing."""
+    kl = {"use_kl_loss": True, "kl_estimator": "k3"} if estimator == "grpo" else {}
+    cfg = PPOConfig(
+        policy=str(planted_policy), reward_model=str(tiny_rm), advantage_estimator=estimator, n_samples_per_prompt=4,
+        total_episodes=16 * 6, rollout_batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=2,
+        max_new_tokens=8, lr=3e-3, min_lr=3e-3, kl_coef=0.05, checkpoint_every=10, **kl, **ONE_CPU,
+    )
+    policies_before, critics_before = len(actors_of("PolicyActor")), len(actors_of("CriticActor"))
+    out = run_ppo(cfg, tmp_path / estimator, prompts, scorer=cat_reward(8))
+    rows = _metrics(out)
+    first, last = rows[0]["reward_mean"], sum(r["reward_mean"] for r in rows[-2:]) / 2
+    assert last > first + 0.15, [r["reward_mean"] for r in rows]
+    assert all(abs(r["kl"]) < 20 for r in rows), [r["kl"] for r in rows]
+    assert all("value_loss" not in r for r in rows) and ("kl_loss" in rows[-1]) == (estimator == "grpo")
+    assert json.loads((out / "placement.json").read_text()).keys() == {"policy", "reference", "reward", "rollout"}
+    assert not list((out / "checkpoints").glob("*/critic"))
+    assert len(actors_of("PolicyActor")) == policies_before + 1
+    assert len(actors_of("CriticActor")) == critics_before  # none started by this run
 
 
 def _small(tiny_rm, **over):
@@ -221,4 +261,4 @@ def test_spread_places_role_groups_on_different_nodes(tmp_path, tiny_rm, prompts
         ray.shutdown()
         cluster.shutdown()
         if was_up:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            start_local_ray()

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from almost_ray.train.losses import IGNORE_INDEX, pairwise_loss, pairwise_stats, token_nll_sum
+from almost_ray.train.losses import (
+    IGNORE_INDEX,
+    pairwise_loss,
+    pairwise_stats,
+    preference_loss,
+    preference_stats,
+    token_nll_sum,
+)
 from almost_ray.train.optim import cosine_with_warmup
 
 
@@ -52,3 +59,50 @@ def test_cosine_with_warmup_shape():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert cosine_with_warmup(total, total, warmup, min_ratio=0.1) == pytest.approx(0.1)
     assert cosine_with_warmup(0, 1, 0) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------- DPO, IPO, SimPO
+# two pairs: policy and reference log-probs of each reply (summed over its tokens) and its token count
+LOGPS = dict(chosen_logps=torch.tensor([-10.0, -20.0]), rejected_logps=torch.tensor([-12.0, -15.0]),
+             ref_chosen_logps=torch.tensor([-11.0, -20.0]), ref_rejected_logps=torch.tensor([-11.0, -16.0]),
+             chosen_tokens=torch.tensor([4.0, 10.0]), rejected_tokens=torch.tensor([2.0, 5.0]))
+
+
+def test_dpo_sigmoid_loss_and_rewards_by_hand():
+    # h_c = [1, 0], h_r = [-1, 1]; beta 0.5: rewards [0.5, 0] and [-0.5, 0.5]; margins [1, -0.5]
+    loss, chosen, rejected = preference_loss("sigmoid", **LOGPS, beta=0.5)
+    assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(0.5))], rel=1e-6)
+    assert chosen.tolist() == pytest.approx([0.5, 0.0]) and rejected.tolist() == pytest.approx([-0.5, 0.5])
+    stats = preference_stats(loss, chosen, rejected)
+    assert stats["rewards/margins"].item() == pytest.approx(0.5)
+    assert stats["rewards/accuracies"].item() == 1.0  # the second pair is ranked wrong
+    assert stats["loss"].item() == pytest.approx(loss.sum().item())
+
+
+def test_ipo_loss_averages_log_ratios_per_token():
+    # h_c / |y_c| = [1/4, 0], h_r / |y_r| = [-1/2, 1/5]; beta 0.5 -> target margin 1 / (2 * 0.5) = 1
+    loss, chosen, rejected = preference_loss("ipo", **LOGPS, beta=0.5)
+    assert loss.tolist() == pytest.approx([(0.75 - 1.0) ** 2, (-0.2 - 1.0) ** 2], rel=1e-6)
+    assert chosen.tolist() == pytest.approx([0.5, 0.0])  # rewards as DPO's: beta * h, not averaged
+
+
+def test_simpo_loss_is_reference_free_and_length_normalised():
+    # beta / |y| * log pi with beta 2: chosen [-5, -4], rejected [-12, -6]; gamma 0.5
+    loss, chosen, rejected = preference_loss("simpo", **{**LOGPS, "ref_chosen_logps": None, "ref_rejected_logps": None},
+                                             beta=2.0, simpo_gamma=0.5)
+    assert chosen.tolist() == pytest.approx([-5.0, -4.0]) and rejected.tolist() == pytest.approx([-12.0, -6.0])
+    assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-6.5)), math.log(1 + math.exp(-1.5))], rel=1e-6)
+
+
+def test_preference_loss_gradient_raises_the_chosen_reply():
+    chosen = torch.tensor([-10.0], requires_grad=True)
+    rejected = torch.tensor([-10.0], requires_grad=True)
+    loss, _, _ = preference_loss("sigmoid", chosen, rejected, torch.tensor([-10.0]), torch.tensor([-10.0]),
+                                 torch.tensor([3.0]), torch.tensor([3.0]), beta=0.1)
+    loss.sum().backward()
+    # d/dh_c -log sigma(beta * (h_c - h_r)) at 0 = -beta * sigma(0) = -0.05; the rejected reply's is +0.05
+    assert chosen.grad.item() == pytest.approx(-0.05) and rejected.grad.item() == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="reference"):
+        preference_loss("sigmoid", chosen, rejected, None, None, torch.tensor([3.0]), torch.tensor([3.0]), beta=0.1)
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        preference_loss("hinge", chosen, rejected, chosen, rejected, torch.tensor([3.0]), torch.tensor([3.0]), beta=0.1)

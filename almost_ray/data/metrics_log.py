@@ -46,6 +46,9 @@ def summarize(path: str | Path) -> dict:
     }
     if "accuracy" in rows[-1]:
         out["tail_accuracy"] = sum(r["accuracy"] for r in tail) / len(tail)
+    for key in ("rewards/accuracies", "rewards/margins"):  # DPO, under TRL's names
+        if key in rows[-1]:
+            out[f"tail_{key.replace('/', '_')}"] = sum(r[key] for r in tail) / len(tail)
     return out
 
 

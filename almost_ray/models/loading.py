@@ -93,17 +93,15 @@ def check_model_ref(ref: str, field: str, kind: ModelKind = "causal_lm", made_by
     with one output, ALMoST Eq. 1; a generator a causal LM). Errors name the config field, and `made_by` (the
     command that writes the model when the field is left unset) says how to make it."""
     try:
-        if ref == "tiny:llama":
-            return
-        if ref.startswith("embedded:"):
-            embedded_gguf_path(ref)
-            return
         path = Path(ref).expanduser()
-        if path.suffix == ".gguf":
-            _check_gguf(path, ref)
+        if ref == "tiny:llama" or ref.startswith("embedded:") or path.suffix == ".gguf":
+            if ref.startswith("embedded:"):
+                embedded_gguf_path(ref)
+            elif path.suffix == ".gguf":
+                _check_gguf(path, ref)
             if kind == "reward_model":
-                raise ModelRefError(f"{ref}: a GGUF file is a language model, not a reward model "
-                                    "(train one with `almost-ray train-rm`)")
+                raise ModelRefError(f"{ref}: a language model, not a reward model (a sequence classifier with one "
+                                    "output; train one with `almost-ray train-rm`)")
             return
         if not (path / "config.json").is_file():
             raise ModelRefError(

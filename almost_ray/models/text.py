@@ -5,7 +5,7 @@ This module sits below `generator.py` and both backends (`hf_backend.py`, `vllm_
 rule lives here once:
 
 - `prompt_token_ids`: prompts are tokenized with `add_special_tokens=False`, as SFT
-  (`train.data.encode_supervised`), RM training (`train.reward.encode_pairs`) and RM scoring
+  (`train.data.encode_supervised`), RM training (`train.rm.encode_pairs`) and RM scoring
   (`models.reward.RewardModel`) do. A tokenizer with a BOS would otherwise give the served model a
   BOS it was never trained with (and a chat-template prompt, which writes its own, two). vLLM gets
   these ids (`TokensPrompt`), never text.

@@ -18,6 +18,9 @@ from almost_ray.rl.openrlhf_config import OpenRLHFConfig
 
 Role = Literal["policy", "critic", "reference", "reward"]
 ROLES: tuple[Role, ...] = ("policy", "critic", "reference", "reward")
+AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # the baseline is the other responses to the same prompt
+GROUP_SIZE_DEFAULT = 4  # n_samples_per_prompt of a group estimator when the config leaves it unset
 
 
 class RoleResources(StrictModel):
@@ -56,8 +59,13 @@ class RolloutConfig(StrictModel):
 
 class PPOConfig(StageSection):
     """`almost-ray ppo`: one iteration = rollout of `rollout_batch_size` episodes (one prompt, one
-    sampled response each), scoring by reference/reward/critic, then `ppo_epochs` passes over the
-    episodes in minibatches of `minibatch_size` (one optimizer step per minibatch)."""
+    sampled response each; `n_samples_per_prompt` responses share a prompt), scoring by reference/reward
+    (and the critic with `advantage_estimator: gae`), then `ppo_epochs` passes over the episodes in
+    minibatches of `minibatch_size` (one optimizer step per minibatch).
+
+    `advantage_estimator` other than `gae` is critic-free (rl/losses.py): no critic role is planned,
+    placed or started, and the critic's settings are unused.
+    """
 
     policy: str | None = Field(default=None, description="SFT model reference; null: train_sft's model (<run dir>/<train_sft.mode>/model)")
     reward_model: str | None = Field(default=None, description="RM reference; null: <run dir>/rm/model")
@@ -82,17 +90,35 @@ class PPOConfig(StageSection):
         default=True, description="a micro-batch's episodes end to end in one row, no pad tokens (models/packing.py; "
         "OpenRLHF --ds.packing_samples); false: right-padded rows")
     ppo_epochs: int = Field(default=4, ge=1, description="passes over each rollout batch (paper: 4)")
+    advantage_estimator: AdvantageEstimator = Field(
+        default="gae",
+        description="gae: a critic's values (the paper's PPO); critic-free: grpo (group-normalised scores), dr_grpo "
+        "(group mean only), rloo (leave-one-out group mean), reinforce_pp (REINFORCE++: returns normalised over the "
+        "batch). OpenRLHF's gae, group_norm, dr_grpo, rloo, reinforce",
+    )
+    n_samples_per_prompt: int = Field(
+        default=1, ge=1,
+        description="responses sampled per prompt (a group); rollout_batch_size counts responses. grpo, dr_grpo "
+        f"and rloo need 2 or more (default {GROUP_SIZE_DEFAULT} with them)",
+    )
     max_new_tokens: int = Field(default=128, ge=1, description="paper: 128")
     temperature: float = Field(default=1.0, gt=0, description="paper: 1")
     top_p: float = Field(default=1.0, gt=0, le=1)
     kl_coef: float = Field(default=0.05, ge=0, description="lambda of r - lambda * KL (paper: 0.05)")
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k3"] = Field(
+        default="k1", description="k1 (the paper's, as a reward penalty) or k3 (GRPO's, as a loss term)")
+    use_kl_loss: bool = Field(
+        default=False,
+        description="the KL to the reference as kl_coef * KL in the policy loss (GRPO; OpenRLHF --algo.kl.use_loss) "
+        "instead of -kl_coef * KL in the rewards",
+    )
     gamma: float = Field(default=1.0, ge=0, le=1, description="paper: 1")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
     clip_range: float = Field(default=0.2, gt=0, description="policy ratio clip (paper: 0.2)")
     clip_range_value: float = Field(default=0.2, gt=0, description="value clip")
     value_loss_coef: float = Field(default=0.1, ge=0)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(
+        default=True, description="gae only: grpo, dr_grpo and rloo are never whitened again, reinforce_pp always is")
     missing_eos_penalty: float | None = Field(
         default=None, description="added to the RM score of a response cut at max_new_tokens without EOS"
     )
@@ -147,6 +173,20 @@ class PPOConfig(StageSection):
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
+        if self.advantage_estimator in GROUP_ESTIMATORS:
+            if "n_samples_per_prompt" not in self.model_fields_set:
+                self.n_samples_per_prompt = GROUP_SIZE_DEFAULT
+            if self.n_samples_per_prompt < 2:
+                raise ValueError(f"n_samples_per_prompt must be 2 or more with advantage_estimator "
+                                 f"{self.advantage_estimator} (its baseline is the other responses to the same prompt)")
+            if self.gamma != 1.0:
+                raise ValueError(f"gamma must be 1 with advantage_estimator {self.advantage_estimator} (its baseline "
+                                 "is of the whole response's score)")
+        if self.rollout_batch_size % self.n_samples_per_prompt:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of n_samples_per_prompt "
+                f"({self.n_samples_per_prompt}): it counts responses, n_samples_per_prompt of them per prompt"
+            )
         if self.rollout_batch_size % self.minibatch_size:
             raise ValueError(
                 f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size "
@@ -159,6 +199,19 @@ class PPOConfig(StageSection):
                     raise ValueError(f"colocate: role {role!r} is in more than one group")
                 seen.append(role)
         return self
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage_estimator != "gae"
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The roles a run starts: all four, or no critic with a critic-free estimator."""
+        return tuple(r for r in ROLES if not (r == "critic" and self.critic_free))
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.rollout_batch_size // self.n_samples_per_prompt
 
     def resources(self, role: Role) -> RoleResources:
         return getattr(self, f"{role}_resources")

@@ -14,11 +14,15 @@ definitions of every flag emitted here and parses each command with them.
 What OpenRLHF 0.11.2 does with the values (read in the same wheel), where it matters for the mapping:
 - one "global step" is one rollout batch of `--rollout.batch_size` prompts x `n_samples_per_prompt`,
   then `--train.max_epochs` passes in optimizer steps of `--train.batch_size` samples; `--ckpt.save_steps`
-  counts global steps, i.e. our iterations;
+  counts global steps, i.e. our iterations; our `rollout_batch_size` counts samples, so
+  `--rollout.batch_size` is our `prompts_per_iteration`;
 - `--train.num_episodes` is passes over the prompt dataset (shuffled with `--train.seed`), so the
-  prompts file holds our `iterations x rollout_batch_size` episodes (the prompts cycled) and one pass;
+  prompts file holds our `iterations x prompts_per_iteration` prompts (cycled) and one pass;
 - GAE advantages are always whitened (mean, and std unless `--algo.advantage.no_std_norm`), rewards are
-  clipped to `--reward.clip_range` (default +-10) and generation is vLLM only.
+  clipped to `--reward.clip_range` (default +-10) and generation is vLLM only;
+- `--algo.advantage.estimator` other than `gae` starts no critic (its flags are left out here), and the
+  advantages are ours of `rl/losses.py` under OpenRLHF's names (`OPENRLHF_ESTIMATOR`); `--algo.kl.use_loss`
+  is our `use_kl_loss`. Its default policy-loss aggregation, `--actor.loss_agg_mode token-mean`, is ours.
 Options that do not map are either a `ConfigError` (they would change what is trained) or listed in
 `UNMAPPED` (they change only where or how fast it runs); see docs/openrlhf.md.
 """
@@ -35,7 +39,7 @@ from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
 from almost_ray.data.atomic import write_json
 from almost_ray.data.records import write_jsonl
-from almost_ray.rl.config import ROLES, PPOConfig
+from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.prompt_data import load_prompts
 from almost_ray.runs import paths
 
@@ -56,6 +60,9 @@ INPUT_KEY = "input"  # --data.input_key's default; the column write_prompts writ
 VALUE_HEAD = "score"  # the head of transformers' *ForSequenceClassification, i.e. of our train-rm output
 NO_REWARD_CLIP = 10000.0  # the paper clips no reward; OpenRLHF's default range is (-10, 10)
 OPENRLHF_ROLE = {"policy": "actor", "critic": "critic", "reference": "ref", "reward": "reward"}
+# our advantage estimator -> OpenRLHF 0.11.2's (experience_maker.compute_advantages_and_returns computes the same)
+OPENRLHF_ESTIMATOR = {"gae": "gae", "grpo": "group_norm", "dr_grpo": "dr_grpo", "rloo": "rloo",
+                      "reinforce_pp": "reinforce"}
 UNMAPPED = {
     "placement_strategy": "OpenRLHF packs each role (or colocated group) into its own PACK placement group",
     "*_resources.num_cpus": "OpenRLHF reserves one CPU per GPU bundle",
@@ -94,9 +101,10 @@ def _hf_dir(ref: str) -> str:
     return str(Path(ref).expanduser().resolve())
 
 
-def episode_rows(cfg: PPOConfig) -> int:
-    """Rows of the prompts file: the episodes our stage runs (`iterations` full rollout batches)."""
-    return cfg.iterations * cfg.rollout_batch_size
+def prompt_rows(cfg: PPOConfig) -> int:
+    """Rows of the prompts file: the prompts our stage draws (`iterations` rollout batches of
+    `prompts_per_iteration`; each is sampled `n_samples_per_prompt` times)."""
+    return cfg.iterations * cfg.prompts_per_iteration
 
 
 def role_placement(replicas: int, gpus_per_node: int, role: str) -> tuple[int, int]:
@@ -112,13 +120,14 @@ def role_placement(replicas: int, gpus_per_node: int, role: str) -> tuple[int, i
 
 
 def colocation_flags(cfg: PPOConfig) -> list[str]:
-    """Our `colocate` groups as OpenRLHF's three colocation switches (the only groupings it has)."""
+    """Our `colocate` groups as OpenRLHF's three colocation switches (the only groupings it has); a
+    critic-free run has no critic, so all its roles together are `colocate_all`."""
     flags = []
     for group in cfg.colocate:
-        roles = set(group)
+        roles = set(group) & set(cfg.roles)
         if len(roles) < 2:
             continue
-        if roles == set(ROLES):
+        if roles == set(cfg.roles):
             flag = "--train.colocate_all"
         elif roles == {"policy", "reference"}:
             flag = "--train.colocate_actor_ref"
@@ -143,7 +152,7 @@ def check_mappable(cfg: PPOConfig) -> None:
         problems.append("rollout.backend: hf -- OpenRLHF 0.11.2 generates with vLLM engines only (use auto/vllm)")
     if cfg.dtype == "float32":
         problems.append("dtype: float32 -- OpenRLHF trains in bf16 or fp16 only (use auto/bfloat16)")
-    if not cfg.whiten_advantages:
+    if not cfg.whiten_advantages and not cfg.critic_free:
         problems.append("whiten_advantages: false -- OpenRLHF always centres GAE advantages")
     if cfg.missing_eos_penalty is not None:
         problems.append(
@@ -179,7 +188,6 @@ def build_command(cfg: Config) -> list[str]:
     check_mappable(p)
     policy, reward = model_dirs(cfg)
     out = stage_dir(cfg)
-    critic = reward if p.critic_init == "reward" else policy
     n_engines, tp = p.rollout.engines, p.rollout.tensor_parallel_size
     colocation = colocation_flags(p)
     policy_gpus = p.policy_resources.replicas
@@ -196,14 +204,14 @@ def build_command(cfg: Config) -> list[str]:
     argv = [
         "--actor.model_name_or_path", policy,
         "--reward.model_name_or_path", reward,
-        "--critic.model_name_or_path", critic,
+        *([] if p.critic_free else ["--critic.model_name_or_path", reward if p.critic_init == "reward" else policy]),
         "--ds.value_head_prefix", VALUE_HEAD,
         "--data.prompt_dataset", str(out / "prompts.jsonl"),
         "--data.input_key", INPUT_KEY,
         *(["--data.apply_chat_template"] if p.prompt_format == "chat" else []),
         "--data.max_len", str(p.max_prompt_tokens + p.max_new_tokens),
-        "--rollout.batch_size", str(p.rollout_batch_size),
-        "--rollout.n_samples_per_prompt", "1",
+        "--rollout.batch_size", str(p.prompts_per_iteration),
+        "--rollout.n_samples_per_prompt", str(p.n_samples_per_prompt),
         "--rollout.micro_batch_size", str(p.micro_batch_size),
         "--rollout.max_new_tokens", str(p.max_new_tokens),
         "--rollout.temperature", _num(p.temperature),
@@ -213,16 +221,18 @@ def build_command(cfg: Config) -> list[str]:
         "--train.max_epochs", str(p.ppo_epochs),
         "--train.num_episodes", "1",
         "--train.seed", str(p.seed),
-        "--algo.advantage.estimator", "gae",
+        "--algo.advantage.estimator", OPENRLHF_ESTIMATOR[p.advantage_estimator],
         "--algo.advantage.gamma", _num(p.gamma),
         "--algo.advantage.lambd", _num(p.lam),
         "--algo.kl.init_coef", _num(p.kl_coef),
         "--algo.kl.estimator", p.kl_estimator,
+        *(["--algo.kl.use_loss"] if p.use_kl_loss else []),
         "--actor.eps_clip", _num(p.clip_range),
-        "--critic.value_clip", _num(p.clip_range_value),
+        *([] if p.critic_free else ["--critic.value_clip", _num(p.clip_range_value)]),
         "--reward.clip_range", _num(-NO_REWARD_CLIP), _num(NO_REWARD_CLIP),
     ]
-    for prefix, lr in (("actor", p.lr), ("critic", p.critic_lr)):
+    optimizers = [("actor", p.lr)] + ([] if p.critic_free else [("critic", p.critic_lr)])
+    for prefix, lr in optimizers:
         argv += [
             f"--{prefix}.adam.lr", _num(lr),
             f"--{prefix}.adam.betas", _num(p.adam_betas[0]), _num(p.adam_betas[1]),
@@ -232,7 +242,7 @@ def build_command(cfg: Config) -> list[str]:
             f"--{prefix}.max_norm", _num(p.max_grad_norm or 0.0),  # 0: DeepSpeed clips nothing
         ]
     argv += ["--ds.param_dtype", "bf16", *(["--ds.packing_samples"] if p.padding_free else [])]
-    for role in ROLES:
+    for role in p.roles:
         nodes, gpus = role_placement(p.resources(role).replicas, p.openrlhf.gpus_per_node, role)
         name = OPENRLHF_ROLE[role]
         argv += [f"--{name}.num_nodes", str(nodes), f"--{name}.num_gpus_per_node", str(gpus)]
@@ -270,13 +280,13 @@ def runtime_env(cfg: Config) -> dict:
 
 
 class PromptsWritten(NamedTuple):
-    rows: int  # episodes in the file (prompts cycled)
+    rows: int  # prompts in the file (cycled to the ones the run draws)
     prompts: int  # distinct prompts kept
     dropped: int  # prompts longer than ppo.max_prompt_tokens
 
 
 def write_prompts(cfg: Config, path: Path) -> PromptsWritten:
-    """The prompts file OpenRLHF reads: JSONL rows `{"input": prompt}`, one per episode.
+    """The prompts file OpenRLHF reads: JSONL rows `{"input": prompt}`, one per prompt drawn.
 
     `human_assistant`/`tulu` prompts are rendered here (OpenRLHF then uses the text as is);
     `chat` prompts stay raw and `--data.apply_chat_template` renders them. Prompts whose rendered
@@ -294,7 +304,7 @@ def write_prompts(cfg: Config, path: Path) -> PromptsWritten:
             kept.append(text if cfg.ppo.prompt_format == "chat" else rendered)
     if not kept:
         raise ConfigError(f"ppo.max_prompt_tokens: all {len(texts)} prompts are longer than {cfg.ppo.max_prompt_tokens} tokens")
-    rows = episode_rows(cfg.ppo)
+    rows = prompt_rows(cfg.ppo)
     write_jsonl(path, ({INPUT_KEY: kept[i % len(kept)]} for i in range(rows)))
     return PromptsWritten(rows, len(kept), len(texts) - len(kept))
 
@@ -349,7 +359,8 @@ def launch(cfg: Config, dry_run: bool) -> int:
         print(json.dumps(env, indent=2, sort_keys=True))
         if not address:
             notes.append("no ray.address: `ray job submit` reads RAY_ADDRESS")
-        notes.append(f"a real launch first writes {out / 'prompts.jsonl'} ({episode_rows(cfg.ppo)} episodes)")
+        notes.append(f"a real launch first writes {out / 'prompts.jsonl'} ({prompt_rows(cfg.ppo)} prompts, "
+                     f"{cfg.ppo.n_samples_per_prompt} sample(s) each)")
         print("\n".join(f"# {n}" for n in notes))
         return 0
     if not address:
@@ -374,7 +385,8 @@ def launch(cfg: Config, dry_run: bool) -> int:
                                   "prompts": written._asdict()})
     for n in notes:
         print(f"# {n}")
-    print(f"prompts: {written.prompts} kept, {written.dropped} too long, {written.rows} episodes")
+    print(f"prompts: {written.prompts} kept, {written.dropped} too long, {written.rows} rows of "
+          f"{cfg.ppo.n_samples_per_prompt} sample(s) each")
     print(f"submitted OpenRLHF PPO job {job_id}; follow it with: ray job logs --follow --address {address} {job_id}")
     return 0
 

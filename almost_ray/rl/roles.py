@@ -28,7 +28,7 @@ import torch
 from almost_ray.cluster import memory
 from almost_ray.config_base import ConfigError
 from almost_ray.rl import losses
-from almost_ray.rl.config import ROLES, PPOConfig
+from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.episodes import pack, response_logprobs, response_values, split_rows, take
 from almost_ray.train.optim import adamw, cosine_with_warmup
 
@@ -44,9 +44,14 @@ def role_resources(cfg: PPOConfig, role: str) -> tuple[int, dict[str, float]]:
 
 
 def plan_bundles(cfg: PPOConfig) -> tuple[list[dict[str, float]], dict[str, list[int]]]:
-    """The bundles of the placement group and, per role, the bundle index of each of its replicas."""
-    colocated = {r for group in cfg.colocate for r in group}
-    groups = [list(g) for g in cfg.colocate] + [[r] for r in ROLES if r not in colocated] + [[ROLLOUT]]
+    """The bundles of the placement group and, per role, the bundle index of each of its replicas.
+
+    Only the roles the run starts (`cfg.roles`: no critic with a critic-free estimator) are planned; a
+    `colocate` group keeps its other roles.
+    """
+    colocate = [[r for r in group if r in cfg.roles] for group in cfg.colocate]
+    colocated = {r for group in colocate for r in group}
+    groups = [g for g in colocate if g] + [[r] for r in cfg.roles if r not in colocated] + [[ROLLOUT]]
     bundles: list[dict[str, float]] = []
     where: dict[str, list[int]] = {}
     for group in groups:
@@ -266,9 +271,15 @@ class PolicyActor(TrainableActor):
         return self.score_episodes(batch, width, lambda p: response_logprobs(self.model, p, self.cfg.temperature))
 
     def micro_loss(self, packed, tensors):
+        """The clipped surrogate, plus kl_coef * KL to the reference when the KL is a loss term (GRPO)."""
         logprobs = response_logprobs(self.model, packed, self.cfg.temperature)
-        return losses.policy_loss(logprobs, tensors["old_logprobs"], tensors["advantages"], packed.mask,
-                                  self.cfg.clip_range)
+        loss, stats = losses.policy_loss(logprobs, tensors["old_logprobs"], tensors["advantages"], packed.mask,
+                                         self.cfg.clip_range)
+        if self.cfg.use_kl_loss:
+            kl = losses.kl_loss(logprobs, tensors["ref_logprobs"], packed.mask, self.cfg.kl_estimator)
+            stats["kl_loss"] = kl.detach()
+            loss = loss + self.cfg.kl_coef * kl
+        return loss, stats
 
     def weights(self) -> dict:
         """The state dict as arrays (rl/weights.py); returned through the object store once, loaded by

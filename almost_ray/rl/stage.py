@@ -50,7 +50,7 @@ def summarize(path: Path) -> dict:
     return {
         "iterations": rows[-1]["iteration"],
         "first_reward_mean": rows[0]["reward_mean"],
-        **{f"final_{k}": rows[-1][k] for k in keys},
+        **{f"final_{k}": rows[-1][k] for k in keys if k in rows[-1]},  # no value_loss without a critic
         "episodes_per_s": round(sum(r["episodes"] for r in rows) / sum(r["iteration_s"] for r in rows), 4),
     }
 

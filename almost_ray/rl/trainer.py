@@ -4,6 +4,10 @@
     -> shaped rewards (RM score at the last token - lambda * KL) -> GAE -> ppo_epochs x minibatches of
     updates (policy and critic, data-parallel) -> weight sync to the engines -> metrics
 
+With a critic-free `advantage_estimator` (GRPO, Dr. GRPO, RLOO, REINFORCE++) there is no critic: each
+prompt gets `n_samples_per_prompt` responses, and the advantages come from the scores of the group or of
+the batch (`losses.critic_free_advantages`) instead of values and GAE.
+
 The driver holds no model: it moves token ids and per-token tensors between the role actors and does
 the math of `rl/losses.py` itself (a few KB per episode). `train` adds what makes it a long job:
 checkpoints every `checkpoint_every` iterations, resume from the latest one, metrics to
@@ -71,11 +75,12 @@ def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, s
     try:
         c = cfg.model_dump(mode="json")
         placement.start("policy", PolicyActor, cfg, c, policy_dir)
-        placement.start("critic", CriticActor, cfg, c, critic_dir)
+        if not cfg.critic_free:
+            placement.start("critic", CriticActor, cfg, c, critic_dir)
         placement.start("reference", ReferenceActor, cfg, c, policy_dir)
         placement.start("reward", RewardActor, cfg, c, rm_dir, scorer)
         placement.start("rollout", engine_class(cfg), cfg, c, policy_dir)
-        for role in ("policy", "critic"):
+        for role in trainable_roles(cfg):
             actors = placement.actors[role]
             if len(actors) > 1:
                 host, port = ray.get(actors[0].address.remote())
@@ -88,6 +93,10 @@ def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, s
     except BaseException:
         placement.remove()
         raise
+
+
+def trainable_roles(cfg: PPOConfig) -> tuple[str, ...]:
+    return ("policy",) if cfg.critic_free else ("policy", "critic")
 
 
 def on_replicas(actors: list, method: str, batch: dict, width: int) -> torch.Tensor:
@@ -128,12 +137,14 @@ def prompt_order(n_prompts: int, iteration: int, batch: int, seed: int) -> list[
 
 def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration: int, tokenizer,
                   sync: bool = True) -> dict:
-    """One PPO iteration on `rollout_batch_size` prompts; returns its metrics. `sync=False` (the last
+    """One PPO iteration on `prompts_per_iteration` prompts; returns its metrics. `sync=False` (the last
     iteration: no rollout follows) leaves the engines' weights as they are."""
     import ray
 
     t0 = time.perf_counter()
-    # 1. rollout: one sampled response per prompt, seeded per episode
+    # 1. rollout: n_samples_per_prompt sampled responses per prompt (a group, next to each other), seeded per
+    #    episode
+    prompts = [p for p in prompts for _ in range(cfg.n_samples_per_prompt)]
     first = iteration * cfg.rollout_batch_size
     seeds = [episode_seed(cfg.seed, p.text, first + k) for k, p in enumerate(prompts)]
     responses, has_eos, sampled_logprobs = generate_all(roles["rollout"], [p.ids for p in prompts], seeds)
@@ -141,8 +152,8 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
     width = max(len(r) for r in batch["response_ids"])
     t1 = time.perf_counter()
 
-    # 2. scoring: pi_old (unless the engine's are reused) and pi_SFT log-probs, V, and the RM on the
-    #    Human:/Assistant: text (all in parallel)
+    # 2. scoring: pi_old (unless the engine's are reused) and pi_SFT log-probs, V (with a critic), and the
+    #    RM on the Human:/Assistant: text (all in parallel)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in batch["response_ids"]]
     conversations = [[{"role": "user", "content": p.text}, {"role": "assistant", "content": t}]
                      for p, t in zip(prompts, texts)]
@@ -153,20 +164,29 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
     old_logprobs = rows_to_tensor(sampled_logprobs, width) if reuse else on_replicas(
         roles["policy"], "logprobs", batch, width)
     ref_logprobs = on_replicas(roles["reference"], "logprobs", batch, width)
-    values = on_replicas(roles["critic"], "values", batch, width)
+    values = None if cfg.critic_free else on_replicas(roles["critic"], "values", batch, width)
     scores = torch.tensor([s for part in ray.get(score_refs) for s in part])
     t2 = time.perf_counter()
 
-    # 3. rewards and advantages (rl/losses.py): no reward normalisation, advantages whitened if configured
+    # 3. rewards and advantages (rl/losses.py): no reward normalisation; the KL to pi_SFT is a reward penalty,
+    #    or (use_kl_loss) a term of the policy loss and then no part of the rewards
     mask = (torch.arange(width)[None, :] < torch.tensor([len(r) for r in batch["response_ids"]])[:, None]).float()
     kl = losses.kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
     ended = torch.tensor(has_eos)
-    rewards = losses.shaped_rewards(losses.penalize_missing_eos(scores, ended, cfg.missing_eos_penalty), kl, mask,
-                                    cfg.kl_coef)
-    advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = losses.whiten(advantages, mask)
-    batch.update(old_logprobs=old_logprobs, advantages=advantages, old_values=values, returns=returns)
+    penalized = losses.penalize_missing_eos(scores, ended, cfg.missing_eos_penalty)
+    kl_penalty = torch.zeros_like(kl) if cfg.use_kl_loss else kl
+    batch.update(old_logprobs=old_logprobs)
+    if cfg.use_kl_loss:
+        batch.update(ref_logprobs=ref_logprobs)
+    if cfg.critic_free:
+        batch.update(advantages=losses.critic_free_advantages(cfg.advantage_estimator, penalized, kl_penalty, mask,
+                                                              cfg.kl_coef, cfg.n_samples_per_prompt, cfg.gamma))
+    else:
+        rewards = losses.shaped_rewards(penalized, kl_penalty, mask, cfg.kl_coef)
+        advantages, returns = losses.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = losses.whiten(advantages, mask)
+        batch.update(advantages=advantages, old_values=values, returns=returns)
 
     # 4. ppo_epochs passes over the episodes in shuffled minibatches, policy and critic side by side: every
     #    step is queued at once (an actor runs its calls in order), so neither role waits for the other's
@@ -178,8 +198,8 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
         for start in range(0, len(prompts), cfg.minibatch_size):
             minibatch = take(batch, order[start : start + cfg.minibatch_size])
             tokens = float(sum(len(r) for r in minibatch["response_ids"]))
-            queued.append((train_on_replicas(roles["policy"], minibatch, width),
-                           train_on_replicas(roles["critic"], minibatch, width), tokens))
+            critic_refs = [] if cfg.critic_free else train_on_replicas(roles["critic"], minibatch, width)
+            queued.append((train_on_replicas(roles["policy"], minibatch, width), critic_refs, tokens))
     steps = [(_sum(ray.get(p)), _sum(ray.get(c)), tokens) for p, c, tokens in queued]
     t3 = time.perf_counter()
 
@@ -189,6 +209,8 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
     t4 = time.perf_counter()
 
     lengths = mask.sum(1)
+    critic = {} if cfg.critic_free else {"value_loss": _step_mean(steps, 1, "loss"),
+                                         "value_clip_frac": _step_mean(steps, 1, "value_clip_frac")}
     return {
         "iteration": iteration + 1,
         "episodes": len(prompts),
@@ -196,10 +218,10 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
         "reward_std": round(scores.std().item(), 6) if len(scores) > 1 else 0.0,
         "kl": round(kl.sum(1).mean().item(), 6),
         "policy_loss": _step_mean(steps, 0, "loss"),
-        "value_loss": _step_mean(steps, 1, "loss"),
+        **critic,
         "clip_frac": _step_mean(steps, 0, "clip_frac"),
-        "value_clip_frac": _step_mean(steps, 1, "value_clip_frac"),
         "approx_kl": _step_mean(steps, 0, "approx_kl"),
+        **({"kl_loss": _step_mean(steps, 0, "kl_loss")} if cfg.use_kl_loss else {}),
         "lr": steps[-1][0]["lr"] / len(roles["policy"]),
         "response_length": round(lengths.mean().item(), 3),
         "eos_rate": round(ended.float().mean().item(), 4),
@@ -275,17 +297,18 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
     roles = start_roles(cfg, policy_dir, critic_dir, rm_dir, scorer)
     try:
         (stage_dir / "placement.json").write_text(json.dumps(roles.node_ids(), indent=2))
-        trainables = {"policy": roles["policy"], "critic": roles["critic"]}
+        trainables = {role: roles[role] for role in trainable_roles(cfg)}
         start = checkpoint.restore(stage_dir, trainables)
         if start:
             sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
         log = MetricsLog(stage_dir / METRICS, keep_until=start, key="iteration")
         total = cfg.iterations
         _say(f"[ppo] {len(prompts)} prompts, {total} iterations of {cfg.rollout_batch_size} episodes"
-             f"{f', resuming after iteration {start}' if start else ''}")
+             f"{f' ({cfg.n_samples_per_prompt} per prompt)' if cfg.n_samples_per_prompt > 1 else ''}, advantages: "
+             f"{cfg.advantage_estimator}{f', resuming after iteration {start}' if start else ''}")
         for it in range(start, total):
             attempt.iteration = it + 1
-            batch = [prompts[i] for i in prompt_order(len(prompts), it, cfg.rollout_batch_size, cfg.seed)]
+            batch = [prompts[i] for i in prompt_order(len(prompts), it, cfg.prompts_per_iteration, cfg.seed)]
             metrics = ppo_iteration(roles, cfg, batch, it, tokenizer, sync=it + 1 < total)
             log.write(metrics)
             dashboard.set_gauges(run_name, "ppo", metrics)
@@ -306,8 +329,9 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
 
 
 def progress_line(m: dict, total: int) -> str:
+    value_loss = f" value_loss {m['value_loss']:.4f}" if "value_loss" in m else ""
     return (f"[ppo] iteration {m['iteration']}/{total} reward {m['reward_mean']:.4f} kl {m['kl']:.4f} "
-            f"policy_loss {m['policy_loss']:.4f} value_loss {m['value_loss']:.4f} clip {m['clip_frac']:.3f} "
+            f"policy_loss {m['policy_loss']:.4f}{value_loss} clip {m['clip_frac']:.3f} "
             f"len {m['response_length']:.1f} eos {m['eos_rate']:.2f} {m['episodes_per_s']:.2f} episodes/s "
             f"(rollout {m['time_rollout_s']:.1f}s, scoring {m['time_scoring_s']:.1f}s, "
             f"training {m['time_training_s']:.1f}s, sync {m['time_sync_s']:.1f}s)")

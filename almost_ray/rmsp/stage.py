@@ -165,17 +165,17 @@ def load_rmsp_queries(cfg: Config) -> list:
 
 
 def check(cfg: Config) -> None:
-    """The queries, both roles' generators and prompts, and the RM, before Ray starts or a model loads."""
+    """The queries, both roles' prompts and generators, and the RM, before Ray starts or a model loads."""
     r = cfg.rmsp
     require(paths.rmsp_queries(cfg), "rmsp.queries", None if r.queries else "queries")
     load_rmsp_queries(cfg)
+    role_header(r.assistant, "assistant.prompt")
+    role_header(r.user, "user.prompt")
     check_model_ref(r.assistant.model.ref, "rmsp.assistant.model.ref")
     check_model_ref(r.user.model.ref, "rmsp.user.model.ref")
     if (rm := paths.rmsp_reward_model(cfg)) is not None:
         check_model_ref(rm, "rmsp.reward_model.ref", "reward_model",
                         made_by=None if r.reward_model.ref else "train-rm")
-    role_header(r.assistant, "assistant.prompt")
-    role_header(r.user, "user.prompt")
 
 
 def work(cfg: Config) -> Outcome:

@@ -1,4 +1,4 @@
-"""Settings of the training loop (`train/loop.py`) and its two tasks, `train-rm` and `train-sft`."""
+"""Settings of the training loop (`train/loop.py`) and its tasks, `train-rm`, `train-sft` and `train-dpo`."""
 
 from __future__ import annotations
 
@@ -66,6 +66,29 @@ class TrainRMConfig(TrainConfig, StageSection):
         description="share of queries whose comparisons are held out of training (a stable hash of the query "
         "decides) and written to <stage dir>/heldout_comparisons.jsonl for eval_rm; 0: train on all",
     )
+
+
+class TrainDPOConfig(TrainConfig, StageSection):
+    """`almost-ray train-dpo`: direct preference optimisation of the SFT model on comparisons (Rafailov et al.
+    2023), against a frozen reference whose log-probabilities are computed once before training (TRL's
+    `precompute_ref_log_probs`). Defaults are TRL 1.16 `DPOConfig`'s and the DPO paper's (beta 0.1, lr 1e-6,
+    batch 64); `ipo` (Azar et al. 2023) and `simpo` (Meng et al. 2024, reference-free) are loss options.
+    `model` is the policy's starting point, normally the SFT model."""
+
+    model: str | None = Field(default=None, description="the starting policy; null: train_sft's model")
+    comparisons: str | None = Field(
+        default=None, description="preference pairs (any source form); null: the compare stage's comparisons.jsonl")
+    reference: str | None = Field(
+        default=None, description="the frozen reference model; null: the starting model (`model`), as in DPO")
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = Field(
+        default="sigmoid", description="sigmoid: DPO; ipo: IPO (log-ratios averaged per token, as TRL); simpo: SimPO")
+    beta: float = Field(
+        default=0.1, gt=0, description="DPO's beta (TRL: 0.1); IPO's tau; SimPO's beta (its paper: 2 to 2.5)")
+    simpo_gamma: float = Field(default=0.5, ge=0, description="SimPO's target margin gamma (TRL CPOConfig: 0.5)")
+    prompt_format: Literal["human_assistant", "tulu"] = Field(
+        default="human_assistant", description="the format the SFT model was trained on (train_sft.prompt_format)")
+    lr: float = Field(default=1e-6, gt=0)
+    global_batch_size: int = Field(default=64, ge=1, description="pairs per optimizer step")
 
 
 SFTMode = Literal["sft", "response_tuning", "single_task"]

@@ -1,8 +1,9 @@
 """The one training loop: Ray Train's TorchTrainer, FSDP2 sharding, accumulation to a global batch.
 
-Every training stage (reward model, SFT, response tuning, single-task finetuning) is a *task*
-module (`reward.py`, `sft.py`) that says how to load its model, how long an example is, how many
-loss units it holds, and the loss of a micro-batch. This module does the rest, the same for all:
+Every training stage (reward model, SFT, response tuning, single-task finetuning, DPO) is a *task*
+module (`reward.py`, `sft.py`, `dpo.py`) that says how to load its model, how long an example is, how
+many loss units it holds, and the loss of a micro-batch (with the task's own `loss_options`, e.g. DPO's
+beta). This module does the rest, the same for all:
 
 - `fit` starts `num_workers` Ray Train workers (`ScalingConfig`), with `FailureConfig(max_failures)`:
   a dead worker group restarts from the latest checkpoint; running `fit` again with the same
@@ -54,7 +55,7 @@ from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.optim import adamw, cosine_with_warmup
 
-TASKS = {"rm": "almost_ray.train.rm", "sft": "almost_ray.train.sft"}
+TASKS = {"rm": "almost_ray.train.rm", "sft": "almost_ray.train.sft", "dpo": "almost_ray.train.dpo"}
 METRICS = "metrics.jsonl"
 
 
@@ -67,9 +68,10 @@ def start_workers(cfg: TrainConfig, ray_cfg: RayConfig, stage: str) -> None:
 
 
 def train_and_plot(task: str, cfg: TrainConfig, examples: list[dict], model_dir: Path, stage_dir: Path,
-                   plot_keys: list[str], title: str) -> dict:
-    """`fit`, then `training.png` of `plot_keys`; returns the summary of `metrics.jsonl` for the manifest."""
-    fit(task, cfg, examples, model_dir, stage_dir)
+                   plot_keys: list[str], title: str, loss_options: dict[str, Any] | None = None) -> dict:
+    """`fit`, then `training.png` of `plot_keys`; returns the summary of `metrics.jsonl` for the manifest.
+    `loss_options` go to the task's `micro_loss`."""
+    fit(task, cfg, examples, model_dir, stage_dir, loss_options=loss_options)
     plot_metrics(stage_dir / METRICS, stage_dir / "training.png", plot_keys, title=title)
     return summarize(stage_dir / METRICS)
 
@@ -81,10 +83,12 @@ def fit(
     model_dir: Path,
     stage_dir: Path,
     fault_at_step: int | None = None,
+    loss_options: dict[str, Any] | None = None,
 ) -> Path:
     """Train `examples` with the `task` module on Ray Train; returns the saved HF model directory.
 
-    `fault_at_step` kills the last worker right after that step has been reported (first attempt
+    `loss_options` are keyword arguments of the task's `micro_loss` (settings of its own config section,
+    which the loop's `TrainConfig` does not carry). `fault_at_step` kills the last worker right after that step has been reported (first attempt
     only), to exercise `FailureConfig` and resume in tests.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -100,6 +104,7 @@ def fit(
         "stage_dir": str(stage_dir),
         "examples": examples,
         "fault_at_step": fault_at_step,
+        "loss_options": loss_options or {},
     }
     storage = Path(cfg.storage_path or stage_dir / "ray").resolve()
     # One Ray Train run per (config, data): re-running resumes it, a changed config starts afresh.
@@ -191,7 +196,7 @@ def train_worker(job: dict[str, Any]) -> None:
             rows = [examples[i] for i in piece] or [examples[batch[0]]]  # empty piece: weight 0
             weight = 1.0 if piece else 0.0
             with autocast:
-                loss_sum, stats = task.micro_loss(model, rows, device, cfg.padding_free)
+                loss_sum, stats = task.micro_loss(model, rows, device, cfg.padding_free, **job["loss_options"])
             (loss_sum * (weight * world / units)).backward()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0) + weight * value.detach().float().cpu()
@@ -350,7 +355,8 @@ def _all_reduce_sums(sums: dict[str, torch.Tensor], distributed: bool) -> dict[s
 
 
 def _progress_line(m: dict[str, Any], total: int) -> str:
-    extra = "".join(f" {k} {m[k]:.4g}" for k in ("accuracy", "margin") if k in m)
+    extra = "".join(f" {k} {m[k]:.4g}" for k in ("accuracy", "margin", "rewards/accuracies", "rewards/margins")
+                    if k in m)
     return (f"[train] step {m['step']}/{total} loss {m['loss']:.4f}{extra} lr {m['lr']:.3g} "
             f"{m['samples_per_s']:.2f} samples/s")
 
