@@ -59,6 +59,10 @@ TASKS = {"rm": "almost_ray.train.rm", "sft": "almost_ray.train.sft", "dpo": "alm
 METRICS = "metrics.jsonl"
 
 
+def task_name(task: str | Any) -> str:
+    return task if isinstance(task, str) else task.name
+
+
 def start_workers(cfg: TrainConfig, ray_cfg: RayConfig, stage: str) -> None:
     """Before a model is converted or encoded: Ray up and the worker group checked against the cluster,
     so a group that cannot start fails in seconds, naming `<stage> workers` (`cluster/preflight.py`)."""
@@ -77,19 +81,18 @@ def train_and_plot(task: str, cfg: TrainConfig, examples: list[dict], model_dir:
 
 
 def fit(
-    task: str,
+    task: str | Any,
     cfg: TrainConfig,
     examples: list[dict],
     model_dir: Path,
     stage_dir: Path,
-    fault_at_step: int | None = None,
     loss_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Train `examples` with the `task` module on Ray Train; returns the saved HF model directory.
+    """Train `examples` with `task` on Ray Train; returns the saved HF model directory.
 
-    `loss_options` are keyword arguments of the task's `micro_loss` (settings of its own config section,
-    which the loop's `TrainConfig` does not carry). `fault_at_step` kills the last worker right after that step has been reported (first attempt
-    only), to exercise `FailureConfig` and resume in tests.
+    `task` names a task module (`TASKS`), or is any object with the task functions and a `name` (sent to
+    the workers as it is). `loss_options` are keyword arguments of the task's `micro_loss` (settings of its
+    own config section, which the loop's `TrainConfig` does not carry).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -103,12 +106,11 @@ def fit(
         "model_dir": str(Path(model_dir).resolve()),
         "stage_dir": str(stage_dir),
         "examples": examples,
-        "fault_at_step": fault_at_step,
         "loss_options": loss_options or {},
     }
     storage = Path(cfg.storage_path or stage_dir / "ray").resolve()
     # One Ray Train run per (config, data): re-running resumes it, a changed config starts afresh.
-    name = f"{task}-{config_hash(cfg)}-{_examples_hash(examples)}"
+    name = f"{task_name(task)}-{config_hash(cfg)}-{_examples_hash(examples)}"
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
@@ -151,7 +153,8 @@ def train_worker(job: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(job["cfg"])
     _quiet_logs()
-    task = importlib.import_module(TASKS[job["task"]])
+    task = importlib.import_module(TASKS[job["task"]]) if isinstance(job["task"], str) else job["task"]
+    name = task_name(job["task"])
     examples: list[dict] = job["examples"]
     stage_dir = Path(job["stage_dir"])
     ctx = ray.train.get_context()
@@ -180,7 +183,7 @@ def train_worker(job: dict[str, Any]) -> None:
     start = load_checkpoint(ray.train.get_checkpoint(), model, optimizer, scheduler, rank)
     log = MetricsLog(stage_dir / METRICS, keep_until=start) if rank == 0 else None
     if rank == 0:
-        _say(f"[train {job['task']}] {len(examples)} examples, {total} steps of {cfg.global_batch_size} "
+        _say(f"[train {name}] {len(examples)} examples, {total} steps of {cfg.global_batch_size} "
              f"on {world} worker(s){', resuming after step ' + str(start) if start else ''}")
 
     model.train()
@@ -217,23 +220,14 @@ def train_worker(job: dict[str, Any]) -> None:
         if log is not None:
             log.write(metrics)
             _say(_progress_line(metrics, total))
-            dashboard.set_gauges(dashboard.run_of(stage_dir), f"train_{job['task']}", {**metrics, "progress": (step + 1) / total})
+            dashboard.set_gauges(dashboard.run_of(stage_dir), f"train_{name}", {**metrics, "progress": (step + 1) / total})
         last = step + 1 == total
         if cfg.num_workers > 0 and ((step + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint(metrics, model, optimizer, scheduler, step + 1, rank)
         else:
             ray.train.report(metrics)
-        if job.get("fault_at_step") == step + 1 and start == 0 and not last:
-            if cfg.num_workers == 0:
-                raise RuntimeError("fault injection needs Ray workers (num_workers >= 1)")
-            if rank == world - 1:
-                # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
-                # worker dying sooner takes its last reports, checkpoints included, with it, so the fault
-                # comes once they are collected, as a real one would
-                time.sleep(5)
-                os._exit(1)  # a worker dies without warning; FailureConfig restarts the group
     save_hf_model(model, task, job["model_dir"], stage_dir / MODEL, rank, distributed)
-    report_peak(f"train_{job['task']}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
+    report_peak(f"train_{name}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
 
 
 def _say(line: str) -> None:
