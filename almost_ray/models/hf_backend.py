@@ -17,6 +17,7 @@ import copy
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
 from almost_ray.models.text import (
@@ -275,7 +276,6 @@ class HFGenerator:
         return responses, ended, logprobs
 
     def _rules_processor(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 
         if self._rules is None:
             self._rules = RuleTables.from_tokenizer(
