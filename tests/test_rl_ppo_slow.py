@@ -157,36 +157,41 @@ def test_stage_cli_outputs_and_resume_after_a_kill(local_ray, tmp_path, tiny_rm,
 
 
 def test_two_policy_replicas_take_the_step_of_one(local_ray):
-    """Data parallelism: 2 replicas on halves of a minibatch end with the weights of 1 replica on all of it."""
+    """FSDP2 over 2 replicas (gloo) on halves of a minibatch: the replicas hold half the weights each, and
+    end with the weights of 1 replica trained on all of it (gathered layer by layer for the engines)."""
     import ray
 
     from almost_ray.rl.roles import PolicyActor
-    from almost_ray.rl.trainer import train_on_replicas
+    from almost_ray.rl.trainer import on_replicas, train_on_replicas
     from almost_ray.rl.weights import as_tensors
 
-    cfg = PPOConfig(**_small(None, lr=1e-3)).model_dump(mode="json")
+    cfg = PPOConfig(**_small(None, lr=1e-3, policy_resources={"replicas": 2})).model_dump(mode="json")
     Actor = ray.remote(num_cpus=0.5)(PolicyActor)
     pair = [Actor.remote(cfg, "tiny:llama", rank=r, world=2) for r in range(2)]
-    single = Actor.remote(cfg, "tiny:llama")
+    single = Actor.remote(PPOConfig(**_small(None, lr=1e-3)).model_dump(mode="json"), "tiny:llama")
     try:
         host, port = ray.get(pair[0].address.remote())
         ray.get([a.join_group.remote(host, port) for a in pair])
+        whole, *halves = ray.get([a.local_bytes.remote() for a in (single, *pair)])
+        assert all(0.45 * whole < h < 0.55 * whole for h in halves)  # fp32 weights and AdamW state, sharded
         tokenizer = load_tokenizer("tiny:llama")
         prompts = [tokenizer(f"\n\nHuman: question {i}\n\nAssistant:", add_special_tokens=False).input_ids
-                   for i in range(4)]
+                   for i in range(5)]
         gen = torch.Generator().manual_seed(0)
-        responses = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 2, 6, 3)]
+        responses = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 2, 6, 3, 4)]
         batch = {"prompt_ids": prompts, "response_ids": responses}
         old = ray.get(single.logprobs.remote(batch, 6))
-        minibatch = {**batch, "old_logprobs": old, "advantages": torch.randn(4, 6, generator=gen)}
-        for _ in range(2):  # two steps: Adam's state must agree too
-            one = ray.get(train_on_replicas([single], minibatch, 6))
-            two = ray.get(train_on_replicas(pair, minibatch, 6))
+        assert torch.allclose(on_replicas(pair, "logprobs", batch, 6, 2), old, atol=1e-5)
+        minibatch = {**batch, "old_logprobs": old, "advantages": torch.randn(5, 6, generator=gen)}
+        for _ in range(2):  # two steps: Adam's state must agree too; 3 and 2 episodes, 2 micro-batches each
+            one = ray.get(train_on_replicas([single], minibatch, 6, 2))
+            two = ray.get(train_on_replicas(pair, minibatch, 6, 2))
             assert sum(s["loss"] for s in two) == pytest.approx(one[0]["loss"], rel=1e-4)
-        w1, w2a, w2b = (as_tensors(w) for w in ray.get([a.weights.remote() for a in (single, *pair)]))
+        w1, w2, nothing = ray.get([a.weights.remote() for a in (single, *pair)])
+        w1, w2 = as_tensors(w1), as_tensors(w2)
+        assert nothing is None and set(w1) == set(w2)
         for name in w1:
-            assert torch.allclose(w2a[name], w2b[name], atol=1e-7), name
-            assert torch.allclose(w1[name], w2a[name], atol=1e-5), name
+            assert torch.allclose(w1[name], w2[name], atol=1e-5), name
         changed = ray.get(single.logprobs.remote(batch, 6))
         assert not torch.allclose(changed, old, atol=1e-4)
     finally:

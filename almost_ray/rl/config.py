@@ -103,11 +103,25 @@ class PPOConfig(StrictModel):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     seed: int = 0
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="the compute dtype: the engines and the frozen roles (reference, reward) hold their weights in "
+        "it; the trainable roles (policy, critic) always keep fp32 master weights and AdamW state and compute in it "
+        "(autocast, or FSDP2's MixedPrecisionPolicy when sharded). auto: bfloat16 on GPU, float32 on CPU",
+    )
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
-        description="compute of the policy, critic and reference: bf16 autocast over the weights' dtype, or "
-        "fp32; auto: bf16 on GPU, fp32 on CPU (train/config.py's meaning). The engines generate in `dtype`",
+        description="compute of the policy, critic and reference: bf16 (autocast over their weights) or fp32; "
+        "auto: the compute dtype `dtype` names",
+    )
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="dtype of the final policy's HF directory; checkpoints keep the fp32 master weights",
+    )
+    shard_frozen: list[Literal["reference", "reward"]] = Field(
+        default_factory=list,
+        description="frozen roles whose replicas shard one copy of the model (FSDP2, as the trainable roles "
+        "always are over their replicas) instead of each holding it whole",
     )
     # Placement (OpenRLHF-style): role actor groups in placement groups
     policy_resources: RoleResources = Field(default_factory=RoleResources)
@@ -164,8 +178,17 @@ class PPOConfig(StrictModel):
         return getattr(self, f"{role}_resources")
 
     def bf16_compute(self, device_type: str) -> bool:
-        """Whether the roles' forward passes run under bf16 autocast on this device type."""
-        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and device_type == "cuda")
+        """Whether the roles' forward passes compute in bf16 on this device type."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision == "bf16"
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
+
+    def sharded(self, role: str) -> bool:
+        """Whether `role`'s replicas shard one model with FSDP2: the trainable roles whenever they have two
+        replicas or more (as train/loop.py does), a frozen role when `shard_frozen` names it."""
+        if self.resources(role).replicas < 2:
+            return False
+        return role in ("policy", "critic") or role in self.shard_frozen
 
     @property
     def iterations(self) -> int:

@@ -81,7 +81,7 @@ def vllm_engine_kwargs(cfg: PPOConfig, model_dir: str) -> dict[str, Any]:
     tp = cfg.rollout.tensor_parallel_size
     return dict(
         model=str(model_dir),
-        dtype="auto" if cfg.dtype == "auto" else cfg.dtype,
+        dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,  # auto is bf16 on GPU, what the policy sends
         tensor_parallel_size=tp,
         distributed_executor_backend="ray" if tp > 1 else "uni",
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -142,15 +142,16 @@ def engine_class(cfg: PPOConfig):
     return VLLMRolloutEngine if backend(cfg) == "vllm" else HFRolloutEngine
 
 
-def sync_weights(policy_rank0, engines: list, vllm: bool) -> None:
-    """Give every engine the policy's current weights (after each PPO update, before the next rollout)."""
+def sync_weights(policy: list, engines: list, vllm: bool) -> None:
+    """Give every engine the policy's current weights (after each PPO update, before the next rollout).
+    Every policy replica takes part: a sharded policy gathers its layers one at a time on all of them."""
     import ray
 
     if vllm:
-        ray.get(policy_rank0.broadcast_weights.remote(engines))
+        ray.get([p.broadcast_weights.remote(engines) for p in policy])
         return
-    weights = policy_rank0.weights.remote()  # one copy in the object store, read by every engine
-    ray.get([e.load_weights.remote(weights) for e in engines])
+    weights = [p.weights.remote() for p in policy]  # rank 0's: one copy in the object store, read by every engine
+    ray.get([e.load_weights.remote(weights[0]) for e in engines] + weights[1:])
 
 
 def open_vllm_sync(policy_rank0, engines: list, tensor_parallel_size: int) -> None:

@@ -25,7 +25,15 @@ from almost_ray import metrics as dashboard
 from almost_ray.rl import checkpoint, failures, losses
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.episodes import split_rows, take
-from almost_ray.rl.roles import CriticActor, Placement, PolicyActor, ReferenceActor, RewardActor, reserve
+from almost_ray.rl.roles import (
+    CriticActor,
+    Placement,
+    PolicyActor,
+    ReferenceActor,
+    RewardActor,
+    micro_batch_count,
+    reserve,
+)
 from almost_ray.rl.rollout import (
     backend,
     engine_class,
@@ -75,11 +83,12 @@ def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, s
         placement.start("reference", ReferenceActor, cfg, c, policy_dir)
         placement.start("reward", RewardActor, cfg, c, rm_dir, scorer)
         placement.start("rollout", engine_class(cfg), cfg, c, policy_dir)
-        for role in ("policy", "critic"):
-            actors = placement.actors[role]
-            if len(actors) > 1:
+        joining = []  # the replicas of a sharded role form a process group, then load their shards
+        for role, actors in placement.actors.items():
+            if role != "rollout" and cfg.sharded(role):
                 host, port = ray.get(actors[0].address.remote())
-                ray.get([a.join_group.remote(host, port) for a in actors])
+                joining += [a.join_group.remote(host, port) for a in actors]
+        ray.get(joining)
         roles = Roles(placement, vllm=backend(cfg) == "vllm")
         ray.get([a.node_id.remote() for actors in placement.actors.values() for a in actors])
         if roles.vllm:
@@ -90,12 +99,14 @@ def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, s
         raise
 
 
-def on_replicas(actors: list, method: str, batch: dict, width: int) -> torch.Tensor:
-    """Split `batch` across a role's replicas, call `method` on each slice, concatenate in order."""
+def on_replicas(actors: list, method: str, batch: dict, width: int, micro_batch_size: int) -> torch.Tensor:
+    """Split `batch` across a role's replicas, call `method` on each slice (maybe empty: the replicas of a
+    sharded role must all take part), concatenate in order."""
     import ray
 
-    parts = split_rows(len(batch["response_ids"]), len(actors))
-    refs = [getattr(a, method).remote(take(batch, rows), width) for a, rows in zip(actors, parts) if len(rows)]
+    n = len(batch["response_ids"])
+    count = micro_batch_count(n, len(actors), micro_batch_size)
+    refs = [getattr(a, method).remote(take(batch, rows), width, count) for a, rows in zip(actors, split_rows(n, len(actors)))]
     return torch.cat(ray.get(refs))
 
 
@@ -107,12 +118,14 @@ def rows_to_tensor(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def train_on_replicas(actors: list, minibatch: dict, width: int):
+def train_on_replicas(actors: list, minibatch: dict, width: int, micro_batch_size: int):
     """One optimizer step of a data-parallel role: every replica takes a slice (maybe empty) and all
     divide by the minibatch's response-token count, so the summed gradient is the minibatch mean."""
+    n = len(minibatch["response_ids"])
     tokens = float(sum(len(r) for r in minibatch["response_ids"]))
-    parts = split_rows(len(minibatch["response_ids"]), len(actors))
-    return [a.train_step.remote(take(minibatch, rows), tokens, width) for a, rows in zip(actors, parts)]
+    count = micro_batch_count(n, len(actors), micro_batch_size)
+    return [a.train_step.remote(take(minibatch, rows), tokens, width, count)
+            for a, rows in zip(actors, split_rows(n, len(actors)))]
 
 
 def prompt_order(n_prompts: int, iteration: int, batch: int, seed: int) -> list[int]:
@@ -150,10 +163,11 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
     score_refs = [a.score.remote(conversations[r.start:r.stop]) for a, r in zip(roles["reward"], reward_parts)]
     reuse = old_logprobs_source(cfg) == "rollout" and all(len(lp) == len(r) for lp, r in
                                                          zip(sampled_logprobs, batch["response_ids"]))
+    micro = cfg.micro_batch_size
     old_logprobs = rows_to_tensor(sampled_logprobs, width) if reuse else on_replicas(
-        roles["policy"], "logprobs", batch, width)
-    ref_logprobs = on_replicas(roles["reference"], "logprobs", batch, width)
-    values = on_replicas(roles["critic"], "values", batch, width)
+        roles["policy"], "logprobs", batch, width, micro)
+    ref_logprobs = on_replicas(roles["reference"], "logprobs", batch, width, micro)
+    values = on_replicas(roles["critic"], "values", batch, width, micro)
     scores = torch.tensor([s for part in ray.get(score_refs) for s in part])
     t2 = time.perf_counter()
 
@@ -178,14 +192,14 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
         for start in range(0, len(prompts), cfg.minibatch_size):
             minibatch = take(batch, order[start : start + cfg.minibatch_size])
             tokens = float(sum(len(r) for r in minibatch["response_ids"]))
-            queued.append((train_on_replicas(roles["policy"], minibatch, width),
-                           train_on_replicas(roles["critic"], minibatch, width), tokens))
+            queued.append((train_on_replicas(roles["policy"], minibatch, width, micro),
+                           train_on_replicas(roles["critic"], minibatch, width, micro), tokens))
     steps = [(_sum(ray.get(p)), _sum(ray.get(c)), tokens) for p, c, tokens in queued]
     t3 = time.perf_counter()
 
     # 5. the engines get the updated policy before the next rollout
     if sync:
-        sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
+        sync_weights(roles["policy"], roles["rollout"], roles.vllm)
     t4 = time.perf_counter()
 
     lengths = mask.sum(1)
@@ -278,7 +292,7 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
         trainables = {"policy": roles["policy"], "critic": roles["critic"]}
         start = checkpoint.restore(stage_dir, trainables)
         if start:
-            sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
+            sync_weights(roles["policy"], roles["rollout"], roles.vllm)
         log = MetricsLog(stage_dir / METRICS, keep_until=start, key="iteration")
         total = cfg.iterations
         _say(f"[ppo] {len(prompts)} prompts, {total} iterations of {cfg.rollout_batch_size} episodes"
@@ -296,7 +310,7 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
             if fault_at_iteration == it + 1 and start == 0 and it + 1 < total:
                 raise RuntimeError(f"fault injected after iteration {it + 1}")
         attempt.iteration, attempt.phase = None, "while saving the final policy"
-        ray.get(roles["policy"][0].save_hf.remote(str(stage_dir / MODEL_DIR)))
+        ray.get([p.save_hf.remote(str(stage_dir / MODEL_DIR)) for p in roles["policy"]])
     except RayError:
         attempt.dead = failures.dead_replicas(roles.placement.actors)
         raise

@@ -36,7 +36,11 @@ class TrainConfig(StrictModel):
         default=True, description="pack each micro-batch into one row (no pad tokens; models/packing.py), as TRL's "
         "padding_free; false: right-padded batches")
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 compute with fp32 master weights on GPU, fp32 on CPU"
+        default="auto", description="compute dtype; the master weights and AdamW state are always fp32 (FSDP2's "
+        "MixedPrecisionPolicy when sharded, autocast otherwise). auto: bf16 on GPU, fp32 on CPU"
+    )
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="dtype of the final model's HF directory (checkpoints keep fp32 master weights)"
     )
     reshard_after_forward: bool = Field(
         default=True, description="FSDP2: free gathered weights after forward (less memory, more traffic)"

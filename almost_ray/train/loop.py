@@ -210,7 +210,8 @@ def train_worker(job: dict[str, Any]) -> None:
                 # comes once they are collected, as a real one would
                 time.sleep(5)
                 os._exit(1)  # a worker dies without warning; FailureConfig restarts the group
-    save_hf_model(model, task, job["model_dir"], stage_dir / MODEL_DIR, rank, distributed)
+    save_hf_model(model, task, job["model_dir"], stage_dir / MODEL_DIR, rank, distributed,
+                  getattr(torch, cfg.save_dtype))
     report_peak(f"train_{job['task']}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
 
 
@@ -264,13 +265,22 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
         _prepare(model, cfg, flash)
         return model
 
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     full = task.load_model(model_dir) if rank == 0 else None
     model = task.empty_model(task.load_config(model_dir)).to(torch.float32)  # on the meta device
     _prepare(model, cfg, flash)
-    shard_model(model, device, world, bf16, cfg.reshard_after_forward)
+    return shard_from_rank0(model, full, device, world, bf16, cfg.reshard_after_forward)
+
+
+def shard_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None, device: torch.device, world: int,
+                     bf16: bool, reshard: bool) -> torch.nn.Module:
+    """`model`, built on the meta device, sharded with FSDP2 (`shard_model`) and filled with rank 0's `full`
+    copy (None on the other ranks): its state dict is broadcast into every rank's shards, its buffers that
+    are not in the state dict (rotary frequencies) by `dist.broadcast`. The training loop and PPO's sharded
+    roles load this way, so only rank 0 ever holds the whole model, and on the CPU."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    shard_model(model, device, world, bf16, reshard)
     model.to_empty(device=device)
     full_sd = full.state_dict() if full is not None else {}
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -279,7 +289,6 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
             if full is not None:
                 buffer.copy_(full.get_buffer(name))
             dist.broadcast(buffer, src=0)
-    del full, full_sd
     return model
 
 
@@ -408,8 +417,9 @@ def _save_safetensors(model, out: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from err
 
 
-def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed: bool) -> None:
-    """Gather the full weights on rank 0 and write them as an HF directory, atomically.
+def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed: bool,
+                  dtype: torch.dtype = torch.float32) -> None:
+    """Gather the full weights on rank 0 and write them as an HF directory in `dtype`, atomically.
 
     A fresh model of the base class is filled with the weights (on the meta device, no copy), so the
     saved config names the plain transformers architecture, not FSDP's wrapper class.
@@ -419,7 +429,8 @@ def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         fresh = task.empty_model(model.config)
-        fresh.load_state_dict(full, assign=True)
+        fresh.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
+        fresh.config.dtype = dtype
         fresh.tie_weights()
         ready_for_generation(fresh)
         out.parent.mkdir(parents=True, exist_ok=True)
