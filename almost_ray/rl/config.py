@@ -118,6 +118,9 @@ class PPOConfig(StrictModel):
         default="float32",
         description="dtype of the final policy's HF directory; checkpoints keep the fp32 master weights",
     )
+    gradient_checkpointing: bool = Field(
+        default=False, description="policy and critic: keep each decoder block's input only and recompute the "
+        "rest in backward (less activation memory, about a third more compute)")
     shard_frozen: list[Literal["reference", "reward"]] = Field(
         default_factory=list,
         description="frozen roles whose replicas shard one copy of the model (FSDP2, as the trainable roles "
@@ -172,6 +175,9 @@ class PPOConfig(StrictModel):
                 if role in seen:
                     raise ValueError(f"colocate: role {role!r} is in more than one group")
                 seen.append(role)
+        problems = shared_gpu_ranks(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def resources(self, role: Role) -> RoleResources:
@@ -194,3 +200,38 @@ class PPOConfig(StrictModel):
     def iterations(self) -> int:
         """Iterations to run: total_episodes / rollout_batch_size, rounded up."""
         return -(-self.total_episodes // self.rollout_batch_size)
+
+
+def shared_gpu_ranks(cfg: PPOConfig) -> list[str]:
+    """Settings under which two ranks of one NCCL group could land on one GPU, which NCCL refuses.
+
+    The NCCL groups: the replicas of each sharded role (`PPOConfig.sharded`), and the weight sync of the
+    policy's rank 0 with every vLLM worker. Ray gives a bundle of whole GPUs GPUs of its own, but bundles
+    holding fractions may get the same GPU, so every bundle holding a rank of a sharded role must hold whole
+    GPUs (colocated roles' fractions add up: policy 0.5 + reference 0.5 is one GPU); and a vLLM engine's
+    ranks hold a whole GPU each in their own placement group: an engine sharing the policy's GPU would need
+    CUDA IPC handles or vLLM's sleep/wake (OpenRLHF's `--vllm.enable_sleep`), which are not implemented.
+    """
+    problems = []
+    colocated = {r: group for group in cfg.colocate for r in group}
+    for role in ROLES:
+        res = cfg.resources(role)
+        if res.num_gpus <= 0 or not cfg.sharded(role):
+            continue
+        group = colocated.get(role, [role])
+        for i in range(res.replicas):
+            sharing = [r for r in group if i < cfg.resources(r).replicas]
+            gpus = sum(cfg.resources(r).num_gpus for r in sharing)
+            if gpus != int(gpus):
+                with_ = f" (with {', '.join(r for r in sharing if r != role)})" if len(sharing) > 1 else ""
+                problems.append(
+                    f"{role}_resources: the {res.replicas} {role} replicas form one NCCL group, and replica {i}'s "
+                    f"bundle holds {gpus:g} GPU{with_}: Ray may give two {role} replicas one GPU, which NCCL "
+                    "refuses; make each bundle whole GPUs (colocated num_gpus adding up to 1)")
+                break
+    if cfg.rollout.backend == "vllm" and cfg.rollout.num_gpus != 1:
+        problems.append(
+            f"rollout.num_gpus: {cfg.rollout.num_gpus:g}: each tensor-parallel rank of a vLLM engine holds one whole "
+            "GPU of its own; sharing the policy's GPU would put two ranks of the weight-sync NCCL group (policy "
+            "rank 0 and the engine) on one GPU, and colocation by CUDA IPC or vLLM sleep/wake is not implemented")
+    return problems

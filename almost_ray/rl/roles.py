@@ -44,10 +44,13 @@ def role_resources(cfg: PPOConfig, role: str) -> tuple[int, dict[str, float]]:
     return replicas, {"CPU": float(res.num_cpus), "GPU": float(res.num_gpus)}
 
 
-def plan_bundles(cfg: PPOConfig) -> tuple[list[dict[str, float]], dict[str, list[int]]]:
-    """The bundles of the placement group and, per role, the bundle index of each of its replicas."""
+def plan_bundles(cfg: PPOConfig, separate_engines: bool = False) -> tuple[list[dict[str, float]], dict[str, list[int]]]:
+    """The bundles of the roles' placement group and, per role, the bundle index of each of its replicas.
+    The rollout engines have bundles here too, unless they are vLLM engines (`separate_engines`), which
+    get placement groups of their own (`engine_bundles`)."""
     colocated = {r for group in cfg.colocate for r in group}
-    groups = [list(g) for g in cfg.colocate] + [[r] for r in ROLES if r not in colocated] + [[ROLLOUT]]
+    groups = [list(g) for g in cfg.colocate] + [[r] for r in ROLES if r not in colocated]
+    groups += [] if separate_engines else [[ROLLOUT]]
     bundles: list[dict[str, float]] = []
     where: dict[str, list[int]] = {}
     for group in groups:
@@ -70,13 +73,21 @@ def plan_bundles(cfg: PPOConfig) -> tuple[list[dict[str, float]], dict[str, list
     return bundles, where
 
 
+def engine_bundles(cfg: PPOConfig) -> list[dict[str, float]]:
+    """One vLLM engine's own placement group, as OpenRLHF's `create_vllm_engines` makes it: a one-GPU bundle
+    per tensor-parallel rank. The engine actor sits in bundle 0 (holding the GPU itself only at tensor
+    parallel 1) and vLLM's Ray executor puts one worker in each bundle (`vllm_engine_env`)."""
+    return [{"CPU": float(cfg.rollout.num_cpus), "GPU": 1.0} for _ in range(cfg.rollout.tensor_parallel_size)]
+
+
 @dataclass
 class Placement:
-    """The placement group and the actor groups in it; `remove` has each actor report its peak memory
-    (`memory.gather`, for the manifest), kills the actors and frees the bundles."""
+    """The roles' placement group (and each vLLM engine's) and the actor groups in them; `remove` has each
+    actor report its peak memory (`memory.gather`, for the manifest), kills the actors and frees the bundles."""
 
     group: object
     where: dict[str, list[int]]
+    engine_groups: list = field(default_factory=list)
     actors: dict[str, list] = field(default_factory=dict)
 
     def start(self, role: str, cls, cfg: PPOConfig, *args) -> list:
@@ -86,6 +97,16 @@ class Placement:
         _, res = role_resources(cfg, role)
         memory.ensure_ledger()
         handles = []
+        if role == ROLLOUT and self.engine_groups:
+            tp = cfg.rollout.tensor_parallel_size
+            for rank, group in enumerate(self.engine_groups):  # the engine; vLLM starts its workers in the group
+                strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0,
+                                                            placement_group_capture_child_tasks=True)
+                actor = ray.remote(cls).options(num_cpus=res["CPU"], num_gpus=1 if tp == 1 else 0,
+                                                scheduling_strategy=strategy, max_restarts=0)
+                handles.append(actor.remote(*args, rank=rank, world=len(self.engine_groups)))
+            self.actors[role] = handles
+            return handles
         for rank, bundle in enumerate(self.where[role]):
             strategy = PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
             actor = ray.remote(cls).options(
@@ -103,22 +124,29 @@ class Placement:
         for handles in self.actors.values():
             for actor in handles:
                 ray.kill(actor)
-        remove_placement_group(self.group)
+        for group in [self.group, *self.engine_groups]:
+            remove_placement_group(group)
 
 
-def reserve(cfg: PPOConfig, timeout_s: float = 600) -> Placement:
-    """Reserve every role's bundles in one placement group; fails clearly when the cluster is too small."""
+def reserve(cfg: PPOConfig, separate_engines: bool = False, timeout_s: float = 600) -> Placement:
+    """Reserve the roles' bundles in one placement group, and with `separate_engines` (vLLM) one group per
+    engine; all or nothing, failing clearly when the cluster is too small."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundles, where = plan_bundles(cfg)
+    bundles, where = plan_bundles(cfg, separate_engines)
     group = placement_group(bundles, strategy=cfg.placement_strategy, name="")
-    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(group)
-        raise ConfigError(f"ppo: the cluster cannot place bundles {bundles} with strategy {cfg.placement_strategy} "
+    engines = ([placement_group(engine_bundles(cfg), strategy="PACK", name="") for _ in range(cfg.rollout.engines)]
+               if separate_engines else [])
+    groups = [group, *engines]
+    ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
+    if len(ready) < len(groups):
+        for g in groups:
+            remove_placement_group(g)
+        raise ConfigError(f"ppo: the cluster cannot place bundles {bundles} with strategy {cfg.placement_strategy}"
+                          f"{f' and {len(engines)} engine groups of {engine_bundles(cfg)}' if engines else ''} "
                           f"(waited {timeout_s:.0f} s; cluster resources: {ray.cluster_resources()})")
-    return Placement(group, where)
+    return Placement(group, where, engines)
 
 
 # ---------------------------------------------------------------------------------------------- role actors
@@ -159,20 +187,27 @@ class RoleActor:
         """Load the model (and the optimizer of a trainable role): at construction, or after `join_group`
         when sharded."""
 
-    def load_model(self, full, empty, dtype: torch.dtype) -> torch.nn.Module:
+    def load_model(self, full, empty, dtype: torch.dtype, train: bool = False,
+                   episodes: bool = True) -> torch.nn.Module:
         """This role's model on its device. `full()` loads the checkpoint on the CPU; `empty()` builds the
         same model on the meta device. Unsharded, the whole model moves to the device; sharded, FSDP2 splits
         the meta model over the replicas and fills it from rank 0's copy (train/loop.shard_from_rank0), with
-        bf16 compute through `MixedPrecisionPolicy` over the `dtype` (fp32 for trainable roles) weights."""
-        if not self.sharded:
-            model = full().to(self.device)
-            self.use_episode_layout(model)
+        bf16 compute through `MixedPrecisionPolicy` over the `dtype` (fp32 for trainable roles) weights.
+        A model to `train` recomputes its activations in backward when `gradient_checkpointing` asks."""
+        def prepare(model: torch.nn.Module) -> torch.nn.Module:
+            model.config.use_cache = False  # scoring and training build no KV cache (one per layer otherwise)
+            if episodes:  # the RM reads padded batches of text, not episodes
+                self.use_episode_layout(model)
+            if train and self.cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return model
+
+        if not self.sharded:
+            return prepare(full().to(self.device))
         from almost_ray.train.loop import shard_from_rank0
 
         whole = full() if self.rank == 0 else None
-        model = empty().to(dtype)
-        self.use_episode_layout(model)
+        model = prepare(empty().to(dtype))
         return shard_from_rank0(model, whole, self.device, self.world, self.bf16, reshard=True)
 
     def compute(self):
@@ -376,8 +411,7 @@ class PolicyActor(TrainableActor):
         from almost_ray.models.loading import load_causal_lm
 
         self.model = self.load_model(lambda: load_causal_lm(self.model_dir, "float32", device="cpu"),
-                                     lambda: _empty_causal_lm(self.model_dir), torch.float32)
-        self.model.config.use_cache = False
+                                     lambda: _empty_causal_lm(self.model_dir), torch.float32, train=True)
         self.setup_optimizer(self.cfg.lr)
 
     def logprobs(self, batch: dict, width: int, micro_batches: int | None = None) -> torch.Tensor:
@@ -475,7 +509,7 @@ class CriticActor(TrainableActor):
                 return reward.load_model(self.model_dir)
 
         self.model = self.load_model(full, lambda: reward.empty_model(reward.load_config(self.model_dir)),
-                                     torch.float32)
+                                     torch.float32, train=True)
         self.setup_optimizer(self.cfg.critic_lr)
 
     def values(self, batch: dict, width: int, micro_batches: int | None = None) -> torch.Tensor:
@@ -514,20 +548,47 @@ class ReferenceActor(RoleActor):
 
 
 class RewardActor(RoleActor):
-    """The frozen synthetic RM; `scorer` (any object with RewardModel's `score`) replaces it in tests."""
+    """The frozen synthetic RM, scoring as `train-rm` trained it (`models.reward.RewardModel`); in `dtype`,
+    sharded when `shard_frozen` names it. `scorer` (any object with RewardModel's `score`) replaces it in tests."""
 
     def __init__(self, cfg: dict, model_dir: str, scorer=None, *, rank: int = 0, world: int = 1):
         super().__init__(cfg, "reward", rank, world)
-        from almost_ray.models.reward import RewardModel
+        self.model_dir, self.scorer = model_dir, scorer
+        if not self.sharded:
+            self.setup()
 
-        self.rm = scorer() if scorer is not None else RewardModel(
-            model_dir, dtype=self.cfg.dtype, device=str(self.device),
-            max_length=self.cfg.max_prompt_tokens + self.cfg.max_new_tokens + 16,
-            batch_size=self.cfg.micro_batch_size,
-        )
+    def setup(self) -> None:
+        from almost_ray.models.loading import torch_dtype
+        from almost_ray.models.reward import RewardModel, load_classifier
 
-    def score(self, conversations: list[list[dict[str, str]]]) -> list[float]:
+        if self.scorer is not None:
+            self.rm = self.scorer()
+            return
+        model = None
+        if self.sharded:
+            model = self.load_model(lambda: load_classifier(self.model_dir, self.cfg.dtype, "cpu"),
+                                    lambda: _empty_classifier(self.model_dir),
+                                    torch_dtype(self.cfg.dtype, self.device.type), episodes=False)
+        self.rm = RewardModel(self.model_dir, dtype=self.cfg.dtype, device=str(self.device),
+                              max_length=self.cfg.max_prompt_tokens + self.cfg.max_new_tokens + 16,
+                              batch_size=self.cfg.micro_batch_size, model=model)
+
+    def score(self, conversations: list[list[dict[str, str]]], passes: int | None = None) -> list[float]:
+        """RM scores; a sharded RM runs `passes` forward passes on every replica, even one with no work."""
+        if self.sharded:
+            return [float(s) for s in self.rm.score(conversations, passes)]
         return [float(s) for s in self.rm.score(conversations)] if conversations else []
+
+
+def _empty_classifier(model_dir: str) -> torch.nn.Module:
+    """The RM of `model_dir` (one output) built on the meta device."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from almost_ray.models.loading import resolve_model_dir
+
+    config = AutoConfig.from_pretrained(resolve_model_dir(str(model_dir)), num_labels=1, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
 
 
 def _empty_causal_lm(model_dir: str) -> torch.nn.Module:

@@ -100,10 +100,30 @@ def vllm_sampling_kwargs(cfg: PPOConfig, seed: int) -> dict[str, Any]:
                 skip_special_tokens=False)
 
 
+def vllm_engine_env(cfg: PPOConfig) -> dict[str, str | None]:
+    """Environment of a vLLM engine actor (None: unset). At tensor parallel > 1 the actor holds no GPU and
+    vLLM's Ray executor starts one worker per bundle of the engine's placement group, which the actor's
+    scheduling strategy hands down (`placement_group_capture_child_tasks`): the bundle indices and one GPU
+    per worker are passed as vLLM's `VLLM_RAY_BUNDLE_INDICES` / `VLLM_RAY_PER_WORKER_GPUS`, and Ray's empty
+    `CUDA_VISIBLE_DEVICES` of a GPU-less actor is dropped (OpenRLHF's `BaseLLMRayActor` does the same)."""
+    tp = cfg.rollout.tensor_parallel_size
+    if tp == 1:
+        return {}
+    return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i) for i in range(tp)), "VLLM_RAY_PER_WORKER_GPUS": "1",
+            "CUDA_VISIBLE_DEVICES": None}
+
+
 class VLLMRolloutEngine(RoleActor):
     """One vLLM engine (GPU). The same `generate` as the HF engine; weights by NCCL broadcast."""
 
     def __init__(self, cfg: dict, model_dir: str, *, rank: int = 0, world: int = 1):
+        import os
+
+        for key, value in vllm_engine_env(PPOConfig.model_validate(cfg)).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         super().__init__(cfg, "rollout", rank, world)
         from vllm import LLM
 

@@ -75,7 +75,7 @@ def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, s
     """Reserve the placement group, start every actor group, join the trainable groups, wait until ready."""
     import ray
 
-    placement = reserve(cfg)
+    placement = reserve(cfg, separate_engines=backend(cfg) == "vllm")
     try:
         c = cfg.model_dump(mode="json")
         placement.start("policy", PolicyActor, cfg, c, policy_dir)
@@ -160,7 +160,10 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
     conversations = [[{"role": "user", "content": p.text}, {"role": "assistant", "content": t}]
                      for p, t in zip(prompts, texts)]
     reward_parts = split_rows(len(conversations), len(roles["reward"]))
-    score_refs = [a.score.remote(conversations[r.start:r.stop]) for a, r in zip(roles["reward"], reward_parts)]
+    passes = (dict(passes=micro_batch_count(len(conversations), len(roles["reward"]), cfg.micro_batch_size))
+              if cfg.sharded("reward") else {})
+    score_refs = [a.score.remote(conversations[r.start:r.stop], **passes)
+                  for a, r in zip(roles["reward"], reward_parts)]
     reuse = old_logprobs_source(cfg) == "rollout" and all(len(lp) == len(r) for lp, r in
                                                          zip(sampled_logprobs, batch["response_ids"]))
     micro = cfg.micro_batch_size

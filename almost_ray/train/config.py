@@ -57,6 +57,15 @@ class TrainConfig(StrictModel):
     )
 
 
+    @model_validator(mode="after")
+    def _whole_gpus_per_worker(self) -> TrainConfig:
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"gpus_per_worker: {self.gpus_per_worker:g}: the {self.num_workers} workers form one NCCL group and "
+                "Ray may give two of them one GPU, which NCCL refuses; give each worker whole GPUs")
+        return self
+
+
 class TrainRMConfig(TrainConfig):
     """`almost-ray train-rm`: reward model (ALMoST Section 2.1, Appendix D.1: 1 epoch, lr 1e-5, batch 64,
     max length 1024). The text of a conversation is `models.reward.rm_text`, as `RewardModel` scores it."""
