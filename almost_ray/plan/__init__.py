@@ -22,8 +22,7 @@ from almost_ray.plan.stages import plan_stages
 class Plan:
     layouts: list[PhaseLayout]
     problems: list[str]
-    nodes: int
-    gpus_per_node: int
+    node_gpus: list[int]
     gpu_bytes: float
 
     @property
@@ -31,14 +30,16 @@ class Plan:
         return not self.problems
 
 
-def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_memory_gb: float, model_configs: Path | None = None,
-              cpus_per_node: float | None = None, only: list[str] | None = None) -> Plan:
-    """The plan of `cfg`'s stages (or those in `only`) on `nodes` nodes of `gpus_per_node` GPUs of
-    `gpu_memory_gb` GiB each."""
+def make_plan(cfg: Config, nodes: int | list[int], gpus_per_node: int, gpu_memory_gb: float,
+              model_configs: Path | None = None, cpus_per_node: float | None = None,
+              only: list[str] | None = None) -> Plan:
+    """The plan of `cfg`'s stages (or those in `only`) on `nodes` nodes of `gpus_per_node` GPUs (or on nodes
+    with the GPU counts listed in `nodes`) of `gpu_memory_gb` GiB each."""
+    node_gpus = list(nodes) if isinstance(nodes, list) else [gpus_per_node] * nodes
     gpu_bytes = gpu_memory_gb * GIB
     stages = plan_stages(cfg, gpu_bytes, model_configs, only)
-    layouts, problems = place(stages, nodes, gpus_per_node, gpu_bytes, cpus_per_node)
-    return Plan(layouts, problems, nodes, gpus_per_node, gpu_bytes)
+    layouts, problems = place(stages, node_gpus, gpu_bytes, cpus_per_node)
+    return Plan(layouts, problems, node_gpus, gpu_bytes)
 
 
 def _gib(x: float) -> str:
@@ -75,6 +76,6 @@ def table(plan: Plan) -> str:
                 f"| {'-' if cpu else _gib(e.total)} | {_gib(fullest.get(pool.name, 0.0))} | {pool.settings} |"
             )
         used = max((g.used_bytes for g in layout.gpus), default=0.0)
-        rows.append(f"| {layout.stage} | *at once* | | {len(layout.gpus)} of {plan.nodes * plan.gpus_per_node} GPUs "
+        rows.append(f"| {layout.stage} | *at once* | | {len(layout.gpus)} of {sum(plan.node_gpus)} GPUs "
                     f"| | | | | | | | {_gib(used)} of {plan.gpu_bytes / GIB:g} | |")
     return "\n".join(rows)

@@ -61,9 +61,10 @@ def _fits(node: Node, bundle: Bundle) -> list[GPU] | None:
     return whole[: int(bundle.gpus)] if len(whole) >= bundle.gpus else None
 
 
-def place_phase(stage: str, phase: Phase, nodes: int, gpus_per_node: int, gpu_bytes: float,
+def place_phase(stage: str, phase: Phase, node_gpus: list[int], gpu_bytes: float,
                 cpus_per_node: float | None = None) -> PhaseLayout:
-    cluster = [Node(n, [GPU(n, g) for g in range(gpus_per_node)], cpus_per_node) for n in range(nodes)]
+    """Place one phase on nodes with `node_gpus[n]` GPUs of `gpu_bytes` each."""
+    cluster = [Node(n, [GPU(n, g) for g in range(count)], cpus_per_node) for n, count in enumerate(node_gpus)]
     problems = []
     for bundle in phase.bundles:
         pools = sorted({m.pool for m in bundle.members})
@@ -73,7 +74,7 @@ def place_phase(stage: str, phase: Phase, nodes: int, gpus_per_node: int, gpu_by
             continue
         home = next(((node, gpus) for node in cluster if (gpus := _fits(node, bundle)) is not None), None)
         if home is None:
-            problems.append(_unplaced(stage, phase, bundle, pools, nodes, gpus_per_node, cpus_per_node))
+            problems.append(_unplaced(stage, phase, bundle, pools, node_gpus, cpus_per_node))
             continue
         node, gpus = home
         if node.cpus is not None:
@@ -98,33 +99,34 @@ def place_phase(stage: str, phase: Phase, nodes: int, gpus_per_node: int, gpu_by
     return PhaseLayout(stage, phase, used, problems)
 
 
-def _unplaced(stage: str, phase: Phase, bundle: Bundle, pools: list[str], nodes: int, gpus_per_node: int,
+def _unplaced(stage: str, phase: Phase, bundle: Bundle, pools: list[str], node_gpus: list[int],
               cpus_per_node: float | None) -> str:
     who = ", ".join(pools)
-    if bundle.gpus > gpus_per_node:
-        return (f"{stage}: {who}: needs {bundle.gpus:g} GPUs on one node per replica, a node has {gpus_per_node}: "
-                f"short by {bundle.gpus - gpus_per_node:g} GPUs")
+    largest = max(node_gpus, default=0)
+    if bundle.gpus > largest:
+        return (f"{stage}: {who}: needs {bundle.gpus:g} GPUs on one node per replica, the largest node has "
+                f"{largest}: short by {bundle.gpus - largest:g} GPUs")
     if cpus_per_node is not None and bundle.cpus > cpus_per_node:
         return f"{stage}: {who}: needs {bundle.cpus:g} CPUs per replica, a node has {cpus_per_node:g}"
     gpus = sum(b.gpus for b in phase.bundles)
-    total = nodes * gpus_per_node
+    total = sum(node_gpus)
     if gpus > total + EPS:
         return (f"{stage}: {who}: the stage needs {gpus:g} GPUs at once, the cluster has {total}: "
                 f"short by {gpus - total:g} GPUs")
     return f"{stage}: {who}: no node has {bundle.gpus:g} free GPUs and {bundle.cpus:g} CPUs left for it"
 
 
-def place(stages: list[StagePlan], nodes: int, gpus_per_node: int, gpu_bytes: float,
+def place(stages: list[StagePlan], node_gpus: list[int], gpu_bytes: float,
           cpus_per_node: float | None = None) -> tuple[list[PhaseLayout], list[str]]:
     """Every phase of every stage placed; the problems of all (config problems first)."""
     layouts, problems = [], []
     for stage in stages:
         problems += stage.problems
         for phase in stage.phases:
-            placed = [place_phase(stage.stage, phase, nodes, gpus_per_node, gpu_bytes, cpus_per_node)]
+            placed = [place_phase(stage.stage, phase, node_gpus, gpu_bytes, cpus_per_node)]
             if placed[0].problems and stage.alone_if_crowded and len(phase.pools) > 1:  # rmsp's roles in turn
-                placed = [place_phase(stage.stage, _alone(phase, pool.name), nodes, gpus_per_node, gpu_bytes,
-                                      cpus_per_node) for pool in phase.pools]
+                placed = [place_phase(stage.stage, _alone(phase, pool.name), node_gpus, gpu_bytes, cpus_per_node)
+                          for pool in phase.pools]
             layouts += placed
             problems += [p for layout in placed for p in layout.problems]
     return layouts, problems

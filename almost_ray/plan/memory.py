@@ -92,8 +92,9 @@ def inference_activation_bytes(shape: ModelShape, tokens: int) -> float:
 
 
 def logits_bytes(rows: int, vocab: int, training: bool) -> float:
-    """The LM head's kept rows: bf16 logits, their fp32 copy and fp32 log-softmax; training adds the gradient."""
-    return rows * vocab * (2 + 4 + 4) * (2 if training else 1)
+    """The LM head's kept rows: bf16 logits, their fp32 copy and fp32 log-softmax at the forward's peak; in
+    training the log-softmax (kept for backward) and its fp32 gradient, with the bf16 logits' gradient."""
+    return rows * vocab * ((4 + 4 + 2 + 2) if training else (2 + 4 + 4))
 
 
 def gathered_unit_bytes(shape: ModelShape, head: str, trainable: bool) -> float:

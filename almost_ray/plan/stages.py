@@ -24,6 +24,7 @@ from almost_ray.models.config import ModelConfig
 from almost_ray.plan import memory
 from almost_ray.plan.memory import Estimate
 from almost_ray.plan.shapes import ModelShape, read_shape
+from almost_ray.rl.roles import ROLLOUT, plan_bundles
 from almost_ray.train.config import TrainConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -51,7 +52,9 @@ class Bundle:
 
 @dataclass
 class Pool:
-    """A table row: one pool or role, its model and what one replica holds on each of its GPUs."""
+    """A table row: one pool or role, its model and what one replica holds on each of its GPUs; `kind` and
+    `config` say how the run starts it (a Ray Data pool or `ReplicaSet` of `ResourcesConfig`, Ray Train's
+    workers of a `TrainConfig`, PPO's roles and engines of a `PPOConfig`), for the dry placement."""
 
     name: str
     model: str
@@ -59,6 +62,8 @@ class Pool:
     gpus: float  # per replica
     estimate: Estimate
     settings: str = ""
+    kind: str = "pool"  # pool | replica_set | train | ppo
+    config: object = None
 
 
 @dataclass
@@ -116,7 +121,7 @@ class Context:
 
 # ------------------------------------------------------------------------------------------- one pool
 def generation_pool(ctx: Context, name: str, model: ModelConfig, res: ResourcesConfig, max_new_tokens: int,
-                    problems: list[str], resources_path: str = "") -> tuple[Pool, list[Bundle]]:
+                    problems: list[str], resources_path: str = "", kind: str = "pool") -> tuple[Pool, list[Bundle]]:
     """A pool of generators (`GenerationReplica`, `RoleReplica`, eval's scorers): vLLM preallocates its share
     of each GPU; an HF generator on a GPU holds its weights, KV cache and activations."""
     shape = ctx.shapes(model.ref, f"{name}.model.ref")
@@ -136,17 +141,17 @@ def generation_pool(ctx: Context, name: str, model: ModelConfig, res: ResourcesC
                                     kv_tokens=tokens)
     new = f", {max_new_tokens} new tokens" if max_new_tokens else ""
     pool = Pool(name, label(shape, "lm"), res.concurrency, res.num_gpus, est,
-                f"{'vLLM' if vllm else 'HF'}{f', TP {tp}' if tp > 1 else ''}, batch {res.batch_size}{new}")
+                f"{'vLLM' if vllm else 'HF'}{f', TP {tp}' if tp > 1 else ''}, batch {res.batch_size}{new}", kind, res)
     return pool, replica_bundles(name, res, est)
 
 
 def reward_pool(ctx: Context, name: str, shape: ModelShape, dtype: str, max_length: int,
-                res: ResourcesConfig) -> tuple[Pool, list[Bundle]]:
+                res: ResourcesConfig, kind: str = "pool") -> tuple[Pool, list[Bundle]]:
     """An RM scoring pool (`RewardReplica`, `CandidateScorer`): padded batches of `batch_size` x `max_length`."""
     est = (memory.frozen_replica(shape, "score", DTYPE_BYTES.get(dtype, 2), 1, res.batch_size * max_length, 0)
            if res.num_gpus > 0 else Estimate(note="CPU"))
     pool = Pool(name, label(shape, "score"), res.concurrency, res.num_gpus, est,
-                f"batch {res.batch_size} x {max_length} tokens")
+                f"batch {res.batch_size} x {max_length} tokens", kind, res)
     return pool, replica_bundles(name, res, est)
 
 
@@ -168,7 +173,8 @@ def train_pool(ctx: Context, name: str, cfg: TrainConfig, head: str, tokens_per_
         est = Estimate(note="CPU")
     ckpt = "activation checkpointing" if cfg.gradient_checkpointing else "no activation checkpointing"
     pool = Pool(f"{name} workers", label(shape, head), cfg.num_workers, gpus, est,
-                f"FSDP2 over {cfg.num_workers}, micro-batch {cfg.micro_batch_size} x {tokens_per_example} tokens, {ckpt}")
+                f"FSDP2 over {cfg.num_workers}, micro-batch {cfg.micro_batch_size} x {tokens_per_example} tokens, {ckpt}",
+                "train", cfg)
     bundles = [Bundle(gpus, cfg.cpus_per_worker, [Member(pool.name, r, est)], group=f"{name} workers")
                for r in range(cfg.num_workers)]
     return pool, bundles
@@ -236,28 +242,33 @@ def eval_rm(ctx: Context) -> StagePlan:
 def rmsp(ctx: Context) -> StagePlan:
     r, problems = ctx.cfg.rmsp, []
     pools = [generation_pool(ctx, "rmsp.assistant", r.assistant.model, r.assistant.resources,
-                             r.assistant.sampling.max_new_tokens, problems)]
+                             r.assistant.sampling.max_new_tokens, problems, kind="replica_set")]
     if r.max_turns > 1 and not (r.assistant.model == r.user.model and r.assistant.resources == r.user.resources):
         pools.append(generation_pool(ctx, "rmsp.user", r.user.model, r.user.resources,
-                                     r.user.sampling.max_new_tokens, problems))
+                                     r.user.sampling.max_new_tokens, problems, kind="replica_set"))
     if r.reward_model is not None:
         rm = r.reward_model
         shape = ctx.shapes(rm.ref, "rmsp.reward_model.ref") if rm.ref else rm_shape(ctx)
-        pools.append(reward_pool(ctx, "rmsp.reward_model", shape, rm.dtype, rm.max_length, rm.resources))
+        pools.append(reward_pool(ctx, "rmsp.reward_model", shape, rm.dtype, rm.max_length, rm.resources,
+                                 kind="replica_set"))
     phase = Phase()
     for pool, bundles in pools:
         phase.add(pool, bundles)
     return StagePlan("rmsp", [phase], problems, alone_if_crowded=True)
 
 
+def ppo_uses_vllm(p) -> bool:
+    """Whether the PPO engines are vLLM engines on the GPU cluster planned for: `backend: vllm`, or `auto`
+    with GPUs (auto is vLLM wherever the `[gpu]` extra is installed, `rl.rollout.backend`)."""
+    return p.rollout.backend == "vllm" or (p.rollout.backend == "auto" and p.rollout.num_gpus > 0)
+
+
 def ppo(ctx: Context) -> StagePlan:
     """PPO's roles and engines, all at once, as `rl.trainer.start_roles` reserves them."""
-    from almost_ray.rl.roles import ROLLOUT, plan_bundles
-
     p, problems = ctx.cfg.ppo, []
     policy = ctx.shapes(p.policy, "ppo.policy") if p.policy else ctx.shapes(ctx.cfg.train_sft.model, "train_sft.model")
     reward = ctx.shapes(p.reward_model, "ppo.reward_model") if p.reward_model else rm_shape(ctx)
-    vllm = p.rollout.backend == "vllm" or (p.rollout.backend == "auto" and p.rollout.num_gpus > 0)
+    vllm = ppo_uses_vllm(p)
     try:
         bundles, where = plan_bundles(p, separate_engines=vllm)
     except ConfigError as err:
@@ -290,14 +301,14 @@ def ppo(ctx: Context) -> StagePlan:
         how = (f"FSDP2 over {shards}, {ckpt}" if trainable else f"{'FSDP2 over ' + str(shards) if shards > 1 else 'whole'}"
                f" in {p.dtype}")
         phase.pools.append(Pool(f"ppo.{role}", label(shape, head), res.replicas, res.num_gpus, est,
-                                f"{how}, micro-batch {p.micro_batch_size} x {seq} tokens"))
+                                f"{how}, micro-batch {p.micro_batch_size} x {seq} tokens", "ppo", p))
     engine_est = (memory.vllm_replica(policy, p.rollout.tensor_parallel_size, p.rollout.gpu_memory_utilization,
                                       ctx.gpu_bytes, seq, dtype) if vllm else
                   memory.frozen_replica(policy, "lm", dtype, 1, p.rollout.max_batch_size * seq,
                                         p.rollout.max_batch_size) if p.rollout.num_gpus > 0 else Estimate(note="CPU"))
     tp = p.rollout.tensor_parallel_size if vllm else 1
     phase.pools.append(Pool("ppo.rollout", label(policy, "lm"), p.rollout.engines, p.rollout.num_gpus * tp,
-                            engine_est, f"{'vLLM' if vllm else 'HF'} engines{f', TP {tp}' if tp > 1 else ''}"))
+                            engine_est, f"{'vLLM' if vllm else 'HF'} engines{f', TP {tp}' if tp > 1 else ''}", "ppo", p))
     for index, bundle in enumerate(bundles):
         members = [Member(f"ppo.{role}", ranks.index(index), estimates[role] if role != ROLLOUT else engine_est)
                    for role, ranks in where.items() if index in ranks]

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from almost_ray.cluster_config import RayConfig
+from almost_ray.config import Config
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
+from almost_ray.preflight import plan_preflight
 from almost_ray.records import RecordError
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.failures import restarts
@@ -115,6 +117,8 @@ def run(
     critic_dir = rm_dir if cfg.critic_init == "reward" else policy_dir
 
     init_ray(ray_cfg)
+    # GPU memory and placement, as `almost-ray plan` counts them, before any actor starts
+    plan_preflight(Config(ppo=cfg.model_copy(update={"policy": str(policy_dir), "reward_model": str(rm_dir)})), STAGE)
     stage_dir.mkdir(parents=True, exist_ok=True)
     train(cfg, encoded, stage_dir, str(policy_dir), str(critic_dir), str(rm_dir), tokenizer, run_dir.name,
           scorer=scorer, fault_at_iteration=fault_at_iteration)

@@ -70,7 +70,7 @@ def fit(
     `fault_at_step` kills the last worker right after that step has been reported (first attempt
     only), to exercise `FailureConfig` and resume in tests.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     stage_dir = Path(stage_dir).resolve()
@@ -87,15 +87,10 @@ def fit(
     storage = Path(cfg.storage_path or stage_dir / "ray").resolve()
     # One Ray Train run per (config, data): re-running resumes it, a changed config starts afresh.
     name = f"{task}-{config_hash(cfg)}-{_examples_hash(examples)}"
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
@@ -109,6 +104,16 @@ def fit(
         ensure_ledger()  # the workers report their peak memory to it (memory.py)
     trainer.fit()
     return stage_dir / MODEL_DIR
+
+
+def scaling_config(cfg: TrainConfig):
+    """Ray Train's workers: `num_workers`, each reserving `cpus_per_worker` CPUs (and `gpus_per_worker` GPUs)."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
 
 
 def _examples_hash(examples: list[dict]) -> str:

@@ -29,9 +29,10 @@ def run_stage(
 ) -> Path:
     """Train `kind` ("rm" | "sft") into `stage_dir/model`; returns it. Skipped when already done."""
     from almost_ray.cluster import init_ray
+    from almost_ray.config import Config
     from almost_ray.manifest import is_done, write_manifest
     from almost_ray.models.loading import resolve_model_dir
-    from almost_ray.preflight import preflight, train_bundles
+    from almost_ray.preflight import plan_preflight, preflight, train_bundles
     from almost_ray.train import loop
     from almost_ray.train.report import plot_metrics, summarize
 
@@ -43,6 +44,8 @@ def run_stage(
     if cfg.num_workers > 0:  # before loading anything: a worker group that cannot start fails in seconds
         init_ray(ray_cfg)
         preflight(f"{name.split(':')[0].replace('-', '_')} workers", train_bundles(cfg))
+        section = "train_rm" if kind == "rm" else "train_sft"
+        plan_preflight(Config(**{section: cfg}), section)  # GPU memory, as `almost-ray plan` counts it
     model_dir = resolve_model_dir(cfg.model)
     examples, counts = prepare(model_dir)
     out = loop.fit(kind, cfg, examples, model_dir, stage_dir)
