@@ -131,19 +131,35 @@ def test_a_missing_model_config_is_named(tmp_path, capsys):
     assert "queries.model.ref: /models/llama-30b/config.json" in capsys.readouterr().err
 
 
-def test_two_ranks_of_one_nccl_group_on_one_gpu_are_refused():
+def test_two_ranks_of_one_nccl_group_on_one_gpu_are_refused(tmp_path, capsys):
     """Sharded replicas in bundles of a fraction of a GPU could share one; so could a vLLM engine with a
-    fraction and the policy's rank 0. Both refused when the config is read, naming the roles."""
-    with pytest.raises(ValidationError, match=r"policy_resources: the 2 policy replicas form one NCCL group.*"
-                                              r"0.75 GPU \(with reference\)"):
-        PPOConfig(colocate=[["policy", "reference"]], policy_resources={"replicas": 2, "num_gpus": 0.5},
-                  reference_resources={"replicas": 2, "num_gpus": 0.25})
-    with pytest.raises(ValidationError, match="critic_resources"):
-        PPOConfig(critic_resources={"replicas": 2, "num_gpus": 0.5})
-    with pytest.raises(ValidationError, match=r"rollout.num_gpus: 0.5: .*weight-sync NCCL group"):
-        PPOConfig(rollout={"backend": "vllm", "num_gpus": 0.5})
+    fraction and the policy's rank 0. Refused before anything is placed, naming the roles: by the plan
+    (exit 2), by the PPO stage's input checks, by `plan_bundles`; Ray Train workers when the config is read."""
+    from almost_ray.config_base import ConfigError
+    from almost_ray.rl.config import shared_gpu_ranks
+    from almost_ray.rl.roles import plan_bundles
+
+    crowded = PPOConfig(colocate=[["policy", "reference"]], policy_resources={"replicas": 2, "num_gpus": 0.5},
+                        reference_resources={"replicas": 2, "num_gpus": 0.25})
+    [problem] = shared_gpu_ranks(crowded)
+    assert problem.startswith("policy_resources: the 2 policy replicas form one NCCL group") and \
+        "0.75 GPU (with reference)" in problem
+    with pytest.raises(ConfigError, match="ppo.policy_resources"):
+        plan_bundles(crowded)
+    assert "critic_resources" in shared_gpu_ranks(PPOConfig(critic_resources={"replicas": 2, "num_gpus": 0.5}))[0]
+    [engine] = shared_gpu_ranks(PPOConfig(rollout={"backend": "vllm", "num_gpus": 0.5}))
+    assert engine.startswith("rollout.num_gpus: 0.5") and "weight-sync NCCL group" in engine
+    assert "tensor_parallel_size" in shared_gpu_ranks(PPOConfig(rollout={"backend": "vllm", "num_gpus": 2}))[0]
     with pytest.raises(ValidationError, match="gpus_per_worker: 0.5"):
         TrainRMConfig(num_workers=2, use_gpu=True, gpus_per_worker=0.5)
-    PPOConfig(colocate=[["policy", "reference"]], policy_resources={"replicas": 2, "num_gpus": 0.5},
-              reference_resources={"replicas": 2, "num_gpus": 0.5})  # whole GPUs per bundle: fine
-    PPOConfig(policy_resources={"replicas": 1, "num_gpus": 0.5})  # one replica: no group
+    assert shared_gpu_ranks(PPOConfig(colocate=[["policy", "reference"]],  # whole GPUs per bundle: fine
+                                      policy_resources={"replicas": 2, "num_gpus": 0.5},
+                                      reference_resources={"replicas": 2, "num_gpus": 0.5})) == []
+    assert shared_gpu_ranks(PPOConfig(policy_resources={"replicas": 1, "num_gpus": 0.5})) == []  # no group
+
+    cfg = tmp_path / "crowded.yaml"
+    cfg.write_text(PAPER.read_text() + "\n")
+    args = ["plan", "-c", str(cfg), "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80",
+            "--model-configs", str(SHAPES), "--stage", "ppo", "--set", "ppo.reference_resources.num_gpus=0.25"]
+    assert cli.main(args) == 2
+    assert "ppo.policy_resources: the 3 policy replicas form one NCCL group" in capsys.readouterr().err

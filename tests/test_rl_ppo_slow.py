@@ -192,11 +192,65 @@ def test_two_policy_replicas_take_the_step_of_one(local_ray):
         assert nothing is None and set(w1) == set(w2)
         for name in w1:
             assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+        # the engines' sync: rank 0 broadcasts each gathered tensor to an engine (gloo standing in for NCCL)
+        import sys
+
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors below are defined here
+        host, port = ray.get(pair[0].address.remote())
+        engine = ray.remote(num_cpus=0)(RecordingEngine).remote(host, port, 2)
+        ray.get(pair[0].__ray_call__.remote(_open_gloo_sync, host, port, 2))
+        ray.get([a.broadcast_weights.remote([engine]) for a in pair])
+        received = ray.get(engine.received.remote())
+        assert set(received) == set(w1)
+        for name, tensor in received.items():
+            assert torch.allclose(tensor, w1[name], atol=1e-5), name
         changed = ray.get(single.logprobs.remote(batch, 6))
         assert not torch.allclose(changed, old, atol=1e-4)
     finally:
         for actor in [*pair, single]:
             ray.kill(actor)
+
+
+class GlooBroadcast:
+    """vLLM's `PyNcclCommunicator.broadcast` over a gloo group of its own (a TCPStore and ProcessGroupGloo,
+    outside torch.distributed's default group, as vLLM's StatelessProcessGroup is): NCCL without a GPU."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int):
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore(host, port, world, rank == 0, timeout=timedelta(seconds=60))
+        self.group = dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=60))
+
+    def broadcast(self, tensor, src: int, stream=None) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.group.broadcast([tensor], opts).wait()
+
+
+def _open_gloo_sync(actor, host: str, port: int, world: int) -> None:
+    actor._engine_sync = GlooBroadcast(host, port, 0, world)
+
+
+class RecordingEngine:
+    """The engine side of the weight sync (rl/vllm_sync.WeightSync.update_weight) keeping what it receives."""
+
+    def __init__(self, host: str, port: int, world: int):
+        self.sync = GlooBroadcast(host, port, 1, world)
+        self.got: dict[str, torch.Tensor] = {}
+
+    def update_weight(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        weight = torch.empty(shape, dtype=getattr(torch, dtype))
+        self.sync.broadcast(weight, src=0)
+        self.got[name] = weight
+
+    def received(self) -> dict[str, torch.Tensor]:
+        return self.got
 
 
 def test_spread_places_role_groups_on_different_nodes(tmp_path, tiny_rm, prompts):

@@ -30,7 +30,7 @@ def load_classifier(ref: str, dtype: str = "auto", device: str = "cpu"):
     same in every replica and run), with its tokenizer's pad id."""
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve_model_dir(ref)
+    path = resolve_model_dir(str(ref))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(

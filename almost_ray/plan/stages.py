@@ -24,7 +24,7 @@ from almost_ray.models.config import ModelConfig
 from almost_ray.plan import memory
 from almost_ray.plan.memory import Estimate
 from almost_ray.plan.shapes import ModelShape, read_shape
-from almost_ray.rl.roles import ROLLOUT, plan_bundles
+from almost_ray.rl.roles import ROLLOUT, engine_bundles, plan_bundles
 from almost_ray.train.config import TrainConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -307,18 +307,17 @@ def ppo(ctx: Context) -> StagePlan:
                   memory.frozen_replica(policy, "lm", dtype, 1, p.rollout.max_batch_size * seq,
                                         p.rollout.max_batch_size) if p.rollout.num_gpus > 0 else Estimate(note="CPU"))
     tp = p.rollout.tensor_parallel_size if vllm else 1
-    phase.pools.append(Pool("ppo.rollout", label(policy, "lm"), p.rollout.engines, p.rollout.num_gpus * tp,
+    phase.pools.append(Pool("ppo.rollout", label(policy, "lm"), p.rollout.engines, tp if vllm else p.rollout.num_gpus,
                             engine_est, f"{'vLLM' if vllm else 'HF'} engines{f', TP {tp}' if tp > 1 else ''}", "ppo", p))
     for index, bundle in enumerate(bundles):
         members = [Member(f"ppo.{role}", ranks.index(index), estimates[role] if role != ROLLOUT else engine_est)
                    for role, ranks in where.items() if index in ranks]
         phase.bundles.append(Bundle(bundle.get("GPU", 0.0), bundle.get("CPU", 0.0), members, group="ppo roles"))
-    if vllm:
+    if vllm:  # each engine's own placement group, as `rl.roles.reserve` makes it
         for engine in range(p.rollout.engines):
-            for rank in range(tp):
+            for rank, bundle in enumerate(engine_bundles(p)):
                 member = Member("ppo.rollout", engine * tp + rank, engine_est)
-                phase.bundles.append(Bundle(p.rollout.num_gpus, p.rollout.num_cpus, [member],
-                                            group=f"ppo engine {engine}"))
+                phase.bundles.append(Bundle(bundle["GPU"], bundle["CPU"], [member], group=f"ppo engine {engine}"))
     return StagePlan("ppo", [phase], problems)
 
 

@@ -175,9 +175,6 @@ class PPOConfig(StrictModel):
                 if role in seen:
                     raise ValueError(f"colocate: role {role!r} is in more than one group")
                 seen.append(role)
-        problems = shared_gpu_ranks(self)
-        if problems:
-            raise ValueError("; ".join(problems))
         return self
 
     def resources(self, role: Role) -> RoleResources:
@@ -203,7 +200,9 @@ class PPOConfig(StrictModel):
 
 
 def shared_gpu_ranks(cfg: PPOConfig) -> list[str]:
-    """Settings under which two ranks of one NCCL group could land on one GPU, which NCCL refuses.
+    """Settings under which two ranks of one NCCL group could land on one GPU, which NCCL refuses: checked
+    before this project's PPO places anything (`rl.roles.plan_bundles`, the stage's input checks, the plan);
+    `--engine openrlhf` places its own roles.
 
     The NCCL groups: the replicas of each sharded role (`PPOConfig.sharded`), and the weight sync of the
     policy's rank 0 with every vLLM worker. Ray gives a bundle of whole GPUs GPUs of its own, but bundles
@@ -229,9 +228,10 @@ def shared_gpu_ranks(cfg: PPOConfig) -> list[str]:
                     f"bundle holds {gpus:g} GPU{with_}: Ray may give two {role} replicas one GPU, which NCCL "
                     "refuses; make each bundle whole GPUs (colocated num_gpus adding up to 1)")
                 break
-    if cfg.rollout.backend == "vllm" and cfg.rollout.num_gpus != 1:
+    if cfg.rollout.backend == "vllm" and cfg.rollout.num_gpus not in (0, 1):
         problems.append(
             f"rollout.num_gpus: {cfg.rollout.num_gpus:g}: each tensor-parallel rank of a vLLM engine holds one whole "
-            "GPU of its own; sharing the policy's GPU would put two ranks of the weight-sync NCCL group (policy "
-            "rank 0 and the engine) on one GPU, and colocation by CUDA IPC or vLLM sleep/wake is not implemented")
+            "GPU of its own (more GPUs: tensor_parallel_size); sharing the policy's GPU would put two ranks of the "
+            "weight-sync NCCL group (policy rank 0 and the engine) on one GPU, and colocation by CUDA IPC or vLLM "
+            "sleep/wake is not implemented")
     return problems

@@ -28,7 +28,7 @@ import torch
 from almost_ray import memory
 from almost_ray.config_base import ConfigError
 from almost_ray.rl import losses
-from almost_ray.rl.config import ROLES, PPOConfig
+from almost_ray.rl.config import ROLES, PPOConfig, shared_gpu_ranks
 from almost_ray.rl.episodes import pack, response_logprobs, response_values, split_rows, take
 from almost_ray.train.losses import cosine_with_warmup
 from almost_ray.train.optim import adamw
@@ -47,7 +47,11 @@ def role_resources(cfg: PPOConfig, role: str) -> tuple[int, dict[str, float]]:
 def plan_bundles(cfg: PPOConfig, separate_engines: bool = False) -> tuple[list[dict[str, float]], dict[str, list[int]]]:
     """The bundles of the roles' placement group and, per role, the bundle index of each of its replicas.
     The rollout engines have bundles here too, unless they are vLLM engines (`separate_engines`), which
-    get placement groups of their own (`engine_bundles`)."""
+    get placement groups of their own (`engine_bundles`). Refuses a plan that could put two ranks of one
+    NCCL group on one GPU (`config.shared_gpu_ranks`)."""
+    problems = shared_gpu_ranks(cfg)
+    if problems:
+        raise ConfigError("ppo." + "\nppo.".join(problems))
     colocated = {r for group in cfg.colocate for r in group}
     groups = [list(g) for g in cfg.colocate] + [[r] for r in ROLES if r not in colocated]
     groups += [] if separate_engines else [[ROLLOUT]]

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from almost_ray.cluster_config import RayConfig
 from almost_ray.config import Config
+from almost_ray.config_base import ConfigError
 from almost_ray.models.loading import ModelRefError, load_tokenizer, resolve_model_dir
 from almost_ray.preflight import plan_preflight
 from almost_ray.records import RecordError
-from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.config import PPOConfig, shared_gpu_ranks
 from almost_ray.rl.failures import restarts
 from almost_ray.rl.prompts import load_prompts, prompts_path
 from almost_ray.rl.trainer import METRICS, MODEL_DIR, Prompt
@@ -103,6 +104,8 @@ def run(
     policy_dir = model_dir(cfg.policy, run_dir / "sft" / "model", "policy", "train-sft")
     rm_dir = model_dir(cfg.reward_model, run_dir / "rm" / "model", "reward_model", "train-rm")
     check_reward_model(rm_dir)
+    if problems := shared_gpu_ranks(cfg):
+        raise ConfigError("ppo." + "\nppo.".join(problems))
     source = prompts_path(cfg, run_dir, prompts)
     texts = load_prompts(cfg, run_dir, prompts)
     inputs = {"policy": policy_dir, "reward_model": rm_dir, "prompts": source}
