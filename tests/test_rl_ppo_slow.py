@@ -195,9 +195,7 @@ def test_two_policy_replicas_take_the_step_of_one(local_ray):
         # the engines' sync: rank 0 broadcasts each gathered tensor to an engine (gloo standing in for NCCL)
         import sys
 
-        import cloudpickle
-
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors below are defined here
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the classes below live in this file
         host, port = ray.get(pair[0].address.remote())
         engine = ray.remote(num_cpus=0)(RecordingEngine).remote(host, port, 2)
         ray.get(pair[0].__ray_call__.remote(_open_gloo_sync, host, port, 2))
@@ -211,6 +209,33 @@ def test_two_policy_replicas_take_the_step_of_one(local_ray):
     finally:
         for actor in [*pair, single]:
             ray.kill(actor)
+
+
+def test_every_role_sharded_runs_as_unsharded_and_resumes(local_ray, tmp_path, tiny_rm, prompts):
+    """Two replicas of every role, all sharded with FSDP2 (gloo; the reference and the reward through
+    `shard_frozen`): the same rewards, KL and losses as one replica of each, and a run killed after its
+    first iteration resumes from its sharded checkpoint to the same final policy, saved as a plain HF model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = {**_small(tiny_rm), "total_episodes": 8, "ppo_epochs": 1, "checkpoint_every": 1}
+    cfg = PPOConfig(**base)
+    one = stage.run(cfg, RayConfig(), tmp_path / "one", prompts)
+    two = {"replicas": 2, "num_cpus": 0.2}
+    sharded = PPOConfig(**{**base, **{f"{r}_resources": two for r in ("policy", "critic", "reference", "reward")},
+                           "rollout": {"num_cpus": 0.4}, "shard_frozen": ["reference", "reward"]})
+    assert all(sharded.sharded(r) for r in ("policy", "critic", "reference", "reward"))
+    with pytest.raises(RuntimeError, match="fault injected"):
+        stage.run(sharded, RayConfig(), tmp_path / "two", prompts, fault_at_iteration=1)
+    resumed = stage.run(sharded, RayConfig(), tmp_path / "two", prompts)
+    for a, b in zip(_metrics(one), _metrics(resumed), strict=True):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "response_length"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["iteration"], key)
+    assert AutoModelForCausalLM.from_pretrained(resumed / "model").config.architectures == ["LlamaForCausalLM"]
+    wa, wb = load_file(one / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert set(wa) == set(wb)
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
 
 
 class GlooBroadcast:

@@ -17,6 +17,7 @@ Ray schedules on the GPUs a node declares (`ray start --num-gpus`, `ray.cluster_
 from __future__ import annotations
 
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import ray
@@ -52,6 +53,9 @@ class PlacementLedger:
         rows, self.rows = self.rows, []
         return rows
 
+    def count(self, pool: str) -> int:
+        return sum(r["pool"] == pool for r in self.rows)
+
 
 def report_here(pool: str, rank: int, bundle: int | None = None) -> None:
     """Called inside an actor or worker: tell the ledger where this process is and which GPUs it holds."""
@@ -63,12 +67,23 @@ def report_here(pool: str, rank: int, bundle: int | None = None) -> None:
 
 
 class DryReplica:
-    """A pool replica that loads nothing: it reports where it is when built and passes batches through."""
+    """A pool replica that loads nothing: it reports where it is when built, and holds its first batch until
+    every replica of the pool has reported (Ray Data would otherwise finish a small dataset on the replicas
+    that started first and drop the others unbuilt)."""
 
-    def __init__(self, pool: str):
+    def __init__(self, pool: str, replicas: int):
+        self.pool, self.replicas, self.waited = pool, replicas, False
         report_here(pool, -1)
 
     def __call__(self, batch, **_call):
+        import time
+
+        ledger, deadline = ray.get_actor(LEDGER), time.monotonic() + 300
+        while not self.waited and ray.get(ledger.count.remote(self.pool)) < self.replicas:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.pool}: fewer than {self.replicas} replicas started in 300 s")
+            time.sleep(0.2)
+        self.waited = True
         return batch
 
 
@@ -123,19 +138,24 @@ class DryEngine(DryRole):
         ray.get([w.ready.remote() for w in self.workers])
 
 
-def _place_pool(pool: Pool) -> None:
-    """A Ray Data pool or a `ReplicaSet` of dry replicas, started, fed one batch per replica, closed."""
-    res = pool.config
-    if pool.kind == "replica_set":
-        from almost_ray.replicas import ReplicaSet
+def _open_replica_set(pool: Pool, stack: ExitStack) -> None:
+    """A `ReplicaSet` of dry replicas, each given one batch; it stays up until the phase ends (RMSP's roles
+    hold their replicas side by side)."""
+    from almost_ray.replicas import ReplicaSet
 
-        with ReplicaSet(DryReplica, {"pool": pool.name}, res, f"{pool.name}.resources") as replicas:
-            list(replicas.map([{"row": i} for i in range(res.concurrency * res.batch_size)]))
-        return
+    res = pool.config
+    replicas = stack.enter_context(ReplicaSet(DryReplica, {"pool": pool.name, "replicas": res.concurrency}, res,
+                                              f"{pool.name}.resources"))
+    list(replicas.map([{"row": i} for i in range(res.concurrency * res.batch_size)]))
+
+
+def _run_pool(pool: Pool) -> None:
+    """A Ray Data pool of dry replicas, one block per replica (the stage runs it alone)."""
     from almost_ray.pools import stream_pool
 
+    res = pool.config
     list(stream_pool([{"row": i} for i in range(res.concurrency * res.batch_size)], DryReplica,
-                     {"pool": pool.name}, res, f"{pool.name}.resources"))
+                     {"pool": pool.name, "replicas": res.concurrency}, res, f"{pool.name}.resources"))
 
 
 def _train_worker(job: dict) -> None:
@@ -180,18 +200,22 @@ def _place_ppo(pool: Pool) -> None:
 
 
 def place_phase(phase: Phase) -> None:
-    ppo_started = False
-    for pool in phase.pools:
-        if pool.gpus <= 0 and pool.kind != "ppo":
-            continue  # a CPU pool takes no GPU
-        if pool.kind == "ppo":
-            if not ppo_started:
-                _place_ppo(pool)
-                ppo_started = True
-        elif pool.kind == "train":
-            _place_train(pool)
-        else:
-            _place_pool(pool)
+    """Every GPU pool of one phase placed at the same time, as the stage holds them, then freed."""
+    with ExitStack() as stack:
+        ppo_started = False
+        for pool in phase.pools:
+            if pool.gpus <= 0 and pool.kind != "ppo":
+                continue  # a CPU pool takes no GPU
+            if pool.kind == "ppo":
+                if not ppo_started:
+                    _place_ppo(pool)
+                    ppo_started = True
+            elif pool.kind == "train":
+                _place_train(pool)
+            elif pool.kind == "replica_set":
+                _open_replica_set(pool, stack)
+            else:
+                _run_pool(pool)
 
 
 def place_stages(cfg: Config, model_configs=None, only: list[str] | None = None,

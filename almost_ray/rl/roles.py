@@ -30,6 +30,7 @@ from almost_ray.config_base import ConfigError
 from almost_ray.rl import losses
 from almost_ray.rl.config import ROLES, PPOConfig, shared_gpu_ranks
 from almost_ray.rl.episodes import pack, response_logprobs, response_values, split_rows, take
+from almost_ray.train.loop import shard_from_rank0
 from almost_ray.train.losses import cosine_with_warmup
 from almost_ray.train.optim import adamw
 
@@ -168,7 +169,7 @@ class RoleActor:
     A sharded role (`PPOConfig.sharded`) loads its model only once its replicas have joined their process
     group (`join_group`): FSDP2 shards it over them and rank 0 alone reads the checkpoint. Every replica of
     a sharded role must run the same number of forward (and backward) passes, so the driver says how many
-    micro-batches each call has, and a replica with fewer episodes runs empty ones (`_EMPTY`)."""
+    micro-batches each call has, and a replica with fewer episodes runs empty ones (`empty_episode`)."""
 
     model: torch.nn.Module
 
@@ -208,8 +209,6 @@ class RoleActor:
 
         if not self.sharded:
             return prepare(full().to(self.device))
-        from almost_ray.train.loop import shard_from_rank0
-
         whole = full() if self.rank == 0 else None
         model = prepare(empty().to(dtype))
         return shard_from_rank0(model, whole, self.device, self.world, self.bf16, reshard=True)
@@ -240,7 +239,7 @@ class RoleActor:
         out = []
         with self.compute():
             for rows in parts:
-                part = take(batch, rows) if len(rows) else _EMPTY(self.pad_id, width)
+                part = take(batch, rows) if len(rows) else empty_episode(self.pad_id, width)
                 packed = pack(part["prompt_ids"], part["response_ids"], self.pad_id, width, self.cfg.padding_free)
                 result = fn(packed.to(self.device)).float().cpu()
                 if len(rows):
@@ -292,7 +291,7 @@ def _chunks(rows: int, size: int, count: int | None) -> list[range]:
     return split_rows(rows, count)
 
 
-def _EMPTY(pad_id: int, width: int) -> dict:  # noqa: N802 - a constant-like factory
+def empty_episode(pad_id: int, width: int) -> dict:
     """A one-token episode whose results are dropped: what a replica of a sharded role computes for a
     micro-batch it has no episodes for, so that it joins its peers' all-gathers and reduce-scatters."""
     return {"prompt_ids": [[pad_id]], "response_ids": [[pad_id]], "old_logprobs": torch.zeros(1, width),
@@ -338,7 +337,7 @@ class TrainableActor(RoleActor):
         for k, rows in enumerate(chunks):
             if self.sharded:  # reduce-scatter the gradients once per step, after the last micro-batch
                 self.model.set_requires_gradient_sync(k == len(chunks) - 1)
-            micro = take(piece, rows) if len(rows) else _EMPTY(self.pad_id, width)
+            micro = take(piece, rows) if len(rows) else empty_episode(self.pad_id, width)
             packed = pack(micro["prompt_ids"], micro["response_ids"], self.pad_id, width,
                           self.cfg.padding_free).to(self.device)
             with self.compute():
@@ -440,28 +439,30 @@ class PolicyActor(TrainableActor):
 
     def save_hf(self, out: str) -> None:
         """The final policy as a plain HF directory (safetensors + tokenizer) in `save_dtype`, written
-        atomically by rank 0 (a sharded policy's full weights are gathered there, on the CPU)."""
+        atomically by rank 0 (a sharded policy's full weights are gathered there, on the CPU, into a fresh
+        model of the plain transformers class, so the config names it rather than FSDP's wrapper)."""
         from almost_ray.models.loading import load_tokenizer, ready_for_generation
         from almost_ray.rl.checkpoint import atomic_dir
 
         dtype = getattr(torch, self.cfg.save_dtype)
-        state = None
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        elif dtype != torch.float32:
+        else:
             state = self.model.state_dict()
         if self.rank != 0:
             return
         with atomic_dir(Path(out)) as tmp:
-            ready_for_generation(self.model)
-            if state is None:
-                self.model.save_pretrained(tmp, safe_serialization=True)
+            if not self.sharded and dtype == torch.float32:
+                model = self.model
             else:
-                self.model.config.dtype = dtype
-                self.model.save_pretrained(tmp, state_dict={k: v.to(dtype) for k, v in state.items()},
-                                           safe_serialization=True)
+                model = _empty_causal_lm(self.model_dir)
+                model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+                model.tie_weights()
+                model.config.dtype = dtype
+            ready_for_generation(model)
+            model.save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(self.model_dir).save_pretrained(tmp)
 
     # GPU: weights to vLLM engines by NCCL broadcast from rank 0 (vLLM's StatelessProcessGroup + PyNccl).
