@@ -143,7 +143,7 @@ def test_two_ranks_of_one_nccl_group_on_one_gpu_are_refused(tmp_path, capsys):
                         reference_resources={"replicas": 2, "num_gpus": 0.25})
     [problem] = shared_gpu_ranks(crowded)
     assert problem.startswith("policy_resources: the 2 policy replicas form one NCCL group") and \
-        "0.75 GPU (with reference)" in problem
+        "replicas 0 and 1 hold 0.75 and 0.75 GPU (with reference)" in problem
     with pytest.raises(ConfigError, match="ppo.policy_resources"):
         plan_bundles(crowded)
     assert "critic_resources" in shared_gpu_ranks(PPOConfig(critic_resources={"replicas": 2, "num_gpus": 0.5}))[0]
@@ -156,6 +156,9 @@ def test_two_ranks_of_one_nccl_group_on_one_gpu_are_refused(tmp_path, capsys):
                                       policy_resources={"replicas": 2, "num_gpus": 0.5},
                                       reference_resources={"replicas": 2, "num_gpus": 0.5})) == []
     assert shared_gpu_ranks(PPOConfig(policy_resources={"replicas": 1, "num_gpus": 0.5})) == []  # no group
+    assert shared_gpu_ranks(PPOConfig(colocate=[["policy", "reference"]],  # one fraction: no GPU to share
+                                      policy_resources={"replicas": 2, "num_gpus": 0.5},
+                                      reference_resources={"replicas": 1, "num_gpus": 0.5})) == []
 
     cfg = tmp_path / "crowded.yaml"
     cfg.write_text(PAPER.read_text() + "\n")
@@ -163,3 +166,26 @@ def test_two_ranks_of_one_nccl_group_on_one_gpu_are_refused(tmp_path, capsys):
             "--model-configs", str(SHAPES), "--stage", "ppo", "--set", "ppo.reference_resources.num_gpus=0.25"]
     assert cli.main(args) == 2
     assert "ppo.policy_resources: the 3 policy replicas form one NCCL group" in capsys.readouterr().err
+
+
+def test_the_stage_preflight_runs_the_same_plan(monkeypatch):
+    """Before PPO starts on a GPU cluster: the connected cluster's GPU counts (from Ray) and GPU memory
+    (nvidia-smi) go into the same plan, and a GPU that would overflow stops the stage naming the role."""
+    import ray
+
+    from almost_ray import preflight
+    from almost_ray.config import Config
+    from almost_ray.config_base import ConfigError
+
+    paper = load_config(PAPER).ppo.model_copy(update={"policy": str(SHAPES / "llama-7b"),
+                                                      "reward_model": str(SHAPES / "llama-7b")})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(preflight, "node_resources", lambda: [{"CPU": 88.0, "GPU": 8.0}, {"CPU": 8.0}])
+    monkeypatch.setattr(preflight, "gpu_memory_gb", lambda: 79.2)
+    preflight.plan_preflight(Config(ppo=paper), "ppo")  # fits an 80 GB node
+    monkeypatch.setattr(preflight, "gpu_memory_gb", lambda: 40.0)
+    with pytest.raises(ConfigError, match=r"ppo: 3 GPUs hold ppo.policy .* short by"):
+        preflight.plan_preflight(Config(ppo=paper), "ppo")
+    monkeypatch.setattr(preflight, "node_resources", lambda: [{"CPU": 88.0, "GPU": 4.0}])
+    with pytest.raises(ConfigError, match="needs 8 GPUs at once, the cluster has 4"):
+        preflight.plan_preflight(Config(ppo=paper), "ppo")

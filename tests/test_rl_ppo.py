@@ -249,12 +249,10 @@ def test_response_logprobs_and_values_read_only_where_responses_are(padding_free
     from almost_ray.models.loading import load_causal_lm, resolve_model_dir
     from almost_ray.models.packing import use_packed_attention
     from almost_ray.rl.episodes import pack, response_logprobs, response_values
-    from almost_ray.train.reward import expose_token_scores
 
     model = load_causal_lm("tiny:llama", "float32", device="cpu").eval()
     torch.manual_seed(0)
     critic = AutoModelForSequenceClassification.from_pretrained(resolve_model_dir("tiny:llama"), num_labels=1).eval()
-    critic.config.pad_token_id = 0
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9], [5, 6, 7, 8, 9, 10]]
     responses = [[20, 21], [22, 23, 24, 25], [26]]
     with torch.no_grad():
@@ -269,7 +267,7 @@ def test_response_logprobs_and_values_read_only_where_responses_are(padding_free
     hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: rows_seen.append(args[0].shape))
     with torch.no_grad():
         got = response_logprobs(model, packed, temperature=0.7)
-        values = response_values(expose_token_scores(critic), packed)
+        values = response_values(critic, packed)
     hook.remove()
     want, want_values = torch.zeros(3, 4), torch.zeros(3, 4)
     for b, (p, r) in enumerate(zip(prompts, responses)):

@@ -206,8 +206,8 @@ def shared_gpu_ranks(cfg: PPOConfig) -> list[str]:
 
     The NCCL groups: the replicas of each sharded role (`PPOConfig.sharded`), and the weight sync of the
     policy's rank 0 with every vLLM worker. Ray gives a bundle of whole GPUs GPUs of its own, but bundles
-    holding fractions may get the same GPU, so every bundle holding a rank of a sharded role must hold whole
-    GPUs (colocated roles' fractions add up: policy 0.5 + reference 0.5 is one GPU); and a vLLM engine's
+    holding fractions may get the same GPU, so at most one bundle holding a rank of a sharded role may hold a
+    fraction of one (colocated roles' fractions add up: policy 0.5 + reference 0.5 is one GPU); and a vLLM engine's
     ranks hold a whole GPU each in their own placement group: an engine sharing the policy's GPU would need
     CUDA IPC handles or vLLM's sleep/wake (OpenRLHF's `--vllm.enable_sleep`), which are not implemented.
     """
@@ -218,16 +218,19 @@ def shared_gpu_ranks(cfg: PPOConfig) -> list[str]:
         if res.num_gpus <= 0 or not cfg.sharded(role):
             continue
         group = colocated.get(role, [role])
+        fractional = []  # (replica, GPUs of its bundle, roles sharing it)
         for i in range(res.replicas):
             sharing = [r for r in group if i < cfg.resources(r).replicas]
             gpus = sum(cfg.resources(r).num_gpus for r in sharing)
             if gpus != int(gpus):
-                with_ = f" (with {', '.join(r for r in sharing if r != role)})" if len(sharing) > 1 else ""
-                problems.append(
-                    f"{role}_resources: the {res.replicas} {role} replicas form one NCCL group, and replica {i}'s "
-                    f"bundle holds {gpus:g} GPU{with_}: Ray may give two {role} replicas one GPU, which NCCL "
-                    "refuses; make each bundle whole GPUs (colocated num_gpus adding up to 1)")
-                break
+                fractional.append((i, gpus, sharing))
+        if len(fractional) >= 2:
+            (i, gpus, sharing), (j, other, _) = fractional[:2]
+            with_ = f" (with {', '.join(r for r in sharing if r != role)})" if len(sharing) > 1 else ""
+            problems.append(
+                f"{role}_resources: the {res.replicas} {role} replicas form one NCCL group, and the bundles of "
+                f"replicas {i} and {j} hold {gpus:g} and {other:g} GPU{with_}: Ray may give both one GPU, which "
+                "NCCL refuses; make the bundles whole GPUs (colocated num_gpus adding up to 1)")
     if cfg.rollout.backend == "vllm" and cfg.rollout.num_gpus not in (0, 1):
         problems.append(
             f"rollout.num_gpus: {cfg.rollout.num_gpus:g}: each tensor-parallel rank of a vLLM engine holds one whole "

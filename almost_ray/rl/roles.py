@@ -333,7 +333,7 @@ class TrainableActor(RoleActor):
         sums: dict[str, float] = {}
         chunks = _chunks(len(piece["response_ids"]), self.cfg.micro_batch_size,
                          micro_batches if self.sharded else None)
-        scale = self.world / minibatch_tokens if self.sharded else 1.0 / minibatch_tokens
+        replicas = self.world if self.sharded else 1
         for k, rows in enumerate(chunks):
             if self.sharded:  # reduce-scatter the gradients once per step, after the last micro-batch
                 self.model.set_requires_gradient_sync(k == len(chunks) - 1)
@@ -343,7 +343,7 @@ class TrainableActor(RoleActor):
             with self.compute():
                 loss, stats = self.micro_loss(packed, {k: v.to(self.device) for k, v in micro.items()
                                                        if isinstance(v, torch.Tensor)})
-            (loss * (scale if len(rows) else 0.0)).backward()
+            (loss / minibatch_tokens * (replicas if len(rows) else 0)).backward()
             if len(rows):
                 for key, value in {"loss": loss.detach(), **stats}.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
@@ -506,12 +506,16 @@ class CriticActor(TrainableActor):
             self.setup()
 
     def setup(self) -> None:
+        from transformers import AutoModelForSequenceClassification
+
         from almost_ray.train import reward
 
         def full():
             with torch.random.fork_rng(devices=[]):  # a fresh head (critic_init: policy) is the same on every replica
                 torch.manual_seed(self.cfg.seed)
-                return reward.load_model(self.model_dir)
+                return AutoModelForSequenceClassification.from_pretrained(
+                    self.model_dir, config=reward.load_config(self.model_dir), dtype=torch.float32,
+                    trust_remote_code=False, use_safetensors=True)
 
         self.model = self.load_model(full, lambda: reward.empty_model(reward.load_config(self.model_dir)),
                                      torch.float32, train=True)
