@@ -37,8 +37,10 @@ class RoleResources(StrictModel):
 class RolloutConfig(StrictModel):
     """The rollout engines: actors that only generate, refreshed with the policy's weights each iteration.
 
-    `backend: hf` is the HF generator (CPU, or one GPU); `vllm` is vLLM engines (`[gpu]` extra) whose
-    weights are refreshed by NCCL broadcast, or CUDA IPC when colocated with the policy.
+    `backend: hf` is the HF generator (CPU, or one GPU), in the roles' placement group; `vllm` is vLLM engines
+    (`[gpu]` extra), each in a placement group of its own of `tensor_parallel_size` one-GPU bundles (so
+    `num_cpus` is per bundle and `num_gpus` is 1, or 0 to leave it to that rule), whose weights are refreshed
+    by NCCL broadcast. Colocation with the policy (CUDA IPC, vLLM sleep/wake) is not implemented.
     """
 
     backend: Literal["auto", "hf", "vllm"] = "auto"
@@ -46,7 +48,7 @@ class RolloutConfig(StrictModel):
     num_cpus: float = Field(default=1, ge=0)
     num_gpus: float = Field(default=0, ge=0)
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM")
-    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="vLLM, shared with training")
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="vLLM: its share of each of its GPUs")
     max_batch_size: int = Field(default=16, ge=1, description="HF backend: prompts per forward pass")
     torch_threads: int | None = Field(
         default=None, ge=1,
