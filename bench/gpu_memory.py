@@ -4,8 +4,9 @@ Runs on one CUDA GPU with torch and transformers only (no almost_ray import: the
 pydantic nor Ray). LLaMA-7B's shape (random weights), fp32 master weights and fused AdamW, bf16 autocast,
 SDPA attention, the LM head applied only to the last `--response` positions, as PPO's policy does. Cases:
 the whole 7B with activation checkpointing (the states dominate), and a 4-block model with and without it
-(the activations dominate). Prints one JSON object: per case, `torch.cuda.max_memory_allocated` after two
-optimizer steps, and the CUDA context (`mem_get_info` before and after the first kernel).
+(the activations dominate); and a 7B reward model's no-grad forward with transformers' default KV cache on
+(what `RewardModel` switches off). Prints one JSON object: per case, `torch.cuda.max_memory_allocated` after
+two optimizer steps (or the forward). docs/gpu-cluster.md has the numbers of an H200 and the plan's.
 
     python bench/gpu_memory.py --out results.json
 """
@@ -85,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
     args = parser.parse_args()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context": context_bytes(),
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "context_seen": context_bytes(),
            "train": [], "score": []}
     import transformers
 
