@@ -241,3 +241,26 @@ def test_two_workers_load_on_rank0_and_broadcast_into_shards(tmp_path, ray_local
     for name, buffer in expected.named_buffers():
         torch.testing.assert_close(got[f"buffer.{name}"], buffer, msg=name)
         torch.testing.assert_close(rank1[f"buffer.{name}"], buffer, msg=name)
+
+
+def test_stat_sums_are_reduced_on_the_workers_device(monkeypatch):
+    """A GPU worker group's process group is NCCL's alone (Ray Train's default backend with GPUs), and NCCL
+    reduces no CPU tensor: the step's stat sums must travel on the worker's device. Without a GPU here the
+    meta device stands in for it, and a recording all-reduce stops there."""
+    import torch.distributed as dist
+
+    class Reduced(Exception):
+        pass
+
+    seen = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Reduced
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        loop._all_reduce_sums({"loss": torch.tensor(2.0), "accuracy": torch.tensor(1.0)}, True, torch.device("meta"))
+    assert seen == [torch.device("meta")]
+    # one process reduces nothing and keeps its sums on the CPU
+    assert loop._all_reduce_sums({"loss": torch.tensor(2.0)}, False, torch.device("meta")) == {"loss": 2.0}

@@ -15,6 +15,9 @@ beta). This module does the rest, the same for all:
   docs/training.md), with bf16 compute on GPU; a single worker trains the plain model; AdamW; cosine schedule with
   linear warm-up; gradient clipping; gradient accumulation so one optimizer step sees exactly
   `global_batch_size` examples whatever the worker count (ALMoST Appendix D: FSDP, batch 64 / 128).
+- `prepare_worker` (what one rank holds before step 1) and `train_step` (one optimizer step) know nothing
+  of Ray: `train_worker` wraps them in Ray Train's context, and bench/gpu_check.py runs them in a process
+  of its own on a machine without Ray.
 - Checkpoints (model and optimizer through `torch.distributed.checkpoint`, scheduler, step, RNG)
   every `checkpoint_every` steps and at the end; the data position is the step (see `data.py`).
 - The final model is written as a plain HF directory (safetensors + tokenizer).
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -179,17 +183,11 @@ def train_worker(job: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    model = load_for_training(task, job["model_dir"], cfg, device, rank, world, distributed, bf16)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not distributed else nullcontext()
-
-    optimizer = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay)
     lengths = [task.length(ex) for ex in examples]
     plan = global_batches(lengths, cfg.global_batch_size, cfg.epochs, cfg.seed)
     total = min(len(plan), cfg.max_steps or len(plan))
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    schedule = partial(cosine_with_warmup, total_steps=total, warmup_steps=warmup, min_ratio=cfg.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    worker = prepare_worker(task, job["model_dir"], cfg, device, rank, world, distributed, total)
+    model, optimizer, scheduler = worker.model, worker.optimizer, worker.scheduler
 
     start = load_checkpoint(ray.train.get_checkpoint(), model, optimizer, scheduler, rank)
     log = MetricsLog(stage_dir / METRICS, keep_until=start) if rank == 0 else None
@@ -201,31 +199,12 @@ def train_worker(job: dict[str, Any]) -> None:
     for step in range(start, total):
         t0 = time.perf_counter()
         batch = plan[step]
-        units = sum(task.units(examples[i]) for i in batch)
-        pieces = rank_micro_batches(batch, lengths, rank, world, cfg.micro_batch_size)
-        sums: dict[str, torch.Tensor] = {}
-        for k, piece in enumerate(pieces):
-            if distributed:  # reduce-scatter gradients once per step, after the last micro-batch
-                model.set_requires_gradient_sync(k == len(pieces) - 1)
-            rows = [examples[i] for i in piece] or [examples[batch[0]]]  # empty piece: weight 0
-            weight = 1.0 if piece else 0.0
-            with autocast:
-                loss_sum, stats = task.micro_loss(model, rows, device, cfg.padding_free, **job["loss_options"])
-            (loss_sum * (weight * world / units)).backward()
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0) + weight * value.detach().float().cpu()
-        grad_norm = _clip(model, cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        totals = _all_reduce_sums(sums, distributed)
+        done = train_step(worker, task, cfg, examples, lengths, batch, job["loss_options"])
         elapsed = time.perf_counter() - t0
-        metrics = task.step_metrics(totals, units, len(batch))
+        metrics = task.step_metrics(done.totals, done.units, len(batch))
         metrics.update(
-            step=step + 1, epoch=round((step + 1) / max(1, len(plan) / cfg.epochs), 4), lr=lr,
-            grad_norm=grad_norm, samples=len(batch), tokens=sum(lengths[i] for i in batch),
+            step=step + 1, epoch=round((step + 1) / max(1, len(plan) / cfg.epochs), 4), lr=done.lr,
+            grad_norm=done.grad_norm, samples=len(batch), tokens=sum(lengths[i] for i in batch),
             step_time_s=round(elapsed, 4), samples_per_s=round(len(batch) / elapsed, 4),
         )
         if log is not None:
@@ -262,6 +241,70 @@ def _quiet_logs() -> None:
     except ImportError:
         pass
     hf_logging.set_verbosity_error()
+
+
+@dataclass
+class Worker:
+    """What one rank trains with: its model (FSDP2-sharded when `distributed`), the context its forward passes
+    run in (bf16 autocast over fp32 weights, or nothing: FSDP2's mixed-precision policy casts), AdamW and
+    the learning-rate schedule."""
+
+    model: torch.nn.Module
+    compute: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    rank: int
+    world: int
+    distributed: bool
+
+
+@dataclass
+class StepResult:
+    totals: dict[str, float]  # the task's stat sums over the global batch, all ranks
+    units: int  # loss units of the global batch (pairs, supervised tokens)
+    grad_norm: float
+    lr: float  # the learning rate the step used
+
+
+def prepare_worker(task, model_dir: str, cfg: TrainConfig, device: torch.device, rank: int, world: int,
+                   distributed: bool, total_steps: int) -> Worker:
+    """One rank's model, compute context, AdamW and warm-up + cosine schedule over `total_steps`, before
+    step 1. `distributed`: torch.distributed is initialised and the model is sharded over its `world` ranks."""
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    model = load_for_training(task, model_dir, cfg, device, rank, world, distributed, bf16)
+    compute = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not distributed else nullcontext()
+    optimizer = adamw(model.parameters(), cfg.lr, cfg.adam_betas, cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    schedule = partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup, min_ratio=cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return Worker(model, compute, optimizer, scheduler, device, rank, world, distributed)
+
+
+def train_step(worker: Worker, task, cfg: TrainConfig, examples: list[dict], lengths: list[int], batch: list[int],
+               loss_options: dict[str, Any]) -> StepResult:
+    """One optimizer step on the global batch `batch` (example indices): this rank's micro-batches with their
+    gradients accumulated, clipping, AdamW and the schedule; the task's stat sums all-reduced over the ranks."""
+    model, rank, world, distributed = worker.model, worker.rank, worker.world, worker.distributed
+    units = sum(task.units(examples[i]) for i in batch)
+    pieces = rank_micro_batches(batch, lengths, rank, world, cfg.micro_batch_size)
+    sums: dict[str, torch.Tensor] = {}
+    for k, piece in enumerate(pieces):
+        if distributed:  # reduce-scatter gradients once per step, after the last micro-batch
+            model.set_requires_gradient_sync(k == len(pieces) - 1)
+        rows = [examples[i] for i in piece] or [examples[batch[0]]]  # empty piece: weight 0
+        weight = 1.0 if piece else 0.0
+        with worker.compute:
+            loss_sum, stats = task.micro_loss(model, rows, worker.device, cfg.padding_free, **loss_options)
+        (loss_sum * (weight * world / units)).backward()
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0) + weight * value.detach().float().cpu()
+    grad_norm = _clip(model, cfg.max_grad_norm)
+    lr = worker.scheduler.get_last_lr()[0]
+    worker.optimizer.step()
+    worker.scheduler.step()
+    worker.optimizer.zero_grad(set_to_none=True)
+    return StepResult(_all_reduce_sums(sums, distributed, worker.device), units, grad_norm, lr)
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -318,12 +361,15 @@ def _clip(model: torch.nn.Module, max_norm: float | None) -> float:
     return round(float(norm), 6)
 
 
-def _all_reduce_sums(sums: dict[str, torch.Tensor], distributed: bool) -> dict[str, float]:
+def _all_reduce_sums(sums: dict[str, torch.Tensor], distributed: bool, device: torch.device) -> dict[str, float]:
+    """The stat sums of every rank added up. They travel on the rank's `device`: a GPU worker group's
+    process group is NCCL's alone (Ray Train's default), which has no CPU tensors to reduce."""
     keys = sorted(sums)
     packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in keys])
     if distributed:
         import torch.distributed as dist
 
+        packed = packed.to(device)
         dist.all_reduce(packed)
     return dict(zip(keys, packed.tolist()))
 
