@@ -145,3 +145,15 @@ def test_job_entry_point_takes_the_pipeline_flags_and_exits_2_on_config_errors(t
     assert missing.returncode == 2 and "config file not found" in missing.stderr
     listed = run_job("--config", str(tiny_config(tmp_path)), "--list")
     assert listed.returncode == 0 and listed.stdout.splitlines()[0].startswith("queries")
+
+
+def test_a_trained_model_folder_is_an_input_not_a_dataset(tmp_path):
+    """`--only eval,report` after `--until train_sft`: the SFT model's folder is an input (hashed for the
+    manifest), not data to be read, so its presence is all the check asks of it."""
+    cfg = load_config(tiny_config(tmp_path))
+    model = tmp_path / "runs" / "tiny" / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    selected = select(STAGES, only="eval,report")
+    assert "model_sft" in selected[0].inputs(cfg)
+    check_inputs(selected, cfg)

@@ -67,7 +67,9 @@ def check_inputs(selected: list[Stage], cfg: Config) -> None:
             if Path(path) in made:
                 waiting = True
                 continue
-            source = parse_source(path)
+            if Path(str(path)).expanduser().exists():  # a file, a dataset or a model directory
+                continue
+            source = parse_source(path)  # a hub id, or a path with ?split=/?columns=
             if source.kind == "hub" or source.path.exists():
                 continue
             by = writers.get(path)
