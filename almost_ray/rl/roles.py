@@ -290,11 +290,11 @@ class PolicyActor(TrainableActor):
 
     def save_hf(self, out: str) -> None:
         """The final policy as a plain HF directory (safetensors + tokenizer), written atomically."""
+        from almost_ray.data.atomic import atomic_directory
         from almost_ray.models.loading import load_tokenizer, ready_for_generation
-        from almost_ray.rl.checkpoint import atomic_dir
 
         if self.rank == 0:
-            with atomic_dir(Path(out)) as tmp:
+            with atomic_directory(Path(out)) as tmp:
                 ready_for_generation(self.model)
                 self.model.save_pretrained(tmp, safe_serialization=True)
                 load_tokenizer(self.model_dir).save_pretrained(tmp)
