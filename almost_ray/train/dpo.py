@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,17 +244,20 @@ def work(cfg: Config) -> Outcome:
     examples = encode_pairs(pairs, load_tokenizer(model_dir), t)
     if not examples:
         raise RecordError(f"{source}: no pair keeps a reply token within train_dpo.max_length={t.max_length}")
+    started = time.perf_counter()
     if t.loss_type == "simpo":  # reference-free
         for ex in examples:
             ex["ref_chosen"] = ex["ref_rejected"] = 0.0
     else:
         reference_dir = resolve_model_dir(t.reference) if t.reference else model_dir
         attach_reference_logps(examples, reference_dir, t, stage_dir)
+    reference_s = time.perf_counter() - started  # read from disk when stored: near 0 on a resumed run
     options = {"loss_type": t.loss_type, "beta": t.beta, "simpo_gamma": t.simpo_gamma}
     metrics = loop.train_and_plot("dpo", t, examples, model_dir, stage_dir,
                                   ["loss", "rewards/accuracies", "rewards/margins"], f"DPO ({t.loss_type})",
                                   loss_options=options)
-    return Outcome(counts={"pairs": len(pairs), "trained": len(examples)}, metrics=metrics)
+    return Outcome(counts={"pairs": len(pairs), "trained": len(examples)},
+                   metrics={**metrics, "reference_logps_s": round(reference_s, 3)})
 
 
 def _inputs(cfg: Config) -> dict[str, Path | str]:
