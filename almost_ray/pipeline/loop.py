@@ -76,6 +76,8 @@ def check_inputs(selected: list[Stage], cfg: Config) -> None:
             if Path(path) in made:
                 waiting = True
                 continue
+            if Path(path).exists():  # a model folder too, which is no data source to parse
+                continue
             source = parse_source(path)
             if source.kind == "hub" or source.path.exists():
                 continue
