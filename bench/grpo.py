@@ -62,7 +62,12 @@ def prompts_for(args) -> list[str]:
 
 def trl_grpo(args, policy: Path, rm: Path, gc: bool) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        PrinterCallback,
+    )
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -83,6 +88,7 @@ def trl_grpo(args, policy: Path, rm: Path, gc: bool) -> dict:
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
                               processing_class=tokenizer, reward_processing_classes=reward_tokenizer)
+        trainer.remove_callback(PrinterCallback)  # logging_steps=1 keeps every step's reward; no need to print it
         phases = defaultdict(float)
 
         def timed(name, fn, only_no_grad=False):
