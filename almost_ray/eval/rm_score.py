@@ -45,6 +45,7 @@ def prompts(cfg: Config) -> list[tuple[str, str]]:
     if source is None:
         raise ConfigError("rm_score.prompts: no held-out prompts: set train_rm.heldout_fraction > 0, or give "
                           "rm_score.prompts")
+    require(source, "rm_score.prompts", None if cfg.rm_score.prompts else "train-rm")
     found: dict[str, str] = {}
     for row in generate.read_prompts(source):  # queries, or comparison rows (their `prompt`, `query_id`)
         text = row["messages"][0]["content"]
@@ -103,8 +104,6 @@ def score(cfg: Config, texts: dict[str, str], answers: dict[str, dict[str, list[
 
 def check(cfg: Config) -> None:
     """The prompts, the RM (one score) and the base model, before Ray starts."""
-    source = paths.rm_score_prompts(cfg)
-    require(source, "rm_score.prompts", None if cfg.rm_score.prompts else "train_rm")
     prompts(cfg)
     check_model_ref(paths.rm_score_reward_model(cfg), "rm_score.reward_model", "reward_model",
                     made_by=None if cfg.rm_score.reward_model else "train-rm")
