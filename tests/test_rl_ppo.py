@@ -277,8 +277,8 @@ def test_bf16_mixed_precision_trains_fp32_weights():
 
 
 def test_checkpoint_dirs_are_complete_or_absent(tmp_path):
-    from almost_ray.data.metrics_log import MetricsLog
     from almost_ray.data.atomic import atomic_directory as atomic_dir
+    from almost_ray.data.metrics_log import MetricsLog
     from almost_ray.rl.checkpoint import CHECKPOINTS, checkpoint_dirs
 
     root = tmp_path / CHECKPOINTS
