@@ -184,6 +184,18 @@ def _pipeline(args, cfg: Config) -> None:
     loop.main(args, with_flags(cfg, {"pipeline.extras": extras}))
 
 
+def _plan(args: argparse.Namespace, cfg: Config) -> int:
+    """Print the GPU memory plan of every stage; exit 2 when something does not fit (almost_ray/plan)."""
+    from almost_ray.plan.cluster_plan import make_plan, table
+
+    plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.model_configs,
+                     args.cpus_per_node, args.stage)
+    print(table(plan))
+    for problem in plan.problems:
+        print(f"almost-ray plan: does not fit: {problem}", file=sys.stderr)
+    return 2 if plan.problems else 0
+
+
 DEMO_CONFIG = "configs/demo.yaml"  # `almost-ray demo` without --config, run from a checkout
 OUTPUT_DIR = (("--output",), dict(help="the stage's folder (sets <section>.output_dir; default: <run dir>/<stage>)"))
 # The flags of `almost-ray pipeline`, `almost-ray demo` and `jobs/rlsf.py` (besides --config and --set).
@@ -301,6 +313,19 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, list[tuple[tuple, dict]]]] = {
                                        f"dialogues): .txt, {SOURCE}")),
             (("--engine",), dict(choices=["almost_ray", "openrlhf"], help="overrides ppo.engine")),
             (("--dry-run",), dict(action="store_true", help="with --engine openrlhf: print the command, run nothing")),
+        ],
+    ),
+    "plan": (
+        "GPU memory plan: each stage's pools, roles, engines and workers on N nodes x G GPUs of M GiB; exit 2 if any does not fit",
+        _plan,
+        [
+            (("--nodes",), dict(type=int, required=True, help="GPU nodes")),
+            (("--gpus-per-node",), dict(type=int, required=True)),
+            (("--gpu-memory-gb",), dict(type=float, required=True, help="GiB of one GPU (80 for an A100/H100 80GB)")),
+            (("--cpus-per-node",), dict(type=float, help="also check CPUs (default: not checked)")),
+            (("--model-configs",), dict(type=Path, help="folder of <name>/config.json for model paths absent here "
+                                                        "(e.g. configs/model-shapes)")),
+            (("--stage",), dict(action="append", help="only this stage (repeatable)")),
         ],
     ),
     "pipeline": (

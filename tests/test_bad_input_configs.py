@@ -58,10 +58,32 @@ def test_bad_config_exits_2_with_one_error_naming_file_line_and_field(path, tmp_
 
 
 @pytest.mark.parametrize("text", ["", "\n", "# nothing set yet\n"])
-def test_empty_config_is_the_defaults(tmp_path, text):
+def test_an_empty_config_is_refused_and_no_config_is_the_defaults(tmp_path, text):
+    """A config file that sets nothing would run every stage on the defaults unnoticed (a truncated copy, a
+    wrong file): it is an error naming the file; running with no --config at all is the defaults."""
     path = tmp_path / "empty.yaml"
     path.write_text(text)
-    assert load_config(path) == Config()
+    with pytest.raises(ConfigError, match=rf"^{path}: empty config \(no sections\)"):
+        load_config(path)
+    assert load_config(None) == Config()
+
+
+def test_a_config_that_is_a_folder_unreadable_or_not_utf8_names_the_file(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: a folder, not a config file$"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("run_name: demo\nreport:\n  seed_queries: caf\xe9.txt\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{latin}:3: not valid UTF-8"):
+        load_config(latin)
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("run_name: demo\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # root reads any file: a refused read, as a user meets it
+    with pytest.raises(ConfigError, match=rf"^{locked}: cannot read the config file \(Permission denied\)$"):
+        load_config(locked)
 
 
 def test_duplicate_keys_are_found_at_any_depth_and_anchors_still_work(tmp_path):

@@ -315,7 +315,7 @@ def test_one_image_name_everywhere():
 
 def test_docs_name_the_files_resources_and_commands_that_exist():
     docs = (ROOT / "docs" / "gpu-cluster.md").read_text() + (ROOT / "cluster" / "README.md").read_text()
-    for path in set(re.findall(r"\b((?:k8s|cluster|docker)/[\w.-]+)", docs)):
+    for path in set(re.findall(r"(?<![\w/])((?:k8s|cluster|docker)/[\w.-]+)", docs)):
         assert (ROOT / path).exists(), f"the docs name {path}, which does not exist"
     job, service, cluster = load("rayjob.yaml"), load("rayservice.yaml"), load("raycluster.yaml")
     assert f"kubectl get rayjob {job['metadata']['name']} -w" in docs
@@ -330,21 +330,22 @@ def test_docs_name_the_files_resources_and_commands_that_exist():
     assert re.search(rf"GPU workers autoscaled\s+{worker['minReplicas']}–{worker['maxReplicas']}\b", docs)
 
 
-def test_docs_resource_table_matches_the_paper_config():
+def test_docs_resource_table_is_the_plan_of_the_paper_config():
+    """The per-stage table in docs/gpu-cluster.md is what `almost-ray plan` prints for the paper config on the
+    node k8s/rayjob.yaml asks for (regenerate it with the command the docs give when the config changes)."""
     from almost_ray.config import load_config
+    from almost_ray.plan.cluster_plan import make_plan, table
 
-    cfg = load_config(ROOT / "configs" / "paper-llama.yaml")
-    rows = {}
-    for line in (ROOT / "docs" / "gpu-cluster.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0].startswith("`"):
-            rows[cells[0]] = (cells[3], cells[4])
-    pools = {
-        "`queries` (Self-Instruct)": (cfg.queries.resources.concurrency, cfg.queries.resources.num_gpus),
-        "`eval_rm`": (cfg.eval_rm.resources.concurrency, cfg.eval_rm.resources.num_gpus),
-        "`eval`": (cfg.eval.resources.concurrency, cfg.eval.resources.num_gpus),
-        "`train_rm`": (cfg.train_rm.num_workers, cfg.train_rm.gpus_per_worker),
-        "`train_sft`": (cfg.train_sft.num_workers, cfg.train_sft.gpus_per_worker),
-    }
-    for stage, (replicas, gpus_each) in pools.items():
-        assert rows[stage] == (str(replicas), str(int(replicas * gpus_each))), stage
+    docs = (ROOT / "docs" / "gpu-cluster.md").read_text()
+    command = re.search(r"almost-ray plan -c configs/paper-llama\.yaml --nodes (\d+) --gpus-per-node (\d+) "
+                        r"--gpu-memory-gb (\d+) \\\s+--cpus-per-node (\d+) --model-configs configs/model-shapes", docs)
+    assert command, "docs/gpu-cluster.md does not give the plan command of the paper config"
+    nodes, gpus, memory, cpus = (int(g) for g in command.groups())
+    worker = load("rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert (worker["replicas"], int(limits["nvidia.com/gpu"])) == (nodes, gpus)  # the node the RayJob asks for
+    plan = make_plan(load_config(ROOT / "configs" / "paper-llama.yaml"), nodes, gpus, memory,
+                     ROOT / "configs" / "model-shapes", cpus)
+    assert plan.fits, plan.problems
+    assert table(plan) in docs, "docs/gpu-cluster.md's plan table is not what `almost-ray plan` prints"
+

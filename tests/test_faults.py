@@ -147,8 +147,9 @@ def test_compare_survives_a_killed_generator_actor(tmp_path, ray_local):
 @pytest.mark.slow
 def test_compare_survives_a_lost_node(tmp_path):
     """A 3-node cluster (head 1 CPU, two workers of 1 CPU); the 2-replica pool runs on at least one
-    worker; that worker is removed mid-stage, its replica is restarted on the free CPU, and the
-    outputs equal an uninterrupted run's."""
+    worker; that worker is removed while the stage runs (shards remain, no manifest yet), its replica is
+    restarted on another node (the actor table shows a restart and its new node), and the outputs equal
+    an uninterrupted run's."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -173,7 +174,9 @@ def test_compare_survives_a_lost_node(tmp_path):
                 fault["shards"] = len(_wait_for(lambda: _finished_shards(stage), 600, "a first shard"))
                 busy = [w for w in workers if _generator_actors(w.node_id)]
                 assert busy, "no generator replica on a worker node"
-                fault["replicas_on_node"] = len(_generator_actors(busy[0].node_id))
+                on_node = _generator_actors(busy[0].node_id)
+                fault.update(replicas_on_node=len(on_node), actors=[a["ActorID"] for a in on_node],
+                             node=busy[0].node_id, running=not (stage / "manifest.json").exists())
                 cluster.remove_node(busy[0], allow_graceful=False)
             except BaseException as err:
                 fault["error"] = err
@@ -184,7 +187,9 @@ def test_compare_survives_a_lost_node(tmp_path):
         remover.join(timeout=120)
         assert "error" not in fault, fault.get("error")
         _assert_mid_stage(fault["shards"])
-        assert fault["replicas_on_node"] >= 1
+        assert fault["replicas_on_node"] >= 1 and fault["running"], "the node went after the stage ended"
+        moved = [ray._private.state.actors(a) for a in fault["actors"]]
+        assert all(a["NumRestarts"] >= 1 and a["Address"]["NodeID"] != fault["node"] for a in moved), moved
         assert _outputs(stage) == ref
     finally:
         ray.shutdown()

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from conftest import tiny_pipeline_config
 from test_faults import _wait_for
-from test_job_submit import RUNTIME_ENV, TERMINAL, local_head, wait_for
+from test_job_submit import RUNTIME_ENV, TERMINAL, wait_for
+from test_job_submit import head as private_head  # noqa: F401 (the `head` fixture: a Ray head with token auth)
 
 from almost_ray.runs.manifest import read_manifest
 
@@ -50,7 +51,7 @@ def _digest(path: Path) -> tuple[int, str]:
 OUTPUTS = ("queries/queries.jsonl", "compare/responses.jsonl", "compare/comparisons.jsonl")
 
 
-def test_a_killed_pipeline_job_resubmitted_skips_finished_stages_and_resumes_compare(tmp_path):
+def test_a_killed_pipeline_job_resubmitted_skips_finished_stages_and_resumes_compare(tmp_path, head):
     raw = tiny_pipeline_config(tmp_path)
     raw["compare"]["shard_size"] = 1  # one row per shard and per batch: compare moves in small steps
     for rung in raw["compare"]["ladder"]:
@@ -62,32 +63,34 @@ def test_a_killed_pipeline_job_resubmitted_skips_finished_stages_and_resumes_com
     def entry(run_name: str) -> str:
         return f"{sys.executable} jobs/rlsf.py --config {config} --until compare --set run_name={run_name}"
 
-    with local_head() as client:
-        job = client.submit_job(entrypoint=entry("killed"), runtime_env=RUNTIME_ENV)
-        compare = runs / "killed" / "compare"
+    from ray.job_submission import JobSubmissionClient
 
-        def mid_compare() -> bool:
-            return read_manifest(runs / "killed" / "queries") is not None and _rows_on_disk(compare) > 0
+    client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
+    job = client.submit_job(entrypoint=entry("killed"), runtime_env=RUNTIME_ENV)
+    compare = runs / "killed" / "compare"
 
-        _wait_for(lambda: mid_compare() or str(client.get_job_status(job).value) in TERMINAL, 900,
-                  "a first compare shard")
-        assert _kill_driver("killed") == 1, client.get_job_logs(job)[-3000:]
-        assert wait_for(client, job, 120) == "FAILED"
-        kept = _rows_on_disk(compare)  # the driver is dead: nothing moves
-        assert read_manifest(compare) is None, "compare finished before the driver was killed"
-        queries = (runs / "killed" / "queries" / "queries.jsonl").read_bytes().count(b"\n")
-        rows = 2 * queries  # both rungs answer every query
-        assert 1 <= kept < rows
+    def mid_compare() -> bool:
+        return read_manifest(runs / "killed" / "queries") is not None and _rows_on_disk(compare) > 0
 
-        again = client.submit_job(entrypoint=entry("killed"), runtime_env=RUNTIME_ENV)
-        status, logs = wait_for(client, again, 900), client.get_job_logs(again)
-        assert status == "SUCCEEDED", logs[-4000:]
-        assert "queries: skipped (done;" in logs and "compare: done in" in logs, logs[-4000:]
-        pools = read_manifest(compare)["metrics"]["pools"]
-        assert sum(p["generated"] for p in pools.values()) == rows - kept  # only what was not on disk
+    _wait_for(lambda: mid_compare() or str(client.get_job_status(job).value) in TERMINAL, 900,
+              "a first compare shard")
+    assert _kill_driver("killed") == 1, client.get_job_logs(job)[-3000:]
+    assert wait_for(client, job, 120) == "FAILED"
+    kept = _rows_on_disk(compare)  # the driver is dead: nothing moves
+    assert read_manifest(compare) is None, "compare finished before the driver was killed"
+    queries = (runs / "killed" / "queries" / "queries.jsonl").read_bytes().count(b"\n")
+    rows = 2 * queries  # both rungs answer every query
+    assert 1 <= kept < rows
 
-        ref = client.submit_job(entrypoint=entry("ref"), runtime_env=RUNTIME_ENV)
-        assert wait_for(client, ref, 900) == "SUCCEEDED", client.get_job_logs(ref)[-4000:]
+    again = client.submit_job(entrypoint=entry("killed"), runtime_env=RUNTIME_ENV)
+    status, logs = wait_for(client, again, 900), client.get_job_logs(again)
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "queries: skipped (done;" in logs and "compare: done in" in logs, logs[-4000:]
+    pools = read_manifest(compare)["metrics"]["pools"]
+    assert sum(p["generated"] for p in pools.values()) == rows - kept  # only what was not on disk
+
+    ref = client.submit_job(entrypoint=entry("ref"), runtime_env=RUNTIME_ENV)
+    assert wait_for(client, ref, 900) == "SUCCEEDED", client.get_job_logs(ref)[-4000:]
     for name in OUTPUTS:
         assert _digest(runs / "killed" / name) == _digest(runs / "ref" / name), name
     assert read_manifest(compare)["counts"] == read_manifest(runs / "ref" / "compare")["counts"]

@@ -63,8 +63,9 @@ def test_a_tiny_pool_runs_without_any_deprecation_warning(ray_local):
             rows = list(stream_pool([{"x": i} for i in range(6)], AddOne, {}, ResourcesConfig(num_cpus=0.5,
                                     concurrency=2, batch_size=2), "test.resources"))
         assert sorted((r["x"], r["y"]) for r in rows) == [(i, i + 1) for i in range(6)]
-        # each replica reported its peak memory under the pool's name (memory.MeasuredReplica)
-        assert [r["role"] for r in actor_reports(started)].count("test") == 2
+        # the replicas that started reported their peak memory under the pool's name (replicas.MeasuredReplica);
+        # Ray Data may retire the second before it starts when the first has answered every block
+        assert 1 <= [r["role"] for r in actor_reports(started)].count("test") <= 2
         assert not [m for m in records.messages if "deprecat" in m.lower()]
         # Ray Data's own DataContext warns about its internal `use_push_based_shuffle` default; nothing
         # may come from the arguments we pass (`concurrency=`, `**ray_remote_args`) or from our code.

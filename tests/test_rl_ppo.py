@@ -353,3 +353,65 @@ def test_weights_travel_as_arrays_in_any_dtype(ray_local):
     with pytest.raises(ValueError, match="missing"):
         load_arrays(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)),
                     to_arrays(src.state_dict()))
+
+
+def test_every_weight_sync_communicator_is_on_an_indexed_device(monkeypatch):
+    """vLLM's `PyNcclCommunicator` asserts each tensor's device equals its own, and `cuda` is not `cuda:0`:
+    the policy's role device is the GPU Ray gave it BY INDEX, and that is the device its weight-sync
+    communicator is built on (vLLM is not installed here: its two classes are stood in for by recorders)."""
+    import sys
+    import types
+
+    from almost_ray.rl.roles import PolicyActor, role_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert role_device(1) == torch.device("cuda", 3) and role_device(0.5).index == 3
+    assert role_device(0) == torch.device("cpu")
+    monkeypatch.undo()
+
+    built = []
+
+    class Communicator:
+        def __init__(self, group, device):
+            built.append(device)
+
+    class Group:
+        @staticmethod
+        def create(host, port, rank, world_size):
+            return (host, port, rank, world_size)
+
+    pynccl = types.SimpleNamespace(PyNcclCommunicator=Communicator)
+    utils = types.SimpleNamespace(StatelessProcessGroup=Group)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.device_communicators",
+                        types.ModuleType("vllm.distributed.device_communicators"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.device_communicators.pynccl", pynccl)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.utils", utils)
+    policy = PolicyActor(PPOConfig(**SMALL).model_dump(mode="json"), "tiny:llama")
+    policy.device = torch.device("cuda", 0)  # what role_device gives an actor on its GPU
+    policy.open_engine_sync("127.0.0.1", 1234, 3)
+    assert built == [torch.device("cuda", 0)] and built[0].index is not None
+
+
+def test_vllm_engines_get_placement_groups_of_their_own():
+    """OpenRLHF's placement: vLLM engines leave the roles' group; each engine's group is one one-GPU bundle
+    per tensor-parallel rank, and the engine actor tells vLLM which bundles (it holds no GPU above TP 1)."""
+    from almost_ray.rl.roles import engine_bundles
+    from almost_ray.rl.rollout import vllm_engine_env
+
+    cfg = PPOConfig(colocate=[["policy", "reference"], ["critic", "reward"]],
+                    policy_resources={"replicas": 2, "num_cpus": 1, "num_gpus": 0.5},
+                    reference_resources={"replicas": 2, "num_cpus": 1, "num_gpus": 0.5},
+                    critic_resources={"replicas": 2, "num_cpus": 1, "num_gpus": 0.5},
+                    reward_resources={"replicas": 2, "num_cpus": 1, "num_gpus": 0.5},
+                    rollout={"backend": "vllm", "engines": 2, "num_cpus": 4, "num_gpus": 1, "tensor_parallel_size": 2})
+    bundles, where = plan_bundles(cfg, separate_engines=True)
+    assert "rollout" not in where and len(bundles) == 4 and all(b["GPU"] == 1 for b in bundles)
+    assert engine_bundles(cfg) == [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    assert vllm_engine_env(cfg) == {"VLLM_RAY_BUNDLE_INDICES": "0,1", "VLLM_RAY_PER_WORKER_GPUS": "1",
+                                    "CUDA_VISIBLE_DEVICES": None}
+    assert vllm_engine_env(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(
+        update={"tensor_parallel_size": 1})})) == {}
+    assert vllm_engine_kwargs(cfg, "/m")["dtype"] == "bfloat16"  # auto is bf16 on GPU, what the policy sends

@@ -222,41 +222,125 @@ def test_stage_cli_outputs_and_resume_after_a_kill(local_ray, tmp_path, tiny_rm,
 
 
 def test_two_policy_replicas_take_the_step_of_one(local_ray):
-    """Data parallelism: 2 replicas on halves of a minibatch end with the weights of 1 replica on all of it."""
+    """FSDP2 over 2 replicas (gloo) on halves of a minibatch: the replicas hold half the weights each, and
+    end with the weights of 1 replica trained on all of it (gathered layer by layer for the engines)."""
     import ray
 
     from almost_ray.rl.roles import PolicyActor
-    from almost_ray.rl.trainer import train_on_replicas
+    from almost_ray.rl.trainer import on_replicas, train_on_replicas
     from almost_ray.rl.weights import as_tensors
 
-    cfg = PPOConfig(**_small(None, lr=1e-3)).model_dump(mode="json")
+    cfg = PPOConfig(**_small(None, lr=1e-3, policy_resources={"replicas": 2})).model_dump(mode="json")
     Actor = ray.remote(num_cpus=0.5)(PolicyActor)
     pair = [Actor.remote(cfg, "tiny:llama", rank=r, world=2) for r in range(2)]
-    single = Actor.remote(cfg, "tiny:llama")
+    single = Actor.remote(PPOConfig(**_small(None, lr=1e-3)).model_dump(mode="json"), "tiny:llama")
     try:
         host, port = ray.get(pair[0].address.remote())
         ray.get([a.join_group.remote(host, port) for a in pair])
+        whole, *halves = ray.get([a.local_bytes.remote() for a in (single, *pair)])
+        assert all(0.45 * whole < h < 0.55 * whole for h in halves)  # fp32 weights and AdamW state, sharded
         tokenizer = load_tokenizer("tiny:llama")
         prompts = [tokenizer(f"\n\nHuman: question {i}\n\nAssistant:", add_special_tokens=False).input_ids
-                   for i in range(4)]
+                   for i in range(5)]
         gen = torch.Generator().manual_seed(0)
-        responses = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 2, 6, 3)]
+        responses = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 2, 6, 3, 4)]
         batch = {"prompt_ids": prompts, "response_ids": responses}
         old = ray.get(single.logprobs.remote(batch, 6))
-        minibatch = {**batch, "old_logprobs": old, "advantages": torch.randn(4, 6, generator=gen)}
-        for _ in range(2):  # two steps: Adam's state must agree too
-            one = ray.get(train_on_replicas([single], minibatch, 6))
-            two = ray.get(train_on_replicas(pair, minibatch, 6))
+        assert torch.allclose(on_replicas(pair, "logprobs", batch, 6, 2), old, atol=1e-5)
+        minibatch = {**batch, "old_logprobs": old, "advantages": torch.randn(5, 6, generator=gen)}
+        for _ in range(2):  # two steps: Adam's state must agree too; 3 and 2 episodes, 2 micro-batches each
+            one = ray.get(train_on_replicas([single], minibatch, 6, 2))
+            two = ray.get(train_on_replicas(pair, minibatch, 6, 2))
             assert sum(s["loss"] for s in two) == pytest.approx(one[0]["loss"], rel=1e-4)
-        w1, w2a, w2b = (as_tensors(w) for w in ray.get([a.weights.remote() for a in (single, *pair)]))
+        w1, w2, nothing = ray.get([a.weights.remote() for a in (single, *pair)])
+        w1, w2 = as_tensors(w1), as_tensors(w2)
+        assert nothing is None and set(w1) == set(w2)
         for name in w1:
-            assert torch.allclose(w2a[name], w2b[name], atol=1e-7), name
-            assert torch.allclose(w1[name], w2a[name], atol=1e-5), name
+            assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+        # the engines' sync: rank 0 broadcasts each gathered tensor to an engine (gloo standing in for NCCL)
+        import sys
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the classes below live in this file
+        host, port = ray.get(pair[0].address.remote())
+        engine = ray.remote(num_cpus=0)(RecordingEngine).remote(host, port, 2)
+        ray.get(pair[0].__ray_call__.remote(_open_gloo_sync, host, port, 2))
+        ray.get([a.broadcast_weights.remote([engine]) for a in pair])
+        received = ray.get(engine.received.remote())
+        assert set(received) == set(w1)
+        for name, tensor in received.items():
+            assert torch.allclose(tensor, w1[name], atol=1e-5), name
         changed = ray.get(single.logprobs.remote(batch, 6))
         assert not torch.allclose(changed, old, atol=1e-4)
     finally:
         for actor in [*pair, single]:
             ray.kill(actor)
+
+
+def test_every_role_sharded_runs_as_unsharded_and_resumes(local_ray, tmp_path, tiny_rm, prompts):
+    """Two replicas of every role, all sharded with FSDP2 (gloo; the reference and the reward through
+    `shard_frozen`): the same rewards, KL and losses as one replica of each, and a run killed after its
+    first iteration resumes from its sharded checkpoint to the same final policy, saved as a plain HF model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = {**_small(tiny_rm), "total_episodes": 8, "ppo_epochs": 1, "checkpoint_every": 1}
+    cfg = PPOConfig(**base)
+    one = run_ppo(cfg, tmp_path / "one", prompts)
+    two = {"replicas": 2, "num_cpus": 0.2}
+    sharded = PPOConfig(**{**base, **{f"{r}_resources": two for r in ("policy", "critic", "reference", "reward")},
+                           "rollout": {"num_cpus": 0.4}, "shard_frozen": ["reference", "reward"]})
+    assert all(sharded.sharded(r) for r in ("policy", "critic", "reference", "reward"))
+    with pytest.raises(RuntimeError, match="fault injected"):
+        run_ppo(sharded, tmp_path / "two", prompts, fault_at_iteration=1)
+    resumed = run_ppo(sharded, tmp_path / "two", prompts)
+    for a, b in zip(_metrics(one), _metrics(resumed), strict=True):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "response_length"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["iteration"], key)
+    assert AutoModelForCausalLM.from_pretrained(resumed / "model").config.architectures == ["LlamaForCausalLM"]
+    wa, wb = load_file(one / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert set(wa) == set(wb)
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+
+
+class GlooBroadcast:
+    """vLLM's `PyNcclCommunicator.broadcast` over a gloo group of its own (a TCPStore and ProcessGroupGloo,
+    outside torch.distributed's default group, as vLLM's StatelessProcessGroup is): NCCL without a GPU."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int):
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore(host, port, world, rank == 0, timeout=timedelta(seconds=60))
+        self.group = dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=60))
+
+    def broadcast(self, tensor, src: int, stream=None) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.group.broadcast([tensor], opts).wait()
+
+
+def _open_gloo_sync(actor, host: str, port: int, world: int) -> None:
+    actor._engine_sync = GlooBroadcast(host, port, 0, world)
+
+
+class RecordingEngine:
+    """The engine side of the weight sync (rl/vllm_sync.WeightSync.update_weight) keeping what it receives."""
+
+    def __init__(self, host: str, port: int, world: int):
+        self.sync = GlooBroadcast(host, port, 1, world)
+        self.got: dict[str, torch.Tensor] = {}
+
+    def update_weight(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        weight = torch.empty(shape, dtype=getattr(torch, dtype))
+        self.sync.broadcast(weight, src=0)
+        self.got[name] = weight
+
+    def received(self) -> dict[str, torch.Tensor]:
+        return self.got
 
 
 def test_spread_places_role_groups_on_different_nodes(tmp_path, tiny_rm, prompts):

@@ -4,10 +4,13 @@ and a 2-worker FSDP run that loses a worker mid-way ends where a single process 
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 import time
 
 import pytest
+import ray
 import torch
 from conftest import run_config
 
@@ -19,6 +22,39 @@ from almost_ray.models.loading import resolve_model_dir
 from almost_ray.train import loop, sft
 from almost_ray.train import rm as reward
 from almost_ray.train.config import TrainRMConfig, TrainSFTConfig
+
+# DiesAfterStep is sent to the Ray Train workers as it is: they cannot import the tests folder
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class DiesAfterStep:
+    """The RM task, whose last rank dies without warning once `step` has been reported (first attempt only):
+    a worker process lost mid-epoch, for Ray Train's `FailureConfig` to restart the group from a checkpoint.
+
+    It counts its micro-batches (`per_step` of them per step on every rank). Ray Train's controller collects
+    reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker dying sooner would take its last reports,
+    checkpoints included, with it, so it dies 5 s after the step, as a real fault long after it would."""
+
+    name = "rm"
+    load_config, load_model = staticmethod(reward.load_config), staticmethod(reward.load_model)
+    empty_model, load_tokenizer = staticmethod(reward.empty_model), staticmethod(reward.load_tokenizer)
+    length, units, step_metrics = staticmethod(reward.length), staticmethod(reward.units), \
+        staticmethod(reward.step_metrics)
+
+    def __init__(self, step: int, per_step: int):
+        self.step, self.per_step, self.calls = step, per_step, 0
+
+    def micro_loss(self, model, rows, device, padding_free=False, **options):
+        import ray.train
+
+        self.calls += 1
+        ctx = ray.train.get_context()
+        if (self.calls == self.step * self.per_step + 1 and ray.train.get_checkpoint() is None
+                and ctx.get_world_rank() == ctx.get_world_size() - 1):
+            time.sleep(5)
+            os._exit(1)
+        return reward.micro_loss(model, rows, device, padding_free, **options)
+
 
 WORDS = ("apple river stone cloud green quick music table light paper window garden bright summer "
          "horse silver candle forest ocean letter").split()
@@ -107,8 +143,8 @@ def test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process(tmp_path, ray
     ref_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=0, micro_batch_size=8), examples, model_dir,
                        tmp_path / "one")
     started = time.time()
-    run_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=2, micro_batch_size=2, max_failures=1), examples,
-                       model_dir, tmp_path / "two", fault_at_step=5)
+    run_dir = loop.fit(DiesAfterStep(5, per_step=2), TrainRMConfig(**base, num_workers=2, micro_batch_size=2,
+                                                                    max_failures=1), examples, model_dir, tmp_path / "two")
     # both workers of the group that finished reported their peak memory for the manifest (memory.py)
     workers = [r for r in actor_reports(started) if r["role"] == "train_rm.worker"]
     assert len(workers) == 2 and all(r["rss_mib"] > 50 for r in workers)
@@ -139,8 +175,8 @@ def test_one_ray_worker_trains_unsharded_and_resumes_like_one_process(tmp_path, 
     base = dict(model="tiny:llama", epochs=1, global_batch_size=4, micro_batch_size=2, lr=1e-3, warmup_ratio=0.0,
                 max_length=48, checkpoint_every=2)
     ref_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=0), examples, model_dir, tmp_path / "driver")
-    run_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=1, cpus_per_worker=2, max_failures=1), examples,
-                       model_dir, tmp_path / "worker", fault_at_step=3)
+    run_dir = loop.fit(DiesAfterStep(3, per_step=2), TrainRMConfig(**base, num_workers=1, cpus_per_worker=2,
+                                                                    max_failures=1), examples, model_dir, tmp_path / "worker")
     ref = read_metrics(tmp_path / "driver" / "metrics.jsonl")
     run = read_metrics(tmp_path / "worker" / "metrics.jsonl")
     assert [r["step"] for r in run] == [1, 2, 3, 4]

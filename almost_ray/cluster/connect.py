@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 
 from almost_ray.cluster.config import RayConfig
+from almost_ray.config_base import ConfigError
+from almost_ray.data.atomic import atomic_open
 
 # glibc's malloc serves every allocation over 32 MiB with its own mmap and unmaps it on free (and trims
 # the heap above 128 KiB of free space), so a training step's gradients, logits and activations come
@@ -85,8 +87,6 @@ def check_runs_dir_visible(runs_dir: Path) -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from almost_ray.config_base import ConfigError
-    from almost_ray.data.atomic import atomic_open
 
     token = uuid.uuid4().hex
     path = Path(runs_dir) / ".visibility" / f"{token}.token"

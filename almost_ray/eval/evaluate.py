@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.connect import init_ray
 from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
 from almost_ray.data.atomic import atomic_open
@@ -27,9 +28,12 @@ from almost_ray.data.sources import read_rows
 from almost_ray.eval import hhh, judge, ranking, truthfulqa
 from almost_ray.eval.config import EvalConfig, JudgeEvalConfig
 from almost_ray.eval.report import write_report
-from almost_ray.eval.scoring import Scorer, reward_on_ray, score_on_ray
+from almost_ray.eval.scoring import Scorer, reward_on_ray, score_in_process, score_on_ray
+from almost_ray.generate.pool import stream_generation
 from almost_ray.models.config import ModelConfig
-from almost_ray.models.loading import check_model_ref
+from almost_ray.models.generator import make_generator
+from almost_ray.models.loading import check_model_ref, load_tokenizer
+from almost_ray.prompts.templates import default_stop, render_prompt
 from almost_ray.runs import paths
 from almost_ray.runs.stage import Outcome, Stage
 
@@ -118,8 +122,6 @@ def answer_on_ray(jcfg: JudgeEvalConfig, resources: ResourcesConfig, work_dir: P
     """Answers to the judge's questions from a `GenerationReplica` pool, cached by a digest of the request."""
 
     def answer(model: ModelConfig, questions: list[dict], name: str) -> dict[str, str]:
-        from almost_ray.generate.pool import stream_generation
-        from almost_ray.prompts.templates import default_stop
 
         sampling = jcfg.sampling
         if not sampling.stop:
@@ -143,9 +145,6 @@ def answer_on_ray(jcfg: JudgeEvalConfig, resources: ResourcesConfig, work_dir: P
 
 def in_process_backends(cfg: Config) -> Backends:
     """Everything in this process, no Ray (tests, notebooks): one generator per distinct model config."""
-    from almost_ray.eval.scoring import score_in_process
-    from almost_ray.models.generator import make_generator
-    from almost_ray.prompts.templates import default_stop, render_prompt
 
     e = cfg.eval
     if e.kind == "reward" or e.judge.kind == "reward":
@@ -173,7 +172,6 @@ def in_process_backends(cfg: Config) -> Backends:
 
 
 def ray_backends(cfg: Config, work_dir: Path) -> Backends:
-    from almost_ray.cluster.connect import init_ray
 
     init_ray(cfg.ray)
     e = cfg.eval
@@ -195,7 +193,6 @@ def ray_backends(cfg: Config, work_dir: Path) -> Backends:
 def _tokenizer(ref: str, needed: bool):
     if not needed:
         return None
-    from almost_ray.models.loading import load_tokenizer
 
     return load_tokenizer(ref)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from almost_ray.config_base import ConfigError
 from almost_ray.eval.config import EvalPrompt, PromptStyle
+from almost_ray.prompts.templates import human_assistant, tulu
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -109,7 +110,6 @@ def render_messages(messages: list[dict[str, str]], style: str, tokenizer=None) 
     """A conversation to be continued by the assistant (response ranking): `human_assistant`, `chat`, or
     `tulu` (`<|user|>\\n…\\n<|assistant|>\\n`, the format response tuning and single-task finetuning train in,
     Hewitt et al. Section 3), so each model is ranked in its own training format."""
-    from almost_ray.prompts.templates import human_assistant, tulu
 
     if style == "human_assistant":
         return human_assistant(messages)

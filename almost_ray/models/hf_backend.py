@@ -17,6 +17,7 @@ import copy
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
 from almost_ray.models.text import (
@@ -132,7 +133,7 @@ class PrefixCache:
             if shared < PREFIX_MIN_TOKENS:
                 return 0, None
             ids = torch.tensor([rows[0][:shared]], device=model.device)
-            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
             known = (rows[0][:shared], cache)
             self.prefills += 1
         self.entries = [*self.entries, known][-self.KEEP :]
@@ -219,7 +220,7 @@ class HFGenerator:
         if cache is not None:
             input_ids, mask = pad_after_prefix(rows, prefix_len, self.tokenizer.pad_token_id)
             enc = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
-                   "past_key_values": cache}
+                   "cache": cache}
         else:
             enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(self.device)
             enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -275,7 +276,6 @@ class HFGenerator:
         return responses, ended, logprobs
 
     def _rules_processor(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 
         if self._rules is None:
             self._rules = RuleTables.from_tokenizer(
@@ -341,7 +341,7 @@ class HFGenerator:
         scores = [first[r, c[0]].item() for r, c in zip(owners, flat)]
         longest = max(len(c) for c in flat)
         if longest > 1:
-            cache = out.past_key_values
+            cache = out.cache
             cache.batch_select_indices(torch.tensor(owners, device=device))
             cids = torch.full((len(flat), longest), pad, dtype=torch.long)
             cmask = torch.cat([mask[owners], torch.zeros((len(flat), longest), dtype=torch.long)], dim=1)
@@ -351,7 +351,7 @@ class HFGenerator:
                 cmask[n, width : width + len(c)] = 1
                 cpos[n] = len(contexts[r]) + torch.arange(longest)
             logits = self.model(input_ids=cids.to(device), attention_mask=cmask.to(device),
-                                position_ids=cpos.to(device), past_key_values=cache).logits
+                                position_ids=cpos.to(device), cache=cache).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for n, c in enumerate(flat):
                 steps = torch.arange(len(c) - 1, device=logprobs.device)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from almost_ray.data.records import RecordError
+from almost_ray.models.loading import context_length, load_tokenizer, tokenizer_dir
 from almost_ray.prompts.templates import DIALOGUE_SEPARATOR, render_prompt
 
 
@@ -87,7 +88,6 @@ def check_prompts_fit(model, conversations: list[tuple[str, list[dict]]], prompt
     converted: each (where: file:line, conversation) is rendered as the replicas will render it and fitted.
     Raises `OverlongPromptError` naming where, or (`model.on_overlong: skip`) returns how many the replicas
     will skip (they apply the same `fit_prompt` and count them)."""
-    from almost_ray.models.loading import context_length, load_tokenizer, tokenizer_dir
 
     folder = tokenizer_dir(model.ref)
     tokenizer = load_tokenizer(folder)

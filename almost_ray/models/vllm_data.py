@@ -30,8 +30,10 @@ from typing import Any
 
 from almost_ray.adapters.rules import RULES_EXTRA_ARG
 from almost_ray.cluster.config import ResourcesConfig
+from almost_ray.cluster.dashboard import add_counts
+from almost_ray.cluster.preflight import pool_bundles, preflight
 from almost_ray.models.config import ModelConfig, PromptFormat, SamplingParams
-from almost_ray.models.loading import context_length
+from almost_ray.models.loading import context_length, load_tokenizer
 from almost_ray.models.text import FittedPrompt, fit_prompt, prompt_seed, prompt_token_ids, truncate_at_stop
 from almost_ray.models.vllm_backend import vllm_engine_kwargs, vllm_sampling_kwargs
 from almost_ray.prompts.templates import render_prompt
@@ -105,8 +107,6 @@ def generate(prompts: list[str], params: list[SamplingParams], model: ModelConfi
     import ray.data
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from almost_ray.cluster.preflight import pool_bundles, preflight
-    from almost_ray.models.loading import load_tokenizer
 
     config = processor_config(model, resources)
     tokenizer = tokenizer or load_tokenizer(config["model_source"])
@@ -133,8 +133,6 @@ def stream_generation(rows: list[dict], model: ModelConfig, sampling: SamplingPa
     """`generation_pool.stream_generation` on `ray.data.llm`: the same rows in (`messages` as JSON) and out
     (`prompt`, `responses`, `shots_dropped`, `prompt_skipped`), in completion order. `node_id` is empty:
     Ray Data's engine stage does not say where a row ran."""
-    from almost_ray.cluster.dashboard import add_counts
-    from almost_ray.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(processor_config(model, resources)["model_source"])
     prompts = [render_prompt(prompt_format, json.loads(r["messages"]), tokenizer, header) for r in rows]

@@ -24,12 +24,13 @@ def checkpoint_dirs(stage_dir: Path) -> list[Path]:
 
 
 def save(stage_dir: Path, iteration: int, trainables: dict, keep: int) -> Path:
-    """Ask rank 0 of each trainable role to write its part, then write `state.json`, rename, prune."""
+    """Ask every replica of each trainable role to write its part (rank 0 alone, or each its shards), then
+    write `state.json`, rename, prune."""
     import ray
 
     out = stage_dir / CHECKPOINTS / f"iter_{iteration:07d}"
     with atomic_directory(out) as tmp:
-        ray.get([actors[0].save.remote(str(tmp / role)) for role, actors in trainables.items()])
+        ray.get([a.save.remote(str(tmp / role)) for role, actors in trainables.items() for a in actors])
         state = {"iteration": iteration, "torch_rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(json.dumps(state))
     for old in checkpoint_dirs(stage_dir)[:-keep]:

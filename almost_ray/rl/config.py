@@ -40,8 +40,10 @@ class RoleResources(StrictModel):
 class RolloutConfig(StrictModel):
     """The rollout engines: actors that only generate, refreshed with the policy's weights each iteration.
 
-    `backend: hf` is the HF generator (CPU, or one GPU); `vllm` is vLLM engines (`[gpu]` extra) whose
-    weights are refreshed by NCCL broadcast, or CUDA IPC when colocated with the policy.
+    `backend: hf` is the HF generator (CPU, or one GPU), in the roles' placement group; `vllm` is vLLM engines
+    (`[gpu]` extra), each in a placement group of its own of `tensor_parallel_size` one-GPU bundles (so
+    `num_cpus` is per bundle and `num_gpus` is 1, or 0 to leave it to that rule), whose weights are refreshed
+    by NCCL broadcast. Colocation with the policy (CUDA IPC, vLLM sleep/wake) is not implemented.
     """
 
     backend: Literal["auto", "hf", "vllm"] = "auto"
@@ -49,7 +51,7 @@ class RolloutConfig(StrictModel):
     num_cpus: float = Field(default=1, ge=0)
     num_gpus: float = Field(default=0, ge=0)
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM")
-    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="vLLM, shared with training")
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="vLLM: its share of each of its GPUs")
     max_batch_size: int = Field(default=16, ge=1, description="HF backend: prompts per forward pass")
     torch_threads: int | None = Field(
         default=None, ge=1,
@@ -130,11 +132,28 @@ class PPOConfig(StageSection):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     seed: int = 0
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="the compute dtype: the engines and the frozen roles (reference, reward) hold their weights in "
+        "it; the trainable roles (policy, critic) always keep fp32 master weights and AdamW state and compute in it "
+        "(autocast, or FSDP2's MixedPrecisionPolicy when sharded). auto: bfloat16 on GPU, float32 on CPU",
+    )
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
-        description="compute of the policy, critic and reference: bf16 autocast over the weights' dtype, or "
-        "fp32; auto: bf16 on GPU, fp32 on CPU (train/config.py's meaning). The engines generate in `dtype`",
+        description="compute of the policy, critic and reference: bf16 (autocast over their weights) or fp32; "
+        "auto: the compute dtype `dtype` names",
+    )
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="dtype of the final policy's HF directory; checkpoints keep the fp32 master weights",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="policy and critic: keep each decoder block's input only and recompute the "
+        "rest in backward (less activation memory, about a third more compute)")
+    shard_frozen: list[Literal["reference", "reward"]] = Field(
+        default_factory=list,
+        description="frozen roles whose replicas shard one copy of the model (FSDP2, as the trainable roles "
+        "always are over their replicas) instead of each holding it whole",
     )
     # Placement (OpenRLHF-style): role actor groups in placement groups
     policy_resources: RoleResources = Field(default_factory=RoleResources)
@@ -218,13 +237,63 @@ class PPOConfig(StageSection):
         return getattr(self, f"{role}_resources")
 
     def bf16_compute(self, device_type: str) -> bool:
-        """Whether the roles' forward passes run under bf16 autocast on this device type."""
-        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and device_type == "cuda")
+        """Whether the roles' forward passes compute in bf16 on this device type."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision == "bf16"
+        return self.dtype == "bfloat16" or (self.dtype == "auto" and device_type == "cuda")
+
+    def sharded(self, role: str) -> bool:
+        """Whether `role`'s replicas shard one model with FSDP2: the trainable roles whenever they have two
+        replicas or more (as train/loop.py does), a frozen role when `shard_frozen` names it."""
+        if self.resources(role).replicas < 2:
+            return False
+        return role in ("policy", "critic") or role in self.shard_frozen
 
     @property
     def iterations(self) -> int:
         """Iterations to run: total_episodes / rollout_batch_size, rounded up."""
         return -(-self.total_episodes // self.rollout_batch_size)
+
+
+def shared_gpu_ranks(cfg: PPOConfig) -> list[str]:
+    """Settings under which two ranks of one NCCL group could land on one GPU, which NCCL refuses: checked
+    before this project's PPO places anything (`rl.roles.plan_bundles`, the stage's input checks, the plan);
+    `--engine openrlhf` places its own roles.
+
+    The NCCL groups: the replicas of each sharded role (`PPOConfig.sharded`), and the weight sync of the
+    policy's rank 0 with every vLLM worker. Ray gives a bundle of whole GPUs GPUs of its own, but bundles
+    holding fractions may get the same GPU, so at most one bundle holding a rank of a sharded role may hold a
+    fraction of one (colocated roles' fractions add up: policy 0.5 + reference 0.5 is one GPU); and a vLLM engine's
+    ranks hold a whole GPU each in their own placement group: an engine sharing the policy's GPU would need
+    CUDA IPC handles or vLLM's sleep/wake (OpenRLHF's `--vllm.enable_sleep`), which are not implemented.
+    """
+    problems = []
+    colocated = {r: group for group in cfg.colocate for r in group}
+    for role in ROLES:
+        res = cfg.resources(role)
+        if res.num_gpus <= 0 or not cfg.sharded(role):
+            continue
+        group = colocated.get(role, [role])
+        fractional = []  # (replica, GPUs of its bundle, roles sharing it)
+        for i in range(res.replicas):
+            sharing = [r for r in group if i < cfg.resources(r).replicas]
+            gpus = sum(cfg.resources(r).num_gpus for r in sharing)
+            if gpus != int(gpus):
+                fractional.append((i, gpus, sharing))
+        if len(fractional) >= 2:
+            (i, gpus, sharing), (j, other, _) = fractional[:2]
+            with_ = f" (with {', '.join(r for r in sharing if r != role)})" if len(sharing) > 1 else ""
+            problems.append(
+                f"{role}_resources: the {res.replicas} {role} replicas form one NCCL group, and the bundles of "
+                f"replicas {i} and {j} hold {gpus:g} and {other:g} GPU{with_}: Ray may give both one GPU, which "
+                "NCCL refuses; make the bundles whole GPUs (colocated num_gpus adding up to 1)")
+    if cfg.rollout.backend == "vllm" and cfg.rollout.num_gpus not in (0, 1):
+        problems.append(
+            f"rollout.num_gpus: {cfg.rollout.num_gpus:g}: each tensor-parallel rank of a vLLM engine holds one whole "
+            "GPU of its own (more GPUs: tensor_parallel_size); sharing the policy's GPU would put two ranks of the "
+            "weight-sync NCCL group (policy rank 0 and the engine) on one GPU, and colocation by CUDA IPC or vLLM "
+            "sleep/wake is not implemented")
+    return problems
 
 
 class PPOGRPOConfig(StageSection):

@@ -101,9 +101,17 @@ def _response_rows(model, packed: Packed) -> tuple[torch.Tensor, dict]:
 def response_values(critic, packed: Packed) -> torch.Tensor:
     """V(state before response token j), [B, R]: the score head of a sequence classifier on every token.
 
-    `*ForSequenceClassification` pools its head at the last token; the critic applies the same head
-    to each position instead, so a critic initialised from the RM starts out predicting the RM's score.
+    `*ForSequenceClassification` pools its head at the last token; the critic applies the same head to
+    each position instead, so a critic initialised from the RM starts out predicting the RM's score. A
+    whole critic applies the head to the response positions' hidden states only. A critic sharded with
+    FSDP2 must run through its own forward, where FSDP2 gathers and frees the head (the root unit's), so it
+    scores every token (`models.reward.expose_token_scores`) and the response positions are read off that.
     """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(critic, FSDPModule):
+        scores = critic(**packed.model_inputs()).logits  # [rows, T, 1]
+        return scores.reshape(-1)[packed.positions].float() * packed.mask
     base = getattr(critic, critic.base_model_prefix)
     hidden = base(**packed.model_inputs()).last_hidden_state
     rows = hidden.reshape(-1, hidden.size(-1))[packed.positions]

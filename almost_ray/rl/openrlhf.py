@@ -39,6 +39,8 @@ from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
 from almost_ray.data.atomic import write_json
 from almost_ray.data.records import write_jsonl
+from almost_ray.models.loading import load_tokenizer, resolve_model_dir
+from almost_ray.prompts.templates import render_prompt
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.prompt_data import load_prompts
 from almost_ray.runs import paths
@@ -95,7 +97,6 @@ def model_dirs(cfg: Config) -> tuple[str, str]:
 
 def _hf_dir(ref: str) -> str:
     if ref.startswith(("embedded:", "tiny:")) or ref.endswith(".gguf"):
-        from almost_ray.models.loading import resolve_model_dir
 
         return str(resolve_model_dir(ref).resolve())
     return str(Path(ref).expanduser().resolve())
@@ -292,8 +293,6 @@ def write_prompts(cfg: Config, path: Path) -> PromptsWritten:
     `chat` prompts stay raw and `--data.apply_chat_template` renders them. Prompts whose rendered
     tokens exceed `max_prompt_tokens` are dropped, as our stage drops them.
     """
-    from almost_ray.models.loading import load_tokenizer
-    from almost_ray.prompts.templates import render_prompt
 
     texts = load_prompts(paths.ppo_prompts(cfg))
     tokenizer = load_tokenizer(model_dirs(cfg)[0])

@@ -21,9 +21,14 @@ from typing import Any
 
 import torch
 
+from almost_ray.models.config import ModelConfig
+from almost_ray.models.generator import vllm_available
+from almost_ray.models.hf_backend import HFGenerator
 from almost_ray.models.text import prompt_seed
 from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.episodes import pack, response_logprobs, split_rows
 from almost_ray.rl.roles import RoleActor
+from almost_ray.rl.weights import as_tensors, load_arrays
 
 WEIGHT_SYNC_EXTENSION = "almost_ray.rl.vllm_sync.WeightSync"
 
@@ -35,7 +40,6 @@ def episode_seed(seed: int, prompt: str, episode: int) -> int:
 
 
 def backend(cfg: PPOConfig) -> str:
-    from almost_ray.models.generator import vllm_available
 
     if cfg.rollout.backend == "auto":
         return "vllm" if vllm_available() and cfg.rollout.num_gpus > 0 else "hf"
@@ -47,8 +51,6 @@ class HFRolloutEngine(RoleActor):
 
     def __init__(self, cfg: dict, model_dir: str, *, rank: int = 0, world: int = 1):
         super().__init__(cfg, "rollout", rank, world)
-        from almost_ray.models.config import ModelConfig
-        from almost_ray.models.hf_backend import HFGenerator
 
         model = ModelConfig(ref=model_dir, backend="hf", dtype=self.cfg.dtype,
                             max_batch_size=self.cfg.rollout.max_batch_size)
@@ -63,14 +65,12 @@ class HFRolloutEngine(RoleActor):
 
     def load_weights(self, arrays: dict) -> None:
         """The policy's `weights()` (rl/weights.py), copied into this engine's model."""
-        from almost_ray.rl.weights import load_arrays
 
         load_arrays(self.generator.model, arrays)
 
     @torch.no_grad()
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
         """What this engine's weights give the responses: the check that a weight sync landed."""
-        from almost_ray.rl.episodes import pack, response_logprobs
 
         packed = pack(prompt_ids, response_ids, self.generator.tokenizer.pad_token_id).to(self.device)
         return response_logprobs(self.generator.model, packed, self.cfg.temperature).cpu()
@@ -81,7 +81,7 @@ def vllm_engine_kwargs(cfg: PPOConfig, model_dir: str) -> dict[str, Any]:
     tp = cfg.rollout.tensor_parallel_size
     return dict(
         model=str(model_dir),
-        dtype="auto" if cfg.dtype == "auto" else cfg.dtype,
+        dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,  # auto is bf16 on GPU, what the policy sends
         tensor_parallel_size=tp,
         distributed_executor_backend="ray" if tp > 1 else "uni",
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -100,10 +100,30 @@ def vllm_sampling_kwargs(cfg: PPOConfig, seed: int) -> dict[str, Any]:
                 skip_special_tokens=False)
 
 
+def vllm_engine_env(cfg: PPOConfig) -> dict[str, str | None]:
+    """Environment of a vLLM engine actor (None: unset). At tensor parallel > 1 the actor holds no GPU and
+    vLLM's Ray executor starts one worker per bundle of the engine's placement group, which the actor's
+    scheduling strategy hands down (`placement_group_capture_child_tasks`): the bundle indices and one GPU
+    per worker are passed as vLLM's `VLLM_RAY_BUNDLE_INDICES` / `VLLM_RAY_PER_WORKER_GPUS`, and Ray's empty
+    `CUDA_VISIBLE_DEVICES` of a GPU-less actor is dropped (OpenRLHF's `BaseLLMRayActor` does the same)."""
+    tp = cfg.rollout.tensor_parallel_size
+    if tp == 1:
+        return {}
+    return {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i) for i in range(tp)), "VLLM_RAY_PER_WORKER_GPUS": "1",
+            "CUDA_VISIBLE_DEVICES": None}
+
+
 class VLLMRolloutEngine(RoleActor):
     """One vLLM engine (GPU). The same `generate` as the HF engine; weights by NCCL broadcast."""
 
     def __init__(self, cfg: dict, model_dir: str, *, rank: int = 0, world: int = 1):
+        import os
+
+        for key, value in vllm_engine_env(PPOConfig.model_validate(cfg)).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         super().__init__(cfg, "rollout", rank, world)
         from vllm import LLM
 
@@ -133,7 +153,6 @@ class VLLMRolloutEngine(RoleActor):
 
     def load_weights(self, arrays: dict) -> None:
         """Object-store fallback (no NCCL group): the workers load the policy's `weights()`."""
-        from almost_ray.rl.weights import as_tensors
 
         self.llm.collective_rpc("load_state_dict", args=(as_tensors(arrays),))
 
@@ -142,15 +161,16 @@ def engine_class(cfg: PPOConfig):
     return VLLMRolloutEngine if backend(cfg) == "vllm" else HFRolloutEngine
 
 
-def sync_weights(policy_rank0, engines: list, vllm: bool) -> None:
-    """Give every engine the policy's current weights (after each PPO update, before the next rollout)."""
+def sync_weights(policy: list, engines: list, vllm: bool) -> None:
+    """Give every engine the policy's current weights (after each PPO update, before the next rollout).
+    Every policy replica takes part: a sharded policy gathers its layers one at a time on all of them."""
     import ray
 
     if vllm:
-        ray.get(policy_rank0.broadcast_weights.remote(engines))
+        ray.get([p.broadcast_weights.remote(engines) for p in policy])
         return
-    weights = policy_rank0.weights.remote()  # one copy in the object store, read by every engine
-    ray.get([e.load_weights.remote(weights) for e in engines])
+    weights = [p.weights.remote() for p in policy]  # rank 0's: one copy in the object store, read by every engine
+    ray.get([e.load_weights.remote(weights[0]) for e in engines] + weights[1:])
 
 
 def open_vllm_sync(policy_rank0, engines: list, tensor_parallel_size: int) -> None:
@@ -186,7 +206,6 @@ def generate_all(engines: list, prompt_ids: list[list[int]], seeds: list[int]
     """Split the rollout batch across engines, in order; results keep the prompt order."""
     import ray
 
-    from almost_ray.rl.episodes import split_rows
 
     parts = split_rows(len(prompt_ids), len(engines))
     refs = [e.generate.remote([prompt_ids[i] for i in r], [seeds[i] for i in r]) for e, r in zip(engines, parts)]

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from almost_ray.cluster.connect import init_ray
 from almost_ray.config import Config
+from almost_ray.config_base import ConfigError
 from almost_ray.data.metrics_log import plot_metrics, read_metrics
 from almost_ray.data.records import RecordError
 from almost_ray.data.sources import require
 from almost_ray.models.loading import check_model_ref, load_tokenizer, resolve_model_dir
+from almost_ray.plan.preflight import plan_preflight
 from almost_ray.prompts.templates import render_prompt
-from almost_ray.rl.config import PPOConfig
+from almost_ray.rl.config import PPOConfig, shared_gpu_ranks
 from almost_ray.rl.failures import restarts
 from almost_ray.rl.prompt_data import load_prompts
 from almost_ray.rl.trainer import METRICS, Prompt, train
@@ -63,6 +65,8 @@ def check(cfg: Config) -> None:
                     made_by=None if cfg.ppo.reward_model else "train-rm")
     require(paths.ppo_prompts(cfg), "ppo.prompts", None if cfg.ppo.prompts else "rmsp")
     load_prompts(paths.ppo_prompts(cfg))
+    if problems := shared_gpu_ranks(cfg.ppo):  # two ranks of one NCCL group on one GPU: NCCL refuses
+        raise ConfigError("ppo." + "\nppo.".join(problems))
 
 
 def train_policy(cfg: Config, p: PPOConfig, stage_dir: Path, plot_title: str, *, scorer: Callable | None = None,
@@ -82,6 +86,9 @@ def train_policy(cfg: Config, p: PPOConfig, stage_dir: Path, plot_title: str, *,
     critic_dir = rm_dir if p.critic_init == "reward" else policy_dir
 
     init_ray(cfg.ray)
+    # GPU memory and placement, as `almost-ray plan` counts them, before any actor starts
+    resolved = p.model_copy(update={"policy": str(policy_dir), "reward_model": str(rm_dir)})
+    plan_preflight(cfg.model_copy(update={"ppo": resolved}), "ppo")
     stage_dir.mkdir(parents=True, exist_ok=True)
     train(p, encoded, stage_dir, str(policy_dir), str(critic_dir), str(rm_dir), tokenizer, cfg.run_dir.name,
           scorer=scorer, fault_at_iteration=fault_at_iteration)

@@ -30,7 +30,15 @@ from almost_ray.data.metrics_log import MetricsLog
 from almost_ray.rl import checkpoint, failures, losses
 from almost_ray.rl.config import PPOConfig
 from almost_ray.rl.episodes import split_rows, take
-from almost_ray.rl.roles import CriticActor, Placement, PolicyActor, ReferenceActor, RewardActor, reserve
+from almost_ray.rl.roles import (
+    CriticActor,
+    Placement,
+    PolicyActor,
+    ReferenceActor,
+    RewardActor,
+    micro_batch_count,
+    reserve,
+)
 from almost_ray.rl.rollout import (
     backend,
     engine_class,
@@ -71,7 +79,7 @@ def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, s
     """Reserve the placement group, start every actor group, join the trainable groups, wait until ready."""
     import ray
 
-    placement = reserve(cfg)
+    placement = reserve(cfg, separate_engines=backend(cfg) == "vllm")
     try:
         c = cfg.model_dump(mode="json")
         placement.start("policy", PolicyActor, cfg, c, policy_dir)
@@ -80,11 +88,12 @@ def start_roles(cfg: PPOConfig, policy_dir: str, critic_dir: str, rm_dir: str, s
         placement.start("reference", ReferenceActor, cfg, c, policy_dir)
         placement.start("reward", RewardActor, cfg, c, rm_dir, scorer)
         placement.start("rollout", engine_class(cfg), cfg, c, policy_dir)
-        for role in trainable_roles(cfg):
-            actors = placement.actors[role]
-            if len(actors) > 1:
+        joining = []  # the replicas of a sharded role form a process group, then load their shards
+        for role, actors in placement.actors.items():
+            if role != "rollout" and cfg.sharded(role):
                 host, port = ray.get(actors[0].address.remote())
-                ray.get([a.join_group.remote(host, port) for a in actors])
+                joining += [a.join_group.remote(host, port) for a in actors]
+        ray.get(joining)
         roles = Roles(placement, vllm=backend(cfg) == "vllm")
         ray.get([a.node_id.remote() for actors in placement.actors.values() for a in actors])
         if roles.vllm:
@@ -99,12 +108,14 @@ def trainable_roles(cfg: PPOConfig) -> tuple[str, ...]:
     return ("policy",) if cfg.critic_free else ("policy", "critic")
 
 
-def on_replicas(actors: list, method: str, batch: dict, width: int) -> torch.Tensor:
-    """Split `batch` across a role's replicas, call `method` on each slice, concatenate in order."""
+def on_replicas(actors: list, method: str, batch: dict, width: int, micro_batch_size: int) -> torch.Tensor:
+    """Split `batch` across a role's replicas, call `method` on each slice (maybe empty: the replicas of a
+    sharded role must all take part), concatenate in order."""
     import ray
 
-    parts = split_rows(len(batch["response_ids"]), len(actors))
-    refs = [getattr(a, method).remote(take(batch, rows), width) for a, rows in zip(actors, parts) if len(rows)]
+    n = len(batch["response_ids"])
+    count = micro_batch_count(n, len(actors), micro_batch_size)
+    refs = [getattr(a, method).remote(take(batch, rows), width, count) for a, rows in zip(actors, split_rows(n, len(actors)))]
     return torch.cat(ray.get(refs))
 
 
@@ -116,12 +127,14 @@ def rows_to_tensor(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def train_on_replicas(actors: list, minibatch: dict, width: int):
+def train_on_replicas(actors: list, minibatch: dict, width: int, micro_batch_size: int):
     """One optimizer step of a data-parallel role: every replica takes a slice (maybe empty) and all
     divide by the minibatch's response-token count, so the summed gradient is the minibatch mean."""
+    n = len(minibatch["response_ids"])
     tokens = float(sum(len(r) for r in minibatch["response_ids"]))
-    parts = split_rows(len(minibatch["response_ids"]), len(actors))
-    return [a.train_step.remote(take(minibatch, rows), tokens, width) for a, rows in zip(actors, parts)]
+    count = micro_batch_count(n, len(actors), micro_batch_size)
+    return [a.train_step.remote(take(minibatch, rows), tokens, width, count)
+            for a, rows in zip(actors, split_rows(n, len(actors)))]
 
 
 def prompt_order(n_prompts: int, iteration: int, batch: int, seed: int) -> list[int]:
@@ -158,13 +171,17 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
     conversations = [[{"role": "user", "content": p.text}, {"role": "assistant", "content": t}]
                      for p, t in zip(prompts, texts)]
     reward_parts = split_rows(len(conversations), len(roles["reward"]))
-    score_refs = [a.score.remote(conversations[r.start:r.stop]) for a, r in zip(roles["reward"], reward_parts)]
+    passes = (dict(passes=micro_batch_count(len(conversations), len(roles["reward"]), cfg.micro_batch_size))
+              if cfg.sharded("reward") else {})
+    score_refs = [a.score.remote(conversations[r.start:r.stop], **passes)
+                  for a, r in zip(roles["reward"], reward_parts)]
     reuse = old_logprobs_source(cfg) == "rollout" and all(len(lp) == len(r) for lp, r in
                                                          zip(sampled_logprobs, batch["response_ids"]))
+    micro = cfg.micro_batch_size
     old_logprobs = rows_to_tensor(sampled_logprobs, width) if reuse else on_replicas(
-        roles["policy"], "logprobs", batch, width)
-    ref_logprobs = on_replicas(roles["reference"], "logprobs", batch, width)
-    values = None if cfg.critic_free else on_replicas(roles["critic"], "values", batch, width)
+        roles["policy"], "logprobs", batch, width, micro)
+    ref_logprobs = on_replicas(roles["reference"], "logprobs", batch, width, micro)
+    values = None if cfg.critic_free else on_replicas(roles["critic"], "values", batch, width, micro)
     scores = torch.tensor([s for part in ray.get(score_refs) for s in part])
     t2 = time.perf_counter()
 
@@ -198,14 +215,14 @@ def ppo_iteration(roles: Roles, cfg: PPOConfig, prompts: list[Prompt], iteration
         for start in range(0, len(prompts), cfg.minibatch_size):
             minibatch = take(batch, order[start : start + cfg.minibatch_size])
             tokens = float(sum(len(r) for r in minibatch["response_ids"]))
-            critic_refs = [] if cfg.critic_free else train_on_replicas(roles["critic"], minibatch, width)
-            queued.append((train_on_replicas(roles["policy"], minibatch, width), critic_refs, tokens))
+            critic_refs = [] if cfg.critic_free else train_on_replicas(roles["critic"], minibatch, width, micro)
+            queued.append((train_on_replicas(roles["policy"], minibatch, width, micro), critic_refs, tokens))
     steps = [(_sum(ray.get(p)), _sum(ray.get(c)), tokens) for p, c, tokens in queued]
     t3 = time.perf_counter()
 
     # 5. the engines get the updated policy before the next rollout
     if sync:
-        sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
+        sync_weights(roles["policy"], roles["rollout"], roles.vllm)
     t4 = time.perf_counter()
 
     lengths = mask.sum(1)
@@ -300,7 +317,7 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
         trainables = {role: roles[role] for role in trainable_roles(cfg)}
         start = checkpoint.restore(stage_dir, trainables)
         if start:
-            sync_weights(roles["policy"][0], roles["rollout"], roles.vllm)
+            sync_weights(roles["policy"], roles["rollout"], roles.vllm)
         log = MetricsLog(stage_dir / METRICS, keep_until=start, key="iteration")
         total = cfg.iterations
         _say(f"[ppo] {len(prompts)} prompts, {total} iterations of {cfg.rollout_batch_size} episodes"
@@ -319,7 +336,7 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
             if fault_at_iteration == it + 1 and start == 0 and it + 1 < total:
                 raise RuntimeError(f"fault injected after iteration {it + 1}")
         attempt.iteration, attempt.phase = None, "while saving the final policy"
-        ray.get(roles["policy"][0].save_hf.remote(str(stage_dir / MODEL_DIR)))
+        ray.get([p.save_hf.remote(str(stage_dir / MODEL_DIR)) for p in roles["policy"]])
     except RayError:
         attempt.dead = failures.dead_replicas(roles.placement.actors)
         raise

@@ -9,6 +9,7 @@ dtypes numpy lacks (bfloat16, float8) travel as their bits in an integer array o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -47,3 +48,39 @@ def load_arrays(model: torch.nn.Module, arrays: dict[str, tuple[np.ndarray, str]
     with torch.no_grad():
         for name, tensor in as_tensors(arrays).items():
             state[name].copy_(tensor)
+
+
+
+def gathered_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every entry of `model`'s state dict, one FSDP2 unit (decoder layer) at a time.
+
+    Unsharded, these are the model's own tensors. Sharded with FSDP2 (every rank must iterate: the unit's
+    all-gather is collective), each unit is unsharded, its entries are yielded (parameters in the compute
+    dtype of its mixed-precision policy) and it is resharded before the next one: at most one layer is ever
+    whole, never the model (OpenRLHF gathers one parameter at a time under ZeRO-3 for the same reason). A
+    tensor of a sharded model is freed once iteration moves on: copy what must be kept.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield from model.state_dict().items()
+        return
+    owner: dict[str, str] = {}  # module name -> name of the FSDP unit holding its parameters
+    units: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            units[name] = module
+        owner[name] = name if name in units else owner[name.rsplit(".", 1)[0] if "." in name else ""]
+    modules = dict(model.named_modules())
+    for unit_name, unit in units.items():
+        unit.unshard()
+        try:
+            for name in (m for m, u in owner.items() if u == unit_name):
+                module, prefix = modules[name], f"{name}." if name else ""
+                for key, param in module.named_parameters(recurse=False):
+                    yield prefix + key, param.detach()
+                for key, buffer in module.named_buffers(recurse=False):
+                    if key not in module._non_persistent_buffers_set:
+                        yield prefix + key, buffer
+        finally:
+            unit.reshard()

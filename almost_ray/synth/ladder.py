@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from almost_ray.cluster.config import RayConfig
+from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.pools import stream_pool
 from almost_ray.cluster.replicas import ModelReplica, generator_model
 from almost_ray.data.atomic import atomic_open, own_directory, remove_own_directory
@@ -119,7 +120,6 @@ def generate_responses(
                 for r in group for q in queries]
         todo = shards.pending(rows)
         if todo:
-            from almost_ray.cluster.connect import init_ray
 
             init_ray(ray_cfg)
             shards.collect(_run_pool(todo, group, pool))

@@ -29,6 +29,7 @@ from almost_ray.data.atomic import write_json
 from almost_ray.data.sources import read_rows
 from almost_ray.eval.stats import wilson_interval
 from almost_ray.models.config import ModelConfig
+from almost_ray.models.hf_backend import HFGenerator
 from almost_ray.runs import paths
 
 
@@ -36,7 +37,6 @@ class PMIJudge:
     """Pointwise PMI scores of responses under one language model (in-process, HF backend)."""
 
     def __init__(self, model: ModelConfig, prompt_format: str = "chat"):
-        from almost_ray.models.hf_backend import HFGenerator
 
         self.generator = HFGenerator(model)
         self.prompt_format = prompt_format

@@ -36,7 +36,11 @@ class TrainConfig(StrictModel):
         default=True, description="pack each micro-batch into one row (no pad tokens; models/packing.py), as TRL's "
         "padding_free; false: right-padded batches")
     mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
-        default="auto", description="auto: bf16 compute with fp32 master weights on GPU, fp32 on CPU"
+        default="auto", description="compute dtype; the master weights and AdamW state are always fp32 (FSDP2's "
+        "MixedPrecisionPolicy when sharded, autocast otherwise). auto: bf16 on GPU, fp32 on CPU"
+    )
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="dtype of the final model's HF directory (checkpoints keep fp32 master weights)"
     )
     reshard_after_forward: bool = Field(
         default=True, description="FSDP2: free gathered weights after forward (less memory, more traffic)"
@@ -51,6 +55,15 @@ class TrainConfig(StrictModel):
     storage_path: Path | None = Field(
         default=None, description="Ray Train checkpoints (shared storage on a cluster); null: <stage dir>/ray"
     )
+
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_worker(self) -> TrainConfig:
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"gpus_per_worker: {self.gpus_per_worker:g}: the {self.num_workers} workers form one NCCL group and "
+                "Ray may give two of them one GPU, which NCCL refuses; give each worker whole GPUs")
+        return self
 
 
 class TrainRMConfig(TrainConfig, StageSection):

@@ -241,7 +241,7 @@ def work(cfg: Config) -> Outcome:
     """Encode the pairs, attach the reference's log-probs (computed once, stored) and train into `<stage>/model`."""
     t = cfg.train_dpo.model_copy(update={"model": paths.train_dpo_policy(cfg)})
     stage_dir, source = paths.stage_dir(cfg, "train_dpo"), paths.train_dpo_comparisons(cfg)
-    loop.start_workers(t, cfg.ray, "train_dpo")
+    loop.start_workers(cfg, "train_dpo", t)
     model_dir = resolve_model_dir(t.model)
     pairs = load_pairs(source)
     examples = encode_pairs(pairs, load_tokenizer(model_dir), t)

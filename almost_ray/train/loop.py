@@ -41,30 +41,40 @@ from typing import Any
 import torch
 
 from almost_ray.cluster import dashboard
-from almost_ray.cluster.config import RayConfig
 from almost_ray.cluster.connect import init_ray
 from almost_ray.cluster.memory import ensure_ledger, report_peak
 from almost_ray.cluster.preflight import preflight, train_bundles
+from almost_ray.config import Config
 from almost_ray.config_base import config_hash
 from almost_ray.data.atomic import atomic_directory, write_json
 from almost_ray.data.metrics_log import MetricsLog, plot_metrics, summarize
 from almost_ray.models.loading import ready_for_generation
 from almost_ray.models.packing import use_packed_attention
+from almost_ray.plan.preflight import plan_preflight
 from almost_ray.runs.paths import MODEL
 from almost_ray.train.config import TrainConfig
 from almost_ray.train.data import global_batches, rank_micro_batches
 from almost_ray.train.optim import adamw, cosine_with_warmup
+from almost_ray.train.sharding import shard_from_rank0
 
 TASKS = {"rm": "almost_ray.train.rm", "sft": "almost_ray.train.sft", "dpo": "almost_ray.train.dpo"}
 METRICS = "metrics.jsonl"
 
 
-def start_workers(cfg: TrainConfig, ray_cfg: RayConfig, stage: str) -> None:
-    """Before a model is converted or encoded: Ray up and the worker group checked against the cluster,
-    so a group that cannot start fails in seconds, naming `<stage> workers` (`cluster/preflight.py`)."""
-    if cfg.num_workers > 0:
-        init_ray(ray_cfg)
-        preflight(f"{stage} workers", train_bundles(cfg))
+def task_name(task: str | Any) -> str:
+    return task if isinstance(task, str) else task.name
+
+
+def start_workers(cfg: Config, stage: str, section: TrainConfig | None = None) -> None:
+    """Before a model is converted or encoded: Ray up, and the worker group of `stage` checked against the
+    cluster — its CPUs and GPUs (`cluster/preflight.py`) and what each GPU will hold (`plan/preflight.py`, the
+    numbers of `almost-ray plan`) — so a group that cannot start fails in seconds, naming the stage.
+    `section`: the stage's section as it will train, when it differs from the config's (DPO's resolved model)."""
+    section = section or getattr(cfg, stage)
+    if section.num_workers > 0:
+        init_ray(cfg.ray)
+        preflight(f"{stage} workers", train_bundles(section))
+        plan_preflight(cfg.model_copy(update={stage: section}), stage)
 
 
 def train_and_plot(task: str, cfg: TrainConfig, examples: list[dict], model_dir: Path, stage_dir: Path,
@@ -77,21 +87,20 @@ def train_and_plot(task: str, cfg: TrainConfig, examples: list[dict], model_dir:
 
 
 def fit(
-    task: str,
+    task: str | Any,
     cfg: TrainConfig,
     examples: list[dict],
     model_dir: Path,
     stage_dir: Path,
-    fault_at_step: int | None = None,
     loss_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Train `examples` with the `task` module on Ray Train; returns the saved HF model directory.
+    """Train `examples` with `task` on Ray Train; returns the saved HF model directory.
 
-    `loss_options` are keyword arguments of the task's `micro_loss` (settings of its own config section,
-    which the loop's `TrainConfig` does not carry). `fault_at_step` kills the last worker right after that step has been reported (first attempt
-    only), to exercise `FailureConfig` and resume in tests.
+    `task` names a task module (`TASKS`), or is any object with the task functions and a `name` (sent to
+    the workers as it is). `loss_options` are keyword arguments of the task's `micro_loss` (settings of its
+    own config section, which the loop's `TrainConfig` does not carry).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     stage_dir = Path(stage_dir).resolve()
@@ -103,21 +112,15 @@ def fit(
         "model_dir": str(Path(model_dir).resolve()),
         "stage_dir": str(stage_dir),
         "examples": examples,
-        "fault_at_step": fault_at_step,
         "loss_options": loss_options or {},
     }
     storage = Path(cfg.storage_path or stage_dir / "ray").resolve()
     # One Ray Train run per (config, data): re-running resumes it, a changed config starts afresh.
-    name = f"{task}-{config_hash(cfg)}-{_examples_hash(examples)}"
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
+    name = f"{task_name(task)}-{config_hash(cfg)}-{_examples_hash(examples)}"
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
@@ -131,6 +134,16 @@ def fit(
         ensure_ledger()  # the workers report their peak memory to it (memory.py)
     trainer.fit()
     return stage_dir / MODEL
+
+
+def scaling_config(cfg: TrainConfig):
+    """Ray Train's workers: `num_workers`, each reserving `cpus_per_worker` CPUs (and `gpus_per_worker` GPUs)."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
 
 
 def _examples_hash(examples: list[dict]) -> str:
@@ -151,7 +164,8 @@ def train_worker(job: dict[str, Any]) -> None:
 
     cfg = TrainConfig.model_validate(job["cfg"])
     _quiet_logs()
-    task = importlib.import_module(TASKS[job["task"]])
+    task = importlib.import_module(TASKS[job["task"]]) if isinstance(job["task"], str) else job["task"]
+    name = task_name(job["task"])
     examples: list[dict] = job["examples"]
     stage_dir = Path(job["stage_dir"])
     ctx = ray.train.get_context()
@@ -180,7 +194,7 @@ def train_worker(job: dict[str, Any]) -> None:
     start = load_checkpoint(ray.train.get_checkpoint(), model, optimizer, scheduler, rank)
     log = MetricsLog(stage_dir / METRICS, keep_until=start) if rank == 0 else None
     if rank == 0:
-        _say(f"[train {job['task']}] {len(examples)} examples, {total} steps of {cfg.global_batch_size} "
+        _say(f"[train {name}] {len(examples)} examples, {total} steps of {cfg.global_batch_size} "
              f"on {world} worker(s){', resuming after step ' + str(start) if start else ''}")
 
     model.train()
@@ -217,23 +231,14 @@ def train_worker(job: dict[str, Any]) -> None:
         if log is not None:
             log.write(metrics)
             _say(_progress_line(metrics, total))
-            dashboard.set_gauges(dashboard.run_of(stage_dir), f"train_{job['task']}", {**metrics, "progress": (step + 1) / total})
+            dashboard.set_gauges(dashboard.run_of(stage_dir), f"train_{name}", {**metrics, "progress": (step + 1) / total})
         last = step + 1 == total
         if cfg.num_workers > 0 and ((step + 1) % cfg.checkpoint_every == 0 or last):
             save_checkpoint(metrics, model, optimizer, scheduler, step + 1, rank)
         else:
             ray.train.report(metrics)
-        if job.get("fault_at_step") == step + 1 and start == 0 and not last:
-            if cfg.num_workers == 0:
-                raise RuntimeError("fault injection needs Ray workers (num_workers >= 1)")
-            if rank == world - 1:
-                # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
-                # worker dying sooner takes its last reports, checkpoints included, with it, so the fault
-                # comes once they are collected, as a real one would
-                time.sleep(5)
-                os._exit(1)  # a worker dies without warning; FailureConfig restarts the group
-    save_hf_model(model, task, job["model_dir"], stage_dir / MODEL, rank, distributed)
-    report_peak(f"train_{job['task']}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
+    save_hf_model(model, task, job["model_dir"], stage_dir / MODEL, rank, distributed, getattr(torch, cfg.save_dtype))
+    report_peak(f"train_{name}.worker")  # for the stage's manifest; a no-op when not in a Ray worker
 
 
 def _say(line: str) -> None:
@@ -286,23 +291,10 @@ def load_for_training(task, model_dir: str, cfg: TrainConfig, device: torch.devi
         _prepare(model, cfg, flash)
         return model
 
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     full = task.load_model(model_dir) if rank == 0 else None
     model = task.empty_model(task.load_config(model_dir)).to(torch.float32)  # on the meta device
     _prepare(model, cfg, flash)
-    shard_model(model, device, world, bf16, cfg.reshard_after_forward)
-    model.to_empty(device=device)
-    full_sd = full.state_dict() if full is not None else {}
-    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if full is not None:
-                buffer.copy_(full.get_buffer(name))
-            dist.broadcast(buffer, src=0)
-    del full, full_sd
-    return model
+    return shard_from_rank0(model, full, device, world, bf16, cfg.reshard_after_forward)
 
 
 def _prepare(model: torch.nn.Module, cfg: TrainConfig, flash: bool) -> None:
@@ -313,24 +305,6 @@ def _prepare(model: torch.nn.Module, cfg: TrainConfig, flash: bool) -> None:
         use_packed_attention(model, flash=flash)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # FSDP-safe
-
-
-def shard_model(model: torch.nn.Module, device: torch.device, world: int, bf16: bool, reshard: bool) -> None:
-    """FSDP2: each decoder block is one unit (gathered just in time), then the root (embeddings, head)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (world,))
-    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard}
-    if bf16:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    base = getattr(model, model.base_model_prefix, model)
-    blocks = getattr(base, "layers", None)
-    if blocks is None:
-        raise ValueError(f"{type(model).__name__}: no decoder blocks at .{model.base_model_prefix}.layers to shard")
-    for block in blocks:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
 
 
 def _clip(model: torch.nn.Module, max_norm: float | None) -> float:
@@ -431,8 +405,9 @@ def _save_safetensors(model, out: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out)) from err
 
 
-def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed: bool) -> None:
-    """Gather the full weights on rank 0 and write them as an HF directory, atomically.
+def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed: bool,
+                  dtype: torch.dtype = torch.float32) -> None:
+    """Gather the full weights on rank 0 and write them as an HF directory in `dtype`, atomically.
 
     A fresh model of the base class is filled with the weights (on the meta device, no copy), so the
     saved config names the plain transformers architecture, not FSDP's wrapper class.
@@ -442,7 +417,8 @@ def save_hf_model(model, task, base_dir: str, out: Path, rank: int, distributed:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         fresh = task.empty_model(model.config)
-        fresh.load_state_dict(full, assign=True)
+        fresh.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
+        fresh.config.dtype = dtype
         fresh.tie_weights()
         ready_for_generation(fresh)
         with atomic_directory(out) as tmp:

@@ -22,7 +22,7 @@ from almost_ray.data.sources import require
 from almost_ray.models import loading
 from almost_ray.models.loading import check_model_ref, resolve_model_dir
 from almost_ray.models.packing import pack_sequences
-from almost_ray.models.reward import rm_text
+from almost_ray.models.reward import classifier_config, empty_classifier, expose_token_scores, rm_text
 from almost_ray.runs import paths
 from almost_ray.runs.stage import Outcome, Stage
 from almost_ray.train import loop
@@ -37,52 +37,19 @@ def load_tokenizer(model_dir: str | Path):
     return loading.load_tokenizer(model_dir, padding_side="right", truncation_side="left")
 
 
-def load_config(model_dir: str | Path):
-    """The RM's config: the base LM's with one output and the tokenizer's pad id (every rank builds the same)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir, num_labels=1, trust_remote_code=False)
-    config.pad_token_id = load_tokenizer(model_dir).pad_token_id
-    return config
+# the RM task's model: the sequence classifier of `models/reward.py`, scoring every token
+load_config = classifier_config
+empty_model = empty_classifier
 
 
 def load_model(model_dir: str | Path):
     """The base LM with a fresh one-output head (transformers' `*ForSequenceClassification`), scoring every
-    token (`expose_token_scores`)."""
+    token (`models.reward.expose_token_scores`)."""
     from transformers import AutoModelForSequenceClassification
 
     return expose_token_scores(AutoModelForSequenceClassification.from_pretrained(
-        model_dir, config=load_config(model_dir), dtype=torch.float32, trust_remote_code=False
+        model_dir, config=classifier_config(model_dir), dtype=torch.float32, trust_remote_code=False
     ))
-
-
-def empty_model(config):
-    from transformers import AutoModelForSequenceClassification
-
-    with torch.device("meta"):
-        return expose_token_scores(AutoModelForSequenceClassification.from_config(config))
-
-
-def expose_token_scores(model):
-    """Make `model(...).logits` the score head's output at every token, `[B, T, 1]`, not one pooled score.
-
-    A `*ForSequenceClassification` pools its score at the last non-pad token of each row, which is one
-    score for a packed row of many conversations; `micro_loss` picks each conversation's last token
-    itself. The head's output is captured by a forward hook and put in the model's output by a forward
-    hook on the model, registered before FSDP2 shards it: FSDP2's own post-forward hook runs after ours,
-    sees the per-token scores as the module's output and arms its backward hooks on them (a score read
-    from inside the forward would reach the head's weights after FSDP2 had freed them). Hooks are not
-    saved: `save_hf_model` writes a plain sequence classifier.
-    """
-    captured: list[torch.Tensor] = []
-    model.score.register_forward_hook(lambda module, args, out: captured.append(out))
-
-    def token_scores(module, args, output):
-        output.logits = captured.pop()
-        return output
-
-    model.register_forward_hook(token_scores)
-    return model
 
 
 def encode_pairs(pairs: list[PreferencePair], tokenizer, max_length: int) -> list[dict]:
@@ -149,7 +116,7 @@ def work(cfg: Config) -> Outcome:
     """Hold out `heldout_fraction` of the queries, encode the pairs and train the RM into `<stage>/model`."""
     t = cfg.train_rm
     stage_dir = paths.stage_dir(cfg, "train_rm")
-    loop.start_workers(t, cfg.ray, "train_rm")
+    loop.start_workers(cfg, "train_rm")
     model_dir = resolve_model_dir(t.model)
     source, counts = paths.train_rm_comparisons(cfg), {}
     train_path = source

@@ -191,7 +191,7 @@ def work(cfg: Config) -> Outcome:
     """Encode the dialogues (assistant tokens supervised) and finetune into `<stage>/model`."""
     t = cfg.train_sft
     source = paths.train_sft_dialogues(cfg)
-    loop.start_workers(t, cfg.ray, "train_sft")
+    loop.start_workers(cfg, "train_sft")
     model_dir = resolve_model_dir(t.model)
     conversations = load_conversations(source)
     examples = encode_conversations(conversations, load_tokenizer(model_dir), t)
