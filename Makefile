@@ -27,8 +27,11 @@ $(VENV)/.bench: pyproject.toml $(VENV)/.dev
 	touch $@
 
 # The whole pipeline on configs/demo.yaml (docs/pipeline.md); prints the report's results table and plot paths.
+# EXTRAS adds optional stages beyond ALMoST, e.g. `make demo EXTRAS=train_dpo,ppo_grpo,rm_score` (docs/dpo.md,
+# docs/critic-free-rl.md); empty (the default) runs ALMoST's stages only.
+EXTRAS ?=
 demo: $(VENV)/.dev
-	$(VENV)/bin/almost-ray demo --config configs/demo.yaml
+	$(VENV)/bin/almost-ray demo --config configs/demo.yaml $(if $(EXTRAS),--with $(EXTRAS))
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
@@ -45,6 +48,8 @@ bench: $(VENV)/.bench
 	$(PY) bench/generation.py
 	$(PY) bench/train.py
 	$(PY) bench/ppo.py
+	$(PY) bench/dpo.py
+	$(PY) bench/grpo.py
 	$(PY) bench/serve_load.py
 
 lint: $(VENV)/.dev

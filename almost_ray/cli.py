@@ -180,7 +180,8 @@ def _serve(args, cfg: Config) -> None:
 def _pipeline(args, cfg: Config) -> None:
     from almost_ray.pipeline import loop
 
-    loop.main(args, cfg)
+    extras = None if args.extras is None else [n.strip() for n in args.extras.split(",") if n.strip()]
+    loop.main(args, with_flags(cfg, {"pipeline.extras": extras}))
 
 
 def _plan(args: argparse.Namespace, cfg: Config) -> int:
@@ -203,6 +204,9 @@ PIPELINE_ARGUMENTS: list[tuple[tuple, dict]] = [
     (("--until",), dict(metavar="STAGE", help="stop after this stage")),
     (("--only",), dict(metavar="STAGE,...", help="run only these stages (comma-separated), in pipeline order")),
     (("--list",), dict(action="store_true", help="list the stages, whether each is done; run nothing")),
+    (("--with",), dict(dest="extras", metavar="STAGE,...",
+                       help="also run these optional stages in their place: train_dpo, ppo_grpo, rm_score "
+                            "(sets pipeline.extras)")),
 ]
 SOURCE = ".jsonl, Parquet, a save_to_disk folder or a hub id"
 

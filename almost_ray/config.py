@@ -19,10 +19,10 @@ from pydantic import Field, ValidationError
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.config_base import ConfigError, StrictModel
-from almost_ray.eval.config import EvalConfig, EvalRMConfig
+from almost_ray.eval.config import EvalConfig, EvalRMConfig, RMScoreConfig
 from almost_ray.generate.config import GenerateConfig
-from almost_ray.pipeline.config import ReportConfig
-from almost_ray.rl.config import PPOConfig
+from almost_ray.pipeline.config import PipelineConfig, ReportConfig
+from almost_ray.rl.config import PPOConfig, PPOGRPOConfig
 from almost_ray.rmsp.config import RMSPConfig
 from almost_ray.serve.config import ServeConfig
 from almost_ray.synth.config import CompareConfig, QueriesConfig
@@ -37,6 +37,7 @@ class Config(StrictModel):
     run_name: str = "demo"
     runs_dir: Path = Path("runs")
     ray: RayConfig = Field(default_factory=RayConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     queries: QueriesConfig = Field(default_factory=QueriesConfig)
@@ -48,6 +49,8 @@ class Config(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     rmsp: RMSPConfig = Field(default_factory=RMSPConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    ppo_grpo: PPOGRPOConfig = Field(default_factory=PPOGRPOConfig)
+    rm_score: RMScoreConfig = Field(default_factory=RMScoreConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @property

@@ -2,7 +2,8 @@
 
     RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env-json '{"excludes": ["runs/", ".venv/", ".git/"], "env_vars": {"PYTHONUNBUFFERED": "1"}}' \\
-        -- python jobs/rlsf.py --config configs/demo.yaml [--from STAGE] [--until STAGE] [--only STAGE,...]
+        -- python jobs/rlsf.py --config configs/demo.yaml [--from STAGE] [--until STAGE] [--only STAGE,...] \\
+           [--with train_dpo,ppo_grpo,rm_score]
 
 The flags are `almost-ray pipeline`'s (the same parser, `almost_ray.cli`). `RAY_AUTH_MODE=token` makes the
 client send the head's token (Ray's token authentication; docs/pipeline.md). Inside a job the driver joins

@@ -9,7 +9,7 @@ import pytest
 from almost_ray.config_base import ConfigError
 from almost_ray.eval.config import EvalPrompt
 from almost_ray.eval.report import markdown, summary_lines, write_report
-from almost_ray.eval.stats import proportion, wilson_interval
+from almost_ray.eval.stats import mean_over_prompts, paired_difference, proportion, wilson_interval
 from almost_ray.eval.templates import continuation, load_template, parse_dialogue, render
 
 
@@ -23,6 +23,19 @@ def test_wilson_interval_known_values():
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
     assert proportion(1, 4)["value"] == 0.25
+
+
+def test_mean_score_and_paired_difference_take_the_prompt_as_the_unit():
+    # two prompts with 2 answers each: per-prompt means 1.0 and 3.0 -> mean 2.0, SE sd([1, 3]) / sqrt(2) = 1.0
+    a = {"p1": [0.5, 1.5], "p2": [3.0, 3.0]}
+    assert mean_over_prompts(a) == {"mean": 2.0, "se": pytest.approx(1.0), "prompts": 2, "n": 4}
+    assert mean_over_prompts({"p1": [4.0, 2.0]}) == {"mean": 3.0, "se": None, "prompts": 1, "n": 2}
+    assert mean_over_prompts({}) == {"mean": None, "se": None, "prompts": 0, "n": 0}
+    # b trails a by 0.5 on p1 and 1.5 on p2 (p3 only b answered): differences 0.5, 1.5 -> mean 1.0, SE 0.5
+    b = {"p1": [0.5, 0.5], "p2": [1.0, 2.0], "p3": [9.0]}
+    assert paired_difference(a, b) == {"mean": 1.0, "se": pytest.approx(0.5), "prompts": 2, "higher": 1.0}
+    assert paired_difference(b, a)["higher"] == 0.0
+    assert paired_difference({"x": [1.0]}, b) == {"mean": None, "se": None, "prompts": 0, "higher": None}
 
 
 def test_template_checks_and_sources(tmp_path):

@@ -139,7 +139,9 @@ def test_every_section_is_defined_in_a_config_module_of_its_area():
         "TrainRMConfig": "almost_ray.train.config", "TrainSFTConfig": "almost_ray.train.config",
         "EvalConfig": "almost_ray.eval.config", "EvalRMConfig": "almost_ray.eval.config",
         "RMSPConfig": "almost_ray.rmsp.config", "PPOConfig": "almost_ray.rl.config",
-        "ServeConfig": "almost_ray.serve.config",
+        "ServeConfig": "almost_ray.serve.config", "PipelineConfig": "almost_ray.pipeline.config",
+        "PPOGRPOConfig": "almost_ray.rl.config", "RMScoreConfig": "almost_ray.eval.config",
+        "TrainDPOConfig": "almost_ray.train.config",
     }
     assert {name: seen[name] for name in expected} == expected
 

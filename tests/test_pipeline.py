@@ -17,6 +17,7 @@ from almost_ray.config_base import ConfigError
 from almost_ray.data.preferences import is_heldout, split_by_query
 from almost_ray.pipeline.loop import PIPELINE as STAGES
 from almost_ray.pipeline.loop import check_inputs, select
+from almost_ray.pipeline.stages import OPTIONAL
 from almost_ray.runs.manifest import flatten, summary, summary_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,33 @@ def test_missing_input_stops_before_ray_naming_the_stage_that_writes_it(tmp_path
 def test_list_shows_each_stage_and_its_outputs(tmp_path, capsys):
     assert main(["pipeline", "--config", str(tiny_config(tmp_path)), "--list"]) == 0
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines() if not line.startswith(" ")] == ORDER
+    listed = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert [n for n in listed if n not in OPTIONAL] == ORDER
     assert out.count("to run") == 9
+    assert "train_dpo  optional (--with train_dpo)" in out and f"{tmp_path}/runs/tiny/ppo_grpo/model" in out
     assert f"{tmp_path}/runs/tiny/rm/heldout_comparisons.jsonl" in out
+    assert main(["pipeline", "--config", str(tiny_config(tmp_path)), "--list", "--with", "ppo_grpo"]) == 0
+    assert capsys.readouterr().out.count("to run") == 10
+
+
+def test_with_adds_optional_stages_in_their_place_and_only_names_any_stage(tmp_path, capsys, monkeypatch):
+    from almost_ray.pipeline import loop
+
+    ran = []
+    monkeypatch.setattr(loop, "run", lambda cfg, selected: ran.append((cfg.pipeline.extras, names(selected))) or {})
+    config = str(tiny_config(tmp_path))
+    assert main(["pipeline", "--config", config]) == 0
+    assert main(["pipeline", "--config", config, "--with", "rm_score,train_dpo", "--from", "train_sft"]) == 0
+    assert main(["pipeline", "--config", config, "--only", "ppo_grpo"]) == 0
+    assert main(["pipeline", "--config", config, "--set", "pipeline.extras=[ppo_grpo]", "--from", "ppo"]) == 0
+    assert ran == [([], ORDER),
+                   (["rm_score", "train_dpo"], ["train_sft", "train_dpo", "ppo", "eval", "rm_score", "report"]),
+                   ([], ["ppo_grpo"]),
+                   (["ppo_grpo"], ["ppo", "ppo_grpo", "eval", "report"])]
+    assert main(["pipeline", "--config", config, "--from", "ppo_grpo"]) == 2
+    assert "--from: ppo_grpo is an optional stage: add --with ppo_grpo (pipeline.extras)" in capsys.readouterr().err
+    assert main(["pipeline", "--config", config, "--with", "ppo_gae"]) == 2
+    assert "pipeline.extras.0: Input should be 'train_dpo', 'ppo_grpo' or 'rm_score'" in capsys.readouterr().err
 
 
 def test_summary_flattens_manifest_numbers_and_the_line_shows_headline_keys():

@@ -42,6 +42,14 @@ def build_run(tmp_path) -> Config:
         write_json(run / "eval" / name / "report.json", {"suites": {
             "hhh": {"accuracy": proportion(k, 40), "subsets": {"harmless": proportion(k, 40)}},
             "truthfulqa": {"accuracy": proportion(k // 2, 80), "chance": 0.223}}})
+    write_json(run / "rm_score" / "rm_score.json", {
+        "prompts": {"source": heldout, "ids": ["q1", "q2", "q3"], "seen_in_training": {"ppo and ppo_grpo prompts": 1}},
+        "results": {"base": {"mean": -0.25, "se": 0.1, "prompts": 3, "n": 24},
+                    "sft": {"mean": 0.5, "se": 0.2, "prompts": 3, "n": 24,},
+                    "dpo": {"mean": 0.75, "se": 0.125, "prompts": 3, "n": 24,
+                            "vs_sft": {"mean": 0.25, "se": 0.05, "prompts": 3, "higher": 2 / 3}}},
+        "not_run": {"ppo": "no ppo model: the ppo stage has not run",
+                    "ppo_grpo": "no ppo_grpo model: the optional ppo_grpo stage has not run"}})
     write_json(run / "rmsp-compare" / "report.json", {"per_turn": {
         "1": {"paired_dialogues": 20, "rmsp_mean_reward": 1.2, "self_play_mean_reward": 0.6,
               "mean_difference": 0.6, "rmsp_higher_share": 0.75},
@@ -70,12 +78,22 @@ def test_report_tables_did_not_run_rows_and_plots(tmp_path):
     assert rows[("RMSP vs plain self-play (RM score of the kept reply)", "turn 2")]["note"].startswith("no dialogue")
     judge = rows[("PPO vs SFT, order-swapped judge", "—")]
     assert judge["note"] == "did not run: needs both the PPO and the SFT model"
+    # the optional models: an eval summary written before their stages existed still says why they are missing
+    assert rows[("Static HHH accuracy", "ppo_grpo")]["note"] == (
+        "did not run: no ppo_grpo model: the optional ppo_grpo stage has not run (almost-ray pipeline --with ppo_grpo)")
+    assert rows[("TruthfulQA MC1 accuracy", "dpo")]["value"] is None
+    score = "RM mean score on held-out prompts (± SE over prompts)"
+    assert (rows[(score, "sft")]["text"], rows[(score, "sft")]["n"]) == ("0.500 ± 0.200", 3)
+    assert rows[(score, "dpo")]["note"] == "24 answers; vs SFT +0.250 ± 0.050, higher on 67% of prompts"
+    assert rows[(score, "ppo_grpo")]["note"] == "did not run: no ppo_grpo model: the optional ppo_grpo stage has not run"
+    assert "3 prompts, of which also in training inputs: ppo and ppo_grpo prompts: 1" in report["subsets"]["rm_score"]
 
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["queries"]["status"] == "done" and stages["queries"]["summary"].startswith("kept=40, parsed=90")
     assert stages["queries"]["wall_time_s"] >= 98
     assert stages["compare"]["status"] == "did not run"
     assert stages["ppo"]["status"] == "did not run"
+    assert stages["train_dpo"]["status"] == stages["rm_score"]["status"] == "did not run"
     assert "the first 40 items" in report["subsets"]["hhh"] and "first 100 pairs" in report["subsets"]["eval_rm"]
 
     md = (out / "report.md").read_text()
@@ -83,7 +101,8 @@ def test_report_tables_did_not_run_rows_and_plots(tmp_path):
     assert "| Static HHH accuracy | sft | 65.0 | 49.5–77.9 | 40 | chance 50 %; items: harmless 40 |" in md
     assert "| PPO vs SFT, order-swapped judge | — | — |  |  | did not run: needs both the PPO and the SFT model |" in md
     assert "| query | base | sft |" in md and "Paris \\| a logical fallacy" in md
-    assert "Not answered: ppo" in md
+    assert "Not answered: ppo, ppo_grpo, dpo" in md
+    assert "| RM mean score on held-out prompts (± SE over prompts) | dpo | 0.750 ± 0.125 |  | 3 |" in md
     assert "| stage | status | wall time s | peak MiB (driver / actors) | counts and key metrics |" in md
     peak = stages["queries"]["memory"]["driver_peak_mib"]  # this test process's, in MiB (not KiB or bytes)
     assert 20 < peak < 100_000 and re.search(rf"\| queries \| done \| \d+ \| {peak:.0f} / (\d+|—) \| kept=40", md)
@@ -98,5 +117,6 @@ def test_report_of_an_empty_run_says_every_result_did_not_run(tmp_path):
     report = write_report(cfg, cfg.run_dir / "report", {})
     notes = [r["note"] for r in report["results"]]
     assert all(n.startswith("did not run") for n in notes), notes
+    assert "did not run: the optional rm_score stage has not run (--with rm_score)" in notes
     assert all(s["status"] == "did not run" for s in report["stages"])
     assert "No model answered" in (cfg.run_dir / "report" / "report.md").read_text()

@@ -7,6 +7,7 @@ stage end to end) are in tests/test_rl_ppo_slow.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +83,33 @@ def test_group_estimators_sample_groups_of_responses():
         PPOConfig(advantage_estimator="grpo", gamma=0.99)
     with pytest.raises(ValidationError, match="advantage_estimator"):
         PPOConfig(advantage_estimator="group_norm")  # OpenRLHF's name is not ours
+
+
+def test_ppo_grpo_is_the_ppo_section_with_its_own_fields_changed(tmp_path):
+    from almost_ray.config import load_config
+    from almost_ray.rl import ppo_grpo
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg = load_config(demo)
+    p = ppo_grpo.settings(cfg)
+    assert (p.advantage_estimator, p.n_samples_per_prompt, p.use_kl_loss, p.kl_estimator) == ("grpo", 4, True, "k3")
+    assert p.model_dump(exclude={"advantage_estimator", "n_samples_per_prompt", "use_kl_loss", "kl_estimator"}) == \
+        cfg.ppo.model_dump(exclude={"advantage_estimator", "n_samples_per_prompt", "use_kl_loss", "kl_estimator"})
+    assert p.roles == ("policy", "reference", "reward") and p.prompts_per_iteration == 4
+    # a field left null takes ppo's value, a group size ppo sets is kept, the folder is its own
+    cfg = load_config(demo, ["ppo_grpo.n_samples_per_prompt=null", "ppo.lr=3e-6", "ppo.n_samples_per_prompt=8",
+                             "ppo.rollout_batch_size=32", f"runs_dir={tmp_path}"])
+    p = ppo_grpo.settings(cfg)
+    assert (p.n_samples_per_prompt, p.lr, p.output_dir) == (8, 3e-6, None)
+    assert ppo_grpo.STAGE.stage_dir(cfg) == tmp_path / "demo" / "ppo_grpo" != stage.STAGE.stage_dir(cfg)
+    assert ppo_grpo.STAGE.outputs(cfg) == {"model": tmp_path / "demo" / "ppo_grpo" / "model"}
+    # the merged settings are checked before Ray starts, naming the section
+    with pytest.raises(ConfigError, match="ppo_grpo: .*gamma must be 1 with advantage_estimator rloo"):
+        ppo_grpo.check(load_config(demo, ["ppo_grpo.advantage_estimator=rloo", "ppo.gamma=0.9"]))
+    with pytest.raises(ConfigError, match="ppo_grpo: .*must be a multiple of n_samples_per_prompt"):
+        ppo_grpo.settings(load_config(demo, ["ppo_grpo.n_samples_per_prompt=3"]))
+    with pytest.raises(ConfigError, match="ppo_grpo.advantage_estimator"):
+        load_config(demo, ["ppo_grpo.advantage_estimator=gae"])  # the variant is critic-free by definition
 
 
 def test_config_rejects_unknown_role_and_uneven_minibatches():

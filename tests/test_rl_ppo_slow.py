@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,31 @@ def test_planted_reward_rises_without_a_critic(local_ray, tmp_path, tiny_rm, pro
     assert not list((out / "checkpoints").glob("*/critic"))
     assert len(actors_of("PolicyActor")) == policies_before + 1
     assert len(actors_of("CriticActor")) == critics_before  # none started by this run
+
+
+def test_demo_config_grpo_path_runs_five_iterations_without_a_critic(local_ray, tmp_path, tiny_rm, prompts, capsys):
+    """`almost-ray ppo -c configs/demo.yaml --set ppo.advantage_estimator=grpo` as the demo runs it (its sizes,
+    bundles, threads and engine), on tiny models instead of the demo's SFT policy and RM."""
+    from almost_ray import cli
+
+    repo = Path(__file__).resolve().parents[1]
+    critics_before = len(actors_of("CriticActor"))
+    assert cli.main(["ppo", "-c", str(repo / "configs" / "demo.yaml"), "--prompts", str(prompts),
+                     "--set", "ppo.advantage_estimator=grpo", "--set", f"runs_dir={tmp_path}",
+                     "--set", "ppo.policy=tiny:llama", "--set", f"ppo.reward_model={tiny_rm}"]) == 0
+    out = tmp_path / "demo" / "ppo"
+    rows = _metrics(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5] and all(r["episodes"] == 16 for r in rows)
+    assert all(isinstance(r["reward_mean"], float) and "value_loss" not in r for r in rows)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["iterations"] == 5 and "final_reward_mean" in manifest["metrics"]
+    assert set(manifest["memory"]["actors_peak_mib"]["by_role"]) == {"ppo.policy", "ppo.reference", "ppo.reward",
+                                                                     "ppo.rollout"}
+    assert json.loads((out / "placement.json").read_text()).keys() == {"policy", "reference", "reward", "rollout"}
+    assert len(actors_of("CriticActor")) == critics_before
+    printed = capsys.readouterr().out
+    assert "5 iterations of 16 episodes (4 per prompt), advantages: grpo" in printed
+    assert "[ppo] iteration 5/5 reward" in printed
 
 
 def _small(tiny_rm, **over):

@@ -103,7 +103,7 @@ def test_few_modules_at_the_top():
 
 
 RUN_FOLDERS = {"rm", "sft", "ppo", "rmsp", "eval_rm", "queries", "compare", "report", "response_tuning",
-               "single_task", "rmsp-compare", "rmsp-plain", "ppo_openrlhf"}
+               "single_task", "rmsp-compare", "rmsp-plain", "ppo_openrlhf", "dpo", "ppo_grpo", "rm_score"}
 
 
 def run_path_literals(path: Path) -> list[str]:
@@ -138,10 +138,10 @@ def test_run_paths_live_in_the_paths_module_only():
 
 def stage_modules() -> list:
     from almost_ray.cli import COMMANDS
-    from almost_ray.pipeline.loop import PIPELINE
+    from almost_ray.pipeline.loop import EVERY
 
     modules = {importlib.import_module(m) for m in COMMANDS.values()}
-    modules |= {inspect.getmodule(s.work) for s in PIPELINE}
+    modules |= {inspect.getmodule(s.work) for s in EVERY}
     return sorted(modules, key=lambda m: m.__name__)
 
 
@@ -150,16 +150,21 @@ def test_every_stage_has_the_one_shape():
     from almost_ray.runs.stage import Stage
 
     modules = stage_modules()
-    assert len(modules) >= 10
+    assert len(modules) >= 12
     for module in modules:
         assert isinstance(module.STAGE, Stage), module.__name__
+        assert module.STAGE.work.__module__ == module.__name__  # the module's STAGE is the one that does its work
         hints = typing.get_type_hints(module.run)
         assert list(inspect.signature(module.run).parameters) == ["cfg"], module.__name__
         assert hints == {"cfg": Config, "return": Path}, module.__name__
 
 
 def test_the_pipeline_runs_the_stages_in_the_data_flow_order():
-    from almost_ray.pipeline.loop import PIPELINE
+    from almost_ray.pipeline.loop import PIPELINE, pipeline
 
-    assert [s.name for s in PIPELINE] == ["queries", "compare", "train_rm", "eval_rm", "rmsp", "train_sft", "ppo",
-                                          "eval", "report"]
+    almost = ["queries", "compare", "train_rm", "eval_rm", "rmsp", "train_sft", "ppo", "eval", "report"]
+    assert [s.name for s in PIPELINE] == [s.name for s in pipeline()] == almost
+    # the optional stages in their place: after what they read, before what reads them
+    assert [s.name for s in pipeline(["rm_score", "ppo_grpo", "train_dpo"])] == [
+        "queries", "compare", "train_rm", "eval_rm", "rmsp", "train_sft", "train_dpo", "ppo", "ppo_grpo", "eval",
+        "rm_score", "report"]

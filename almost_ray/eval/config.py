@@ -142,3 +142,23 @@ class EvalRMConfig(StageSection):
         description="the pipeline's eval_rm: preference files scored besides the held-out split (HH-RLHF)",
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="the RM scorer actor pool")
+
+
+class RMScoreConfig(StageSection):
+    """The optional `rm_score` stage (`almost-ray pipeline --with rm_score`): every model the run has (base,
+    SFT, PPO, GRPO, DPO) samples answers to the same held-out prompts, and the RM scores them: the quantity
+    PPO and GRPO maximise, measured on prompts the RM was not trained on."""
+
+    prompts: str | None = Field(
+        default=None, description="queries to answer (any source form); null: the queries of train_rm's held-out "
+        "comparisons (<run dir>/rm/heldout_comparisons.jsonl), which the RM never trained on")
+    limit: int | None = Field(default=None, ge=1, description="the first N prompts only")
+    samples_per_prompt: int = Field(
+        default=4, ge=1, description="answers sampled per prompt and model (seeded per prompt, the same for every "
+        "model)")
+    sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=128),
+        description="how each model answers: PPO's rollout sampling by default (temperature 1, 128 new tokens)")
+    reward_model: str | None = Field(default=None, description="RM reference; null: <run dir>/rm/model")
+    max_length: int = Field(default=1024, ge=8, description="tokens of a scored conversation")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="the RM scorer actor pool")

@@ -1,20 +1,22 @@
 """The pipeline's eval stage: what each step of alignment changed, measured (ALMoST Section 3).
 
-- the base model (`train_sft.model`), the SFT model and the PPO model, each on the suites of
-  `eval.suites` that score one model (Static HHH, TruthfulQA MC1, ranking), each a run of the `evaluate`
-  stage (`eval/evaluate.py`) into `<run>/eval/<base|sft|ppo>/`;
+- the base model (`train_sft.model`), the SFT model and the PPO model, and the models of the optional
+  stages when they ran (`ppo_grpo`: PPO with a critic-free estimator; `train_dpo`: DPO), each on the
+  same suites of `eval.suites` that score one model (Static HHH, TruthfulQA MC1, ranking) and the same
+  items, each a run of the `evaluate` stage (`eval/evaluate.py`) into `<run>/eval/<name>/`;
 - the PPO model against the SFT model under the order-swapped judge (`eval.judge`; both models answer in
   the format they were trained on, `train_sft.prompt_format`) into `<run>/eval/ppo-vs-sft/`;
 - RMSP against plain self-play, scored by the same RM (`rmsp/vs_self_play.py`, ALMoST Table 5) into
   `<run>/rmsp-compare/`.
 
-A model that does not exist yet (no PPO stage, an SFT not trained) or a suite whose third-party data is
-absent is not faked: `summary.json` lists it under `not_run` with the reason, and the report says so.
+A model that does not exist yet (no PPO stage, an SFT not trained, an optional stage not asked for) or a
+suite whose third-party data is absent is not faked: `summary.json` lists it under `not_run` with the reason, and the report says so.
 Each evaluation is skipped when already done; a retrained model invalidates its folder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from almost_ray.config import Config
@@ -30,14 +32,26 @@ from almost_ray.runs.manifest import read_manifest, reset_if_changed
 from almost_ray.runs.stage import Outcome, Stage
 
 SINGLE_MODEL_SUITES = ("hhh", "truthfulqa", "ranking")
-JUDGE_DIR = "ppo-vs-sft"
+# the trained models: name -> (where its stage writes it, why it may be missing)
+TRAINED: dict[str, tuple[Callable[[Config], Path], str]] = {
+    "sft": (paths.sft_model, "the train_sft stage has not run"),
+    "ppo": (paths.ppo_model, "the ppo stage has not run"),
+    "ppo_grpo": (paths.ppo_grpo_model, "the optional ppo_grpo stage has not run (almost-ray pipeline --with ppo_grpo)"),
+    "dpo": (paths.dpo_model, "the optional train_dpo stage has not run (almost-ray pipeline --with train_dpo)"),
+}
+MODEL_NAMES = ("base", *TRAINED)
 
 
 def models(cfg: Config) -> dict[str, str | None]:
-    """base, sft, ppo -> model reference, or None when that model has not been trained."""
-    trained = {name: path for name, path in (("sft", paths.sft_model(cfg)), ("ppo", paths.ppo_model(cfg)))}
+    """base, sft, ppo, ppo_grpo, dpo -> model reference, or None when that model has not been trained."""
+    found = {name: where(cfg) for name, (where, _) in TRAINED.items()}
     return {"base": cfg.train_sft.model,
-            **{name: str(p) if (p / "config.json").is_file() else None for name, p in trained.items()}}
+            **{name: str(p) if (p / "config.json").is_file() else None for name, p in found.items()}}
+
+
+def missing_model(name: str) -> str:
+    """Why a trained model is absent, for `not_run` and the report."""
+    return f"no {name} model: {TRAINED[name][1]}"
 
 
 def data_files(e: EvalConfig, suite: str) -> list[Path]:
@@ -67,7 +81,7 @@ def plan(cfg: Config) -> tuple[dict[str, list[str]], dict[str, str]]:
     usable = [s for s in suites if s not in not_run]
     for name, ref in refs.items():
         if ref is None:
-            not_run[name] = f"no {name} model: the {'train_sft' if name == 'sft' else 'ppo'} stage has not run"
+            not_run[name] = missing_model(name)
         elif usable:
             runs[name] = usable
     if refs["ppo"] is None or refs["sft"] is None:
@@ -152,7 +166,8 @@ def work(cfg: Config) -> Outcome:
 
 
 STAGE = Stage(
-    "eval", "base vs SFT vs PPO on Static HHH and TruthfulQA MC1, PPO vs SFT judge, RMSP vs self-play",
+    "eval", "base vs SFT vs PPO (and GRPO, DPO when run) on Static HHH and TruthfulQA MC1, PPO vs SFT judge, "
+    "RMSP vs self-play",
     section=lambda c: c.eval, inputs=_inputs,
     outputs=lambda c: {"summary": paths.eval_summary_file(c)},
     work=work, check=check, notes=notes,

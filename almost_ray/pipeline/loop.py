@@ -1,5 +1,6 @@
 """The whole pipeline as one loop over stages: queries → compare → train_rm → eval_rm → rmsp → train_sft →
-ppo → eval → report (ALMoST steps 1-3 and their evaluation).
+ppo → eval → report (ALMoST steps 1-3 and their evaluation), with the optional stages of `pipeline.extras`
+(`--with train_dpo,ppo_grpo,rm_score`) in their place.
 
 Every stage has the one shape of `runs/stage.py` and is run through its own `run`: checks, skip when
 done, work, manifest. Before Ray starts, the loop checks that every input no earlier selected stage
@@ -19,12 +20,18 @@ from almost_ray.config import Config
 from almost_ray.config_base import ConfigError
 from almost_ray.data.sources import parse_source
 from almost_ray.pipeline import report
-from almost_ray.pipeline.stages import STAGES
+from almost_ray.pipeline.stages import EVERY_STAGE, OPTIONAL, STAGES
 from almost_ray.runs import paths
 from almost_ray.runs.manifest import MANIFEST, read_manifest, summary, summary_line
 from almost_ray.runs.stage import Stage
 
-PIPELINE: list[Stage] = [*STAGES, report.STAGE]
+PIPELINE: list[Stage] = [*STAGES, report.STAGE]  # ALMoST's recipe, as `make demo` runs it
+EVERY: list[Stage] = [*EVERY_STAGE, report.STAGE]
+
+
+def pipeline(extras: list[str] | tuple[str, ...] = ()) -> list[Stage]:
+    """ALMoST's stages and the optional ones named in `extras`, in data-flow order, then the report."""
+    return [s for s in EVERY if s.name not in OPTIONAL or s.name in extras]
 
 
 def select(stages: list[Stage], start: str | None = None, until: str | None = None,
@@ -34,6 +41,8 @@ def select(stages: list[Stage], start: str | None = None, until: str | None = No
 
     def check(name: str, flag: str) -> str:
         if name not in names:
+            if name in OPTIONAL:
+                raise ConfigError(f"{flag}: {name} is an optional stage: add --with {name} (pipeline.extras)")
             raise ConfigError(f"{flag}: unknown stage {name!r}; the stages are {', '.join(names)}")
         return name
 
@@ -60,7 +69,7 @@ def check_inputs(selected: list[Stage], cfg: Config) -> None:
     """Before Ray starts: every input that no earlier selected stage writes must exist and pass its stage's
     checks (`Stage.check`); a stage whose inputs come from an earlier selected one is checked when it starts."""
     made: set[Path] = set()
-    writers = producers(PIPELINE, cfg)
+    writers = producers(EVERY, cfg)
     for stage in selected:
         waiting = False
         for key, path in stage.inputs(cfg).items():
@@ -116,21 +125,29 @@ def run(cfg: Config, selected: list[Stage]) -> dict[str, dict]:
 
 
 def status_lines(cfg: Config) -> list[str]:
-    """`--list`: every stage, whether it is done, and its outputs."""
+    """`--list`: every stage, whether it is done (or optional and not asked for), and its outputs."""
     lines = []
-    for s in PIPELINE:
-        state = "done (manifest.json present)" if read_manifest(s.stage_dir(cfg)) is not None else "to run"
+    for s in EVERY:
+        if read_manifest(s.stage_dir(cfg)) is not None:
+            state = "done (manifest.json present)"
+        elif s.name in OPTIONAL and s.name not in cfg.pipeline.extras:
+            state = f"optional (--with {s.name})"
+        else:
+            state = "to run"
         outs = ", ".join(str(p) for p in s.outputs(cfg).values())
         lines.append(f"{s.name:<10} {state:<34} {s.about}\n{'':<10} -> {outs}")
     return lines
 
 
 def main(args, cfg: Config) -> dict[str, dict]:
-    """What the commands do with their parsed flags: list, or select and run, then show the report."""
+    """What the commands do with their parsed flags (`--with` already in `cfg.pipeline.extras`): list, or
+    select and run, then show the report."""
     if args.list:
         print("\n".join(status_lines(cfg)))
         return {}
-    results = run(cfg, select(PIPELINE, args.start, args.until, args.only))
+    named = [] if args.only is None else [n.strip() for n in args.only.split(",")]
+    extras = [*cfg.pipeline.extras, *(n for n in named if n in OPTIONAL)]  # --only X runs X, optional or not
+    results = run(cfg, select(pipeline(extras), args.start, args.until, args.only))
     if "report" in results:
         print("\n" + report.terminal_summary(paths.report_dir(cfg)))
     return results

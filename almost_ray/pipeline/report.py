@@ -4,13 +4,15 @@ What a reader needs to judge a run, read from the stages' manifests and reports 
 
 - per stage: whether it ran, its headline counts and metrics, its wall time and peak memory (driver /
   the most any of its actors used);
-- the results table: base vs SFT vs PPO on Static HHH and TruthfulQA MC1, the RM on held-out synthetic
-  comparisons and on HH-RLHF next to the prefer-longer baseline (ALMoST Table 3), RMSP vs plain self-play
-  (Table 5), PPO vs SFT under the order-swapped judge; every proportion with its 95 % Wilson interval
-  (`eval/stats.py`), every row whose stage did not run saying so and why;
-- which subsets of the benchmarks the config scored;
-- the same seed queries answered greedily by the base, SFT and PPO models side by side (through
-  the generate stage), so a regression shows instead of hiding behind an average.
+- the results table: base vs SFT vs PPO (and, when the optional stages ran, GRPO and DPO) on the same
+  items of Static HHH and TruthfulQA MC1, the RM on held-out synthetic comparisons and on HH-RLHF next to
+  the prefer-longer baseline (ALMoST Table 3), RMSP vs plain self-play (Table 5), PPO vs SFT under the
+  order-swapped judge, every model's mean RM score on the same held-out prompts (`rm_score`); every
+  proportion with its 95 % Wilson interval (`eval/stats.py`), every mean score with its standard error
+  over prompts, every row whose stage or model did not run saying so and why;
+- which subsets of the benchmarks and which prompts the config scored;
+- the same seed queries answered greedily by every model side by side (through the generate stage), so
+  a regression shows instead of hiding behind an average.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from almost_ray.data.atomic import atomic_open, write_json
 from almost_ray.data.records import Response, write_jsonl
 from almost_ray.data.sources import load_queries, read_rows
 from almost_ray.eval import stage as eval_stage
-from almost_ray.eval.stage import models
+from almost_ray.eval.stage import MODEL_NAMES, missing_model, models
 from almost_ray.eval.stats import proportion
 from almost_ray.generate import stage as generate
-from almost_ray.pipeline.stages import STAGES
+from almost_ray.pipeline.stages import EVERY_STAGE
 from almost_ray.prompts.templates import packaged_text
 from almost_ray.runs import paths
 from almost_ray.runs.manifest import MANIFEST, read_manifest, reset_if_changed, summary, summary_line
 from almost_ray.runs.stage import Outcome, Stage
 
-MODELS = ("base", "sft", "ppo")
+MODELS = MODEL_NAMES  # base, sft, ppo, ppo_grpo (PPO with GRPO's advantages), dpo
 BENCHMARKS = {"hhh": "Static HHH accuracy", "truthfulqa": "TruthfulQA MC1 accuracy"}
 
 
@@ -56,7 +58,7 @@ def _read_json(path: Path) -> dict | None:
 # --- the side-by-side answers ---------------------------------------------------------------------------
 
 def answers(cfg: Config, out_dir: Path) -> dict[str, dict[str, str]]:
-    """model name -> query id -> greedy answer, for every model the pipeline has (base, SFT, PPO).
+    """model name -> query id -> greedy answer, for every model the pipeline has (base, SFT, PPO, GRPO, DPO).
 
     A finetuned model is prompted in the format it was trained on (`train_sft.prompt_format`), the base
     model in `generate.prompt_format`.
@@ -100,6 +102,8 @@ def benchmark_rows(cfg: Config) -> list[dict]:
                 continue
             why = summary["not_run"].get(name) or summary["not_run"].get(suite)
             rep = _read_json(eval_dir / name / "report.json")
+            if not why and name not in summary["runs"]:  # an eval from before this model's stage ran
+                why = missing_model(name) if models(cfg)[name] is None else "the eval stage ran before this model existed"
             if why or rep is None or suite not in rep["suites"]:
                 rows.append(row(title, name, note=f"did not run: {why or 'not in eval.suites'}"))
                 continue
@@ -166,14 +170,37 @@ def judge_rows(cfg: Config) -> list[dict]:
             for k in ("win", "tie", "loss")]
 
 
+RM_SCORE = "RM mean score on held-out prompts (± SE over prompts)"
+
+
+def rm_score_rows(cfg: Config) -> list[dict]:
+    """Every model's mean RM score on the same prompts, and its paired difference to the SFT model."""
+    rep = _read_json(paths.rm_score_file(cfg))
+    if rep is None:
+        return [row(RM_SCORE, "—", note="did not run: the optional rm_score stage has not run (--with rm_score)")]
+    rows = []
+    for name in MODELS:
+        r = rep["results"].get(name)
+        if r is None or r["mean"] is None:
+            rows.append(row(RM_SCORE, name, note=f"did not run: {rep['not_run'].get(name, 'no answers')}"))
+            continue
+        se = f" ± {r['se']:.3f}" if r["se"] is not None else ""
+        note = f"{r['n']} answers"
+        if (d := r.get("vs_sft")) and d["mean"] is not None:
+            d_se = f" ± {d['se']:.3f}" if d["se"] is not None else ""
+            note += f"; vs SFT {d['mean']:+.3f}{d_se}, higher on {d['higher']:.0%} of prompts"
+        rows.append({**row(RM_SCORE, name, text=f"{r['mean']:.3f}{se}", note=note), "n": r["prompts"]})
+    return rows
+
+
 def results(cfg: Config) -> list[dict]:
-    return [*benchmark_rows(cfg), *rm_rows(cfg), *rmsp_rows(cfg), *judge_rows(cfg)]
+    return [*benchmark_rows(cfg), *rm_rows(cfg), *rmsp_rows(cfg), *judge_rows(cfg), *rm_score_rows(cfg)]
 
 
 def stage_rows(cfg: Config) -> list[dict]:
-    """Every stage before the report: done or not, headline numbers, wall time."""
+    """Every stage before the report (the optional ones too): done or not, headline numbers, wall time."""
     out = []
-    for st in STAGES:
+    for st in EVERY_STAGE:
         m = read_manifest(st.stage_dir(cfg))
         if m is None:
             out.append({"stage": st.name, "status": "did not run", "summary": "", "wall_time_s": None})
@@ -192,7 +219,22 @@ def subsets(cfg: Config) -> dict[str, str]:
                                                      if cfg.eval_rm.limit else "every pair"))
     queries = f"the first {cfg.rmsp.num_queries} queries" if cfg.rmsp.num_queries else "every query"
     out["rmsp_vs_self_play"] = f"{queries}, {cfg.rmsp.max_turns} assistant turns, best of {cfg.rmsp.best_of}"
+    out["rm_score"] = rm_score_prompts_text(cfg)
     return out
+
+
+def rm_score_prompts_text(cfg: Config) -> str:
+    """Which prompts rm_score asked, in words: their source, how many, and which training stage saw them."""
+    s = cfg.rm_score
+    source = (f"the queries of train_rm's held-out comparisons ({paths.rm_heldout_file(cfg)}), which the RM "
+              "never trained on") if s.prompts is None else f"{s.prompts}"
+    text = (f"{source}{f', the first {s.limit}' if s.limit else ''}; {s.samples_per_prompt} answers per prompt "
+            f"and model at temperature {s.sampling.temperature:g}, at most {s.sampling.max_new_tokens} new tokens")
+    rep = _read_json(paths.rm_score_file(cfg))
+    if rep is not None:
+        seen = ", ".join(f"{k}: {v}" for k, v in rep["prompts"]["seen_in_training"].items()) or "none checked"
+        text += f"; {len(rep['prompts']['ids'])} prompts, of which also in training inputs: {seen}"
+    return text
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
@@ -220,7 +262,8 @@ def results_markdown(rows: list[dict]) -> list[str]:
 
 def markdown(report: dict) -> str:
     lines = [f"# Pipeline report: run `{report['run_name']}`", "",
-             "Every proportion has its 95 % Wilson score interval. RM accuracies count a tie as half a pair.", "",
+             "Every proportion has its 95 % Wilson score interval. RM accuracies count a tie as half a pair. "
+             "Mean RM scores carry one standard error over prompts (n: prompts).", "",
              "## Results", "", *results_markdown(report["results"]), "", "## Subsets scored (from the config)", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["subsets"].items()]
     lines += ["", "## Stages", "", "| stage | status | wall time s | peak MiB (driver / actors) | counts and key metrics |",
@@ -253,17 +296,18 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     bench = [r for r in report["results"] if r["result"] in BENCHMARKS.values()]
+    width = 0.8 / len(MODELS)
     for k, name in enumerate(MODELS):
         rs = [r for r in bench if r["what"] == name]
-        xs = [i + (k - 1) * 0.27 for i in range(len(rs))]
+        xs = [i + (k - (len(MODELS) - 1) / 2) * width for i in range(len(rs))]
         vals = [r["value"] or 0 for r in rs]
         errs = [[(r["value"] - r["ci_low"]) if r["value"] is not None else 0 for r in rs],
                 [(r["ci_high"] - r["value"]) if r["value"] is not None else 0 for r in rs]]
-        ax1.bar(xs, vals, 0.27, yerr=errs, capsize=3, label=name)
+        ax1.bar(xs, vals, width, yerr=errs, capsize=3, label=name)
     ax1.set_xticks(range(len(BENCHMARKS)), list(BENCHMARKS.values()))
     ax1.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax1.set_ylim(0, 1)
-    ax1.set_title("base vs SFT vs PPO (missing bar: did not run)")
+    ax1.set_title("base, SFT, PPO, GRPO, DPO (missing bar: did not run)")
     ax1.legend(fontsize=8)
     rm = [r for r in report["results"] if r["result"].startswith("RM accuracy") and r["value"] is not None]
     labels = [f"{r['result'].removeprefix('RM accuracy, ')}\n{r['what']}" for r in rm]
@@ -291,7 +335,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
 
 
 def _inputs(cfg: Config) -> dict[str, Path]:
-    found = {f"{s.name}_manifest": s.stage_dir(cfg) / MANIFEST for s in STAGES}
+    found = {f"{s.name}_manifest": s.stage_dir(cfg) / MANIFEST for s in EVERY_STAGE}
     found["rmsp_compare"] = paths.rmsp_vs_self_play_dir(cfg) / "report.json"
     return {k: p for k, p in found.items() if p.is_file()}
 
@@ -309,7 +353,7 @@ def write_report(cfg: Config, out_dir: Path, answered: dict[str, dict[str, str]]
 
 
 def work(cfg: Config) -> Outcome:
-    """Collect, plot and write `report.md`/`report.json`; the base, SFT and PPO models answer side by side."""
+    """Collect, plot and write `report.md`/`report.json`; every model the run has answers side by side."""
     out_dir = paths.report_dir(cfg)
     report = write_report(cfg, out_dir, answers(cfg, out_dir))
     return Outcome(counts={"stages_done": sum(s["status"] == "done" for s in report["stages"]),
@@ -319,7 +363,7 @@ def work(cfg: Config) -> Outcome:
 
 
 STAGE = Stage(
-    "report", "report.md, report.json and plots; the same queries answered by base, SFT and PPO",
+    "report", "report.md, report.json and plots; the same queries answered by every model",
     section=lambda c: c.report, inputs=_inputs,
     outputs=lambda c: {"markdown": paths.report_dir(c) / "report.md", "json": paths.report_dir(c) / "report.json"},
     work=work, check=lambda c: seed_queries(c), headline=("counts.*",),
@@ -346,7 +390,7 @@ def terminal_summary(out_dir: Path) -> str:
         for m in MODELS:
             if m in report["answers"]:
                 answer = " ".join(report["answers"][m].get(qid, "").split()) or "(empty)"
-                lines.append(textwrap.shorten(f"    {m:>4}: {answer}", width=width, placeholder=" …"))
+                lines.append(textwrap.shorten(f"    {m:>8}: {answer}", width=width, placeholder=" …"))
     lines.append(f"\nreport: {Path(out_dir) / 'report.md'}")
     lines += [f"plot:   {p}" for p in report["plots"]]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from almost_ray.rl.openrlhf_config import OpenRLHFConfig
 Role = Literal["policy", "critic", "reference", "reward"]
 ROLES: tuple[Role, ...] = ("policy", "critic", "reference", "reward")
 AdvantageEstimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+CriticFreeEstimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # the baseline is the other responses to the same prompt
 GROUP_SIZE_DEFAULT = 4  # n_samples_per_prompt of a group estimator when the config leaves it unset
 
@@ -293,3 +294,33 @@ def shared_gpu_ranks(cfg: PPOConfig) -> list[str]:
             "weight-sync NCCL group (policy rank 0 and the engine) on one GPU, and colocation by CUDA IPC or vLLM "
             "sleep/wake is not implemented")
     return problems
+
+
+class PPOGRPOConfig(StageSection):
+    """The optional `ppo_grpo` stage (`almost-ray pipeline --with ppo_grpo`): PPO once more from the same SFT
+    policy, RM and prompts, with a critic-free estimator, into its own folder (`runs/<run>/ppo_grpo/`) so
+    the report can set it beside the paper's PPO. Every field left null takes the `ppo` section's value;
+    everything else (policy, RM, prompts, lengths, learning rate, placement, ...) IS the `ppo` section.
+    """
+
+    advantage_estimator: CriticFreeEstimator = Field(
+        default="grpo", description="the critic-free estimator (rl/losses.py); the folder keeps its name")
+    n_samples_per_prompt: int | None = Field(
+        default=None, ge=2, description=f"responses per prompt (a group); null: {GROUP_SIZE_DEFAULT}, or ppo's when "
+        "it sets one")
+    use_kl_loss: bool | None = Field(default=None, description="the KL as a loss term (GRPO's way); null: ppo's")
+    kl_estimator: Literal["k1", "k3"] | None = Field(default=None, description="null: ppo's")
+    kl_coef: float | None = Field(default=None, ge=0, description="null: ppo's")
+    total_episodes: int | None = Field(default=None, ge=1, description="null: ppo's")
+    rollout_batch_size: int | None = Field(default=None, ge=1, description="responses per iteration; null: ppo's")
+    minibatch_size: int | None = Field(default=None, ge=1, description="null: ppo's")
+    micro_batch_size: int | None = Field(default=None, ge=1, description="null: ppo's")
+
+    def applied_to(self, ppo: PPOConfig) -> PPOConfig:
+        """The `ppo` section with this section's fields set: what the ppo_grpo stage runs (and its manifest
+        hashes). A combination PPOConfig refuses raises `ValueError` naming the field."""
+        changes = {k: v for k, v in self.model_dump(exclude={"output_dir"}).items() if v is not None}
+        if ppo.n_samples_per_prompt >= 2 and "n_samples_per_prompt" not in changes:
+            changes["n_samples_per_prompt"] = ppo.n_samples_per_prompt
+        base = ppo.model_dump(exclude={"n_samples_per_prompt", "output_dir"})
+        return PPOConfig.model_validate({**base, **changes, "output_dir": self.output_dir})

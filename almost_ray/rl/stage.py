@@ -58,7 +58,8 @@ def summarize(path: Path) -> dict:
 
 
 def check(cfg: Config) -> None:
-    """The policy (a causal LM), the RM (one score), the prompts, before Ray starts or a model loads."""
+    """The policy (a causal LM), the RM (one score), the prompts, before Ray starts or a model loads. The
+    `ppo_grpo` stage reads the same ones (`runs/paths.py`: the `ppo` section names them)."""
     check_model_ref(paths.ppo_policy(cfg), "ppo.policy", made_by=None if cfg.ppo.policy else "train-sft")
     check_model_ref(paths.ppo_reward_model(cfg), "ppo.reward_model", "reward_model",
                     made_by=None if cfg.ppo.reward_model else "train-rm")
@@ -68,11 +69,12 @@ def check(cfg: Config) -> None:
         raise ConfigError("ppo." + "\nppo.".join(problems))
 
 
-def work(cfg: Config, *, scorer: Callable | None = None, fault_at_iteration: int | None = None) -> Outcome:
-    """PPO from the SFT policy against the RM into `<stage>/model`, resuming from the latest checkpoint.
+def train_policy(cfg: Config, p: PPOConfig, stage_dir: Path, plot_title: str, *, scorer: Callable | None = None,
+                 fault_at_iteration: int | None = None) -> Outcome:
+    """PPO with the settings `p` from the SFT policy against the RM into `<stage_dir>/model`, resuming from
+    the latest checkpoint there; `plot_title` heads the curves' plot. The work of `ppo` and of `ppo_grpo`.
 
     `scorer` and `fault_at_iteration` are for tests (see `trainer.train`)."""
-    p, stage_dir = cfg.ppo, paths.stage_dir(cfg, "ppo")
     policy_dir = resolve_model_dir(paths.ppo_policy(cfg))
     rm_dir = resolve_model_dir(paths.ppo_reward_model(cfg))
     source = paths.ppo_prompts(cfg)
@@ -90,11 +92,21 @@ def work(cfg: Config, *, scorer: Callable | None = None, fault_at_iteration: int
     stage_dir.mkdir(parents=True, exist_ok=True)
     train(p, encoded, stage_dir, str(policy_dir), str(critic_dir), str(rm_dir), tokenizer, cfg.run_dir.name,
           scorer=scorer, fault_at_iteration=fault_at_iteration)
-    plot_metrics(stage_dir / METRICS, stage_dir / "ppo.png", ["reward_mean", "kl"], title="PPO (RLSF)",
+    plot_metrics(stage_dir / METRICS, stage_dir / "ppo.png", ["reward_mean", "kl"], title=plot_title,
                  x="iteration", xlabel="PPO iteration")
     counts = {"prompts": len(texts), "prompts_dropped_too_long": dropped, "iterations": p.iterations,
               "episodes": p.iterations * p.rollout_batch_size}
     return Outcome(counts=counts, metrics={**summarize(stage_dir / METRICS), "role_restarts": restarts(stage_dir)})
+
+
+def title(p: PPOConfig) -> str:
+    return "PPO (RLSF)" if p.advantage_estimator == "gae" else f"PPO (RLSF), {p.advantage_estimator} advantages"
+
+
+def work(cfg: Config, *, scorer: Callable | None = None, fault_at_iteration: int | None = None) -> Outcome:
+    """PPO as `cfg.ppo` says into `<run dir>/ppo/model`; `scorer` and `fault_at_iteration` are for tests."""
+    return train_policy(cfg, cfg.ppo, paths.stage_dir(cfg, "ppo"), title(cfg.ppo),
+                        scorer=scorer, fault_at_iteration=fault_at_iteration)
 
 
 def _inputs(cfg: Config) -> dict[str, Path | str]:

@@ -16,8 +16,8 @@ from almost_ray.train.config import SFTMode
 
 # stage -> its folder under the run directory (train_sft's is its mode: sft, response_tuning, single_task)
 STAGE_FOLDERS = {"queries": "queries", "compare": "compare", "train_rm": "rm", "eval_rm": "eval_rm",
-                 "rmsp": "rmsp", "train_dpo": "dpo", "ppo": "ppo", "eval": "eval", "report": "report",
-                 "generate": "generate"}
+                 "rmsp": "rmsp", "train_dpo": "dpo", "ppo": "ppo", "ppo_grpo": "ppo_grpo", "eval": "eval",
+                 "rm_score": "rm_score", "report": "report", "generate": "generate"}
 MODEL = "model"  # a training stage's HF directory, inside its folder
 RM_HELDOUT = "heldout_comparisons.jsonl"  # train_rm's held-out split, scored by eval_rm
 RMSP_PLAIN = "rmsp-plain"  # the plain self-play arm of the comparison below
@@ -94,6 +94,11 @@ def ppo_model(cfg: Config) -> Path:
     return stage_dir(cfg, "ppo") / MODEL
 
 
+def ppo_grpo_model(cfg: Config) -> Path:
+    """The policy of the optional ppo_grpo stage (PPO with a critic-free estimator, beside the paper's PPO)."""
+    return stage_dir(cfg, "ppo_grpo") / MODEL
+
+
 def aligned_model_in(run_dir: Path) -> Path | None:
     """The most aligned model a run folder holds when only the folder is known (a Serve deploy file's
     `run_dir`): PPO's policy, else an SFT model of any mode, in the stages' default folders."""
@@ -116,6 +121,11 @@ def eval_summary_file(cfg: Config) -> Path:
 def openrlhf_dir(cfg: Config) -> Path:
     """PPO run by OpenRLHF (`--engine openrlhf`): prompts, checkpoints, the policy, TensorBoard logs, job.json."""
     return cfg.run_dir / "ppo_openrlhf"
+
+
+def rm_score_file(cfg: Config) -> Path:
+    """The rm_score stage's report: every model's mean RM score on the same held-out prompts."""
+    return stage_dir(cfg, "rm_score") / "rm_score.json"
 
 
 def report_dir(cfg: Config) -> Path:
@@ -142,6 +152,16 @@ def eval_rm_model(cfg: Config) -> str:
 
 def rmsp_queries(cfg: Config) -> Path | str:
     return cfg.rmsp.queries or queries_file(cfg)
+
+
+def rm_score_prompts(cfg: Config) -> Path | str | None:
+    """The prompts rm_score asks every model: `rm_score.prompts`, else the queries of train_rm's held-out
+    comparisons (None: train_rm holds nothing out)."""
+    return cfg.rm_score.prompts or rm_heldout_file(cfg)
+
+
+def rm_score_reward_model(cfg: Config) -> str:
+    return cfg.rm_score.reward_model or str(rm_model(cfg))
 
 
 def rmsp_reward_model(cfg: Config) -> str | None:

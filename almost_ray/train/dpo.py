@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,9 @@ def _reference_key(reference_dir: Path, examples: list[dict], cfg: TrainDPOConfi
 
 def attach_reference_logps(examples: list[dict], reference_dir: Path, cfg: TrainDPOConfig, stage_dir: Path) -> None:
     """Store `ref_chosen` and `ref_rejected` in every example: read from `stage_dir/reference_logps.safetensors`
-    when it was written for these examples and this reference, else computed (in a Ray task with a training
-    worker's resources when `num_workers > 0`, in this process otherwise) and written atomically.
+    when it was written for these examples and this reference, else computed (in a Ray task when
+    `num_workers > 0`: on one worker's GPU, or on the CPUs of the whole worker group, idle until training
+    starts; in this process otherwise) and written atomically.
 
     A resumed run thus trains on exactly the numbers the interrupted one did (a recomputation on a GPU may
     differ in the last bits, and the Ray Train run is named after the examples)."""
@@ -213,12 +215,14 @@ def _compute_reference_logps(reference_dir: Path, examples: list[dict], cfg: Tra
     import ray
 
     gpus = cfg.gpus_per_worker if cfg.use_gpu else 0
+    # the pass runs before the worker group starts, so on CPU it may take all the CPUs the group will hold
+    cpus = cfg.cpus_per_worker if gpus > 0 else cfg.cpus_per_worker * cfg.num_workers
 
     def in_worker(reference_dir, examples, cfg):
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(cpus)))
         return reference_logps(reference_dir, examples, cfg, "cuda" if gpus > 0 else "cpu")
 
-    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=gpus, max_retries=0)(in_worker)
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(in_worker)
     return ray.get(task.remote(reference_dir, examples, cfg))
 
 
@@ -243,17 +247,20 @@ def work(cfg: Config) -> Outcome:
     examples = encode_pairs(pairs, load_tokenizer(model_dir), t)
     if not examples:
         raise RecordError(f"{source}: no pair keeps a reply token within train_dpo.max_length={t.max_length}")
+    started = time.perf_counter()
     if t.loss_type == "simpo":  # reference-free
         for ex in examples:
             ex["ref_chosen"] = ex["ref_rejected"] = 0.0
     else:
         reference_dir = resolve_model_dir(t.reference) if t.reference else model_dir
         attach_reference_logps(examples, reference_dir, t, stage_dir)
+    reference_s = time.perf_counter() - started  # read from disk when stored: near 0 on a resumed run
     options = {"loss_type": t.loss_type, "beta": t.beta, "simpo_gamma": t.simpo_gamma}
     metrics = loop.train_and_plot("dpo", t, examples, model_dir, stage_dir,
                                   ["loss", "rewards/accuracies", "rewards/margins"], f"DPO ({t.loss_type})",
                                   loss_options=options)
-    return Outcome(counts={"pairs": len(pairs), "trained": len(examples)}, metrics=metrics)
+    return Outcome(counts={"pairs": len(pairs), "trained": len(examples)},
+                   metrics={**metrics, "reference_logps_s": round(reference_s, 3)})
 
 
 def _inputs(cfg: Config) -> dict[str, Path | str]:
