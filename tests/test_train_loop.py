@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -28,12 +29,15 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class DiesAfterStep:
-    """The RM task, whose last rank dies without warning once `step` has been reported (first attempt only):
-    a worker process lost mid-epoch, for Ray Train's `FailureConfig` to restart the group from a checkpoint.
+    """The RM task, whose last rank dies without warning once `step` has been reported, once: a worker
+    process lost mid-epoch, for Ray Train's `FailureConfig` to restart the group from a checkpoint.
 
-    It counts its micro-batches (`per_step` of them per step on every rank). Ray Train's controller collects
-    reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker dying sooner would take its last reports,
-    checkpoints included, with it, so it dies 5 s after the step, as a real fault long after it would."""
+    It counts its micro-batches (`per_step` of them per step on every rank). Whether it has died already is
+    the file `marker` (the restarted worker is a new process; `ray.train.get_checkpoint()` cannot tell,
+    as Ray Train hands a running attempt its latest reported checkpoint too), and the test asserts the
+    marker, so a run in which no worker died cannot pass for one that recovered. Ray Train's controller
+    collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker dying sooner would take its last
+    reports, checkpoints included, with it, so it dies 5 s after the step, as a real fault long after it would."""
 
     name = "rm"
     load_config, load_model = staticmethod(reward.load_config), staticmethod(reward.load_model)
@@ -41,16 +45,17 @@ class DiesAfterStep:
     length, units, step_metrics = staticmethod(reward.length), staticmethod(reward.units), \
         staticmethod(reward.step_metrics)
 
-    def __init__(self, step: int, per_step: int):
-        self.step, self.per_step, self.calls = step, per_step, 0
+    def __init__(self, step: int, per_step: int, marker: Path):
+        self.step, self.per_step, self.calls, self.marker = step, per_step, 0, str(marker)
 
     def micro_loss(self, model, rows, device, padding_free=False, **options):
         import ray.train
 
         self.calls += 1
         ctx = ray.train.get_context()
-        if (self.calls == self.step * self.per_step + 1 and ray.train.get_checkpoint() is None
+        if (self.calls == self.step * self.per_step + 1 and not os.path.exists(self.marker)
                 and ctx.get_world_rank() == ctx.get_world_size() - 1):
+            Path(self.marker).write_text(f"rank {ctx.get_world_rank()} died after step {self.step}\n")
             time.sleep(5)
             os._exit(1)
         return reward.micro_loss(model, rows, device, padding_free, **options)
@@ -143,8 +148,10 @@ def test_two_worker_fsdp_run_with_a_dead_worker_equals_one_process(tmp_path, ray
     ref_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=0, micro_batch_size=8), examples, model_dir,
                        tmp_path / "one")
     started = time.time()
-    run_dir = loop.fit(DiesAfterStep(5, per_step=2), TrainRMConfig(**base, num_workers=2, micro_batch_size=2,
-                                                                    max_failures=1), examples, model_dir, tmp_path / "two")
+    died = tmp_path / "died"
+    run_dir = loop.fit(DiesAfterStep(5, per_step=2, marker=died), TrainRMConfig(**base, num_workers=2, micro_batch_size=2,
+                                                                                  max_failures=1), examples, model_dir, tmp_path / "two")
+    assert died.read_text() == "rank 1 died after step 5\n"
     # both workers of the group that finished reported their peak memory for the manifest (memory.py)
     workers = [r for r in actor_reports(started) if r["role"] == "train_rm.worker"]
     assert len(workers) == 2 and all(r["rss_mib"] > 50 for r in workers)
@@ -175,8 +182,10 @@ def test_one_ray_worker_trains_unsharded_and_resumes_like_one_process(tmp_path, 
     base = dict(model="tiny:llama", epochs=1, global_batch_size=4, micro_batch_size=2, lr=1e-3, warmup_ratio=0.0,
                 max_length=48, checkpoint_every=2)
     ref_dir = loop.fit("rm", TrainRMConfig(**base, num_workers=0), examples, model_dir, tmp_path / "driver")
-    run_dir = loop.fit(DiesAfterStep(3, per_step=2), TrainRMConfig(**base, num_workers=1, cpus_per_worker=2,
-                                                                    max_failures=1), examples, model_dir, tmp_path / "worker")
+    died = tmp_path / "died"
+    run_dir = loop.fit(DiesAfterStep(3, per_step=2, marker=died), TrainRMConfig(**base, num_workers=1, cpus_per_worker=2,
+                                                                                  max_failures=1), examples, model_dir, tmp_path / "worker")
+    assert died.read_text() == "rank 0 died after step 3\n"
     ref = read_metrics(tmp_path / "driver" / "metrics.jsonl")
     run = read_metrics(tmp_path / "worker" / "metrics.jsonl")
     assert [r["step"] for r in run] == [1, 2, 3, 4]

@@ -48,7 +48,8 @@ def test_a_restarted_run_resumes_from_its_latest_checkpoint(tmp_path, ray_local)
     ref = loop.fit("rm", TrainRMConfig(**base, num_workers=0), examples, model_dir, tmp_path / "ref")
     cfg = TrainRMConfig(**base, num_workers=2, max_failures=0)
     with pytest.raises(TrainingFailedError):
-        loop.fit(DiesAfterStep(3, per_step=1), cfg, examples, model_dir, tmp_path / "run")
+        loop.fit(DiesAfterStep(3, per_step=1, marker=tmp_path / "died"), cfg, examples, model_dir, tmp_path / "run")
+    assert (tmp_path / "died").is_file()
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
     out = loop.fit("rm", cfg, examples, model_dir, tmp_path / "run")  # a new process would do the same
     _assert_same_run(ref, out, tmp_path / "ref" / "metrics.jsonl", tmp_path / "run" / "metrics.jsonl",
