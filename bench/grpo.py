@@ -41,7 +41,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from ppo import PROMPTS, reward_model_dir
+from ppo import PROMPTS, phase_timer, reward_model_dir
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config
@@ -90,18 +90,7 @@ def trl_grpo(args, policy: Path, rm: Path, gc: bool) -> dict:
                               processing_class=tokenizer, reward_processing_classes=reward_tokenizer)
         trainer.remove_callback(PrinterCallback)  # logging_steps=1 keeps every step's reward; no need to print it
         phases = defaultdict(float)
-
-        def timed(name, fn, only_no_grad=False):
-            def wrapper(*a, **kw):
-                if only_no_grad and torch.is_grad_enabled():
-                    return fn(*a, **kw)
-                t = time.perf_counter()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    phases[name] += time.perf_counter() - t
-            return wrapper
-
+        timed = phase_timer(phases)
         trainer._generate = timed("rollout_s", trainer._generate)
         trainer._calculate_rewards = timed("scoring_s", trainer._calculate_rewards)
         trainer._get_per_token_logps_and_entropies = timed("scoring_s", trainer._get_per_token_logps_and_entropies,

@@ -105,6 +105,26 @@ def settings(args, policy: Path, rm: Path) -> dict:
 # -- TRL side (runs in a subprocess with trl 1.12 first on sys.path) --------------------------------------
 
 
+def phase_timer(phases: dict[str, float]):
+    """`timed(name, fn)`: `fn`, adding its wall seconds to `phases[name]`; with `only_no_grad`, only its calls
+    under `torch.no_grad` (the scoring passes; the same function in the training step is not scoring).
+    How the TRL rows here and in bench/grpo.py split a trainer's time into rollout and scoring."""
+    import torch
+
+    def timed(name: str, fn, only_no_grad: bool = False):
+        def wrapper(*a, **kw):
+            if only_no_grad and torch.is_grad_enabled():
+                return fn(*a, **kw)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                phases[name] += time.perf_counter() - t
+        return wrapper
+
+    return timed
+
+
 def trl_worker(spec_file: str, out_file: str) -> None:
     import warnings
 
@@ -127,18 +147,7 @@ def trl_worker(spec_file: str, out_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(spec["threads"])
     phase = defaultdict(float)
-
-    def timed(name, fn, only_no_grad=False):
-        def wrapper(*a, **kw):
-            if only_no_grad and torch.is_grad_enabled():
-                return fn(*a, **kw)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                phase[name] += time.perf_counter() - t
-        return wrapper
-
+    timed = phase_timer(phase)
     ppo_module.batch_generation = timed("rollout_s", ppo_module.batch_generation)
     ppo_module.get_reward = timed("scoring_s", ppo_module.get_reward)
     ppo_module.forward = timed("scoring_s", ppo_module.forward, only_no_grad=True)
