@@ -11,7 +11,6 @@ sends turns into a 500. The HTTP proxy binds 127.0.0.1 unless told otherwise (do
 FastAPI reads the endpoints' annotations at run time, so this module does not use postponed annotations.
 """
 
-import asyncio
 import json
 import logging
 import signal
@@ -33,12 +32,9 @@ from almost_ray.serve.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    RewardRequest,
     check_chat,
     check_completion,
-    check_reward,
     error_body,
-    parse_json_body,
     validate_model,
     validation_error,
 )
@@ -49,7 +45,7 @@ from almost_ray.serve.responses import (
     completion_events,
     completion_id,
 )
-from almost_ray.serve.reward import RewardScorer, resolve_reward_model
+from almost_ray.serve.routes import check_model, health_response, read_json, reward_deployment, reward_scores
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="almost_ray", description="OpenAI-compatible chat completions, completions and reward scoring")
@@ -81,63 +77,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:  # a bug or a dead replica, not the client
     logger.exception("request failed")
     return JSONResponse(error_body("internal error", None, None, "server_error"), status_code=500)
-
-
-async def read_json(request: Request, limits: RequestLimits) -> dict[str, Any]:
-    """The body, refused early when Content-Length says it is too large and cut off when it grows past it."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise APIError("invalid Content-Length header", code="invalid_header")
-        if int(declared) > limits.max_body_bytes:
-            raise APIError(f"request body is {declared} bytes, the limit is {limits.max_body_bytes}",
-                           status=413, code="request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limits.max_body_bytes:
-            raise APIError(f"request body exceeds {limits.max_body_bytes} bytes", status=413, code="request_too_large")
-    return parse_json_body(bytes(body), limits)
-
-
-def check_model(name: str | None, served: str | None) -> None:
-    if name is not None and name != served:
-        raise APIError(f"model {name!r} is not served here (serving {served!r})", "model", 404, "model_not_found")
-
-
-async def reward_scores(request: Request, reward: DeploymentHandle | None, limits: RequestLimits,
-                        reward_id: str | None) -> dict:
-    """`POST /v1/reward`, the same on the CPU and the GPU ingress."""
-    req = validate_model(RewardRequest, await read_json(request, limits))
-    if reward is None:
-        raise APIError("no reward model is configured (serve.reward)", None, 503, "reward_model_unavailable",
-                       type="service_unavailable")
-    check_model(req.model, reward_id)
-    conversations = check_reward(req, limits)
-    scores = await asyncio.gather(*(reward.score.remote(c) for c in conversations))
-    return {"object": "list", "model": reward_id,
-            "data": [{"object": "reward", "index": i, "score": s} for i, s in enumerate(scores)]}
-
-
-def deployment_health(deployments: dict[str, tuple[str, int]]) -> tuple[bool, dict[str, dict]]:
-    """Serve's view of each deployment (`name -> (status, running replicas)`): the application is healthy
-    when every deployment has a running replica and none is marked unhealthy."""
-    report = {name: {"status": status, "running_replicas": running} for name, (status, running) in deployments.items()}
-    healthy = bool(deployments) and all(running > 0 and status != "UNHEALTHY" for status, running in deployments.values())
-    return healthy, report
-
-
-async def health_response(extra: dict[str, Any]) -> JSONResponse:
-    """`GET /health`: 200 when every deployment of this application has a running replica, else 503."""
-    app_name = serve.get_replica_context().app_name
-    status = await asyncio.to_thread(serve.status)
-    app = status.applications.get(app_name)
-    deployments = {} if app is None else {
-        name: (str(d.status.value), int(d.replica_states.get("RUNNING", 0))) for name, d in app.deployments.items()
-    }
-    healthy, report = deployment_health(deployments)
-    body = {"status": "ok" if healthy else "unavailable", **extra, "deployments": report}
-    return JSONResponse(body, status_code=200 if healthy else 503)
 
 
 @serve.deployment
@@ -212,15 +151,6 @@ def parse_args(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
     except ValidationError as err:
         lines = [f"serve args: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
         raise ConfigError("\n".join(lines)) from None
-
-
-def reward_deployment(cfg: ServeConfig):
-    """The bound reward deployment and the id it is served under, or (None, None) without an RM."""
-    ref = resolve_reward_model(cfg)
-    if ref is None:
-        return None, None
-    scorer = RewardScorer.options(**cfg.reward.deployment.serve_options()).bind(cfg.reward.model_dump(mode="json"), ref)
-    return scorer, model_id_of(ref)
 
 
 def build_app(args: dict[str, Any] | ServeConfig | None = None):

@@ -27,11 +27,11 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import JSONResponse, Response
 
-from almost_ray.serve.app import health_response, reward_deployment, reward_scores
 from almost_ray.serve.chat import resolve_chat_model
 from almost_ray.serve.config import RequestLimits, ServeConfig
 from almost_ray.serve.llm import llm_config, rules_xargs
 from almost_ray.serve.protocol import APIError
+from almost_ray.serve.routes import health_response, reward_deployment, reward_scores
 
 
 class LLMIngress(OpenAiIngress):
