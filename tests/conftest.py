@@ -90,7 +90,7 @@ def run_config(tmp_path: Path, **sections):
 
 def run_ppo(section, run_dir: Path, prompts: Path | None = None, **hooks) -> Path:
     """The ppo stage with `section` in the run folder `run_dir` (prompts from `prompts` when given); `hooks`
-    (`scorer`, `fault_at_iteration`) go to its work, as `rl.stage.work` takes them. Returns `<run_dir>/ppo`."""
+    (`scorer`, `after_iteration`) go to its work, as `rl.stage.work` takes them. Returns `<run_dir>/ppo`."""
     from dataclasses import replace
     from functools import partial
 

@@ -14,8 +14,12 @@ import pytest
 import yaml
 from conftest import tiny_pipeline_config
 from test_faults import _wait_for
-from test_job_submit import RUNTIME_ENV, TERMINAL, wait_for
-from test_job_submit import head as private_head  # noqa: F401 (the `head` fixture: a Ray head with token auth)
+from test_job_submit import (
+    RUNTIME_ENV,
+    TERMINAL,
+    head_fixture,  # noqa: F401 (the `head` fixture, by its name=: a Ray head with token auth)
+    wait_for,
+)
 
 from almost_ray.runs.manifest import read_manifest
 

@@ -174,7 +174,7 @@ def test_a_killed_ppo_driver_resumes_after_its_last_checkpoint(ray_local, tmp_pa
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{ITERATIONS} iterations of 4 episodes, resuming after iteration {checkpoint}" in again.stdout
+    assert f"{ITERATIONS} iterations of 4 episodes, advantages: gae, resuming after iteration {checkpoint}" in again.stdout
     computed = [int(n) for n in re.findall(rf"\[ppo\] iteration (\d+)/{ITERATIONS} ", again.stdout)]
     assert computed == list(range(checkpoint + 1, ITERATIONS + 1))  # none before the checkpoint again
     assert "role actor died" not in again.stdout

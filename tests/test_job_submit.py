@@ -91,8 +91,8 @@ class Head:
     metrics_port: int
 
 
-@pytest.fixture(scope="module")
-def head():
+@pytest.fixture(scope="module", name="head")
+def head_fixture():
     """A private Ray head of 2 CPUs (its own temp dir, ports and token), started with Ray's default
     authentication mode; always stopped."""
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Unix socket paths are limited to ~107 bytes

@@ -172,6 +172,14 @@ def test_demo_config_grpo_path_runs_five_iterations_without_a_critic(local_ray, 
     assert "[ppo] iteration 5/5 reward" in printed
 
 
+def driver_killed_after(iteration: int):
+    """The PPO driver dying once `iteration` is logged and checkpointed as due: `after_iteration` raising there."""
+    def after_iteration(n: int) -> None:
+        if n == iteration:
+            raise RuntimeError(f"fault injected after iteration {n}")
+    return after_iteration
+
+
 def _small(tiny_rm, **over):
     base = dict(policy="tiny:llama", reward_model=str(tiny_rm), total_episodes=16, rollout_batch_size=4,
                 minibatch_size=2, micro_batch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-3, min_lr=1e-4,
@@ -203,7 +211,7 @@ def test_stage_cli_outputs_and_resume_after_a_kill(local_ray, tmp_path, tiny_rm,
     # killed after iteration 3 (checkpoint at 2), then started again
     cfg = PPOConfig(**_small(tiny_rm))
     with pytest.raises(RuntimeError, match="fault injected"):
-        run_ppo(cfg, tmp_path / "killed", prompts, fault_at_iteration=3)
+        run_ppo(cfg, tmp_path / "killed", prompts, after_iteration=driver_killed_after(3))
     assert not (tmp_path / "killed" / "ppo" / "manifest.json").exists()
     resumed = run_ppo(cfg, tmp_path / "killed", prompts)
     rows_a, rows_b = _metrics(whole), _metrics(resumed)
@@ -290,7 +298,7 @@ def test_every_role_sharded_runs_as_unsharded_and_resumes(local_ray, tmp_path, t
                            "rollout": {"num_cpus": 0.4}, "shard_frozen": ["reference", "reward"]})
     assert all(sharded.sharded(r) for r in ("policy", "critic", "reference", "reward"))
     with pytest.raises(RuntimeError, match="fault injected"):
-        run_ppo(sharded, tmp_path / "two", prompts, fault_at_iteration=1)
+        run_ppo(sharded, tmp_path / "two", prompts, after_iteration=driver_killed_after(1))
     resumed = run_ppo(sharded, tmp_path / "two", prompts)
     for a, b in zip(_metrics(one), _metrics(resumed), strict=True):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss", "response_length"):

@@ -70,11 +70,12 @@ def check(cfg: Config) -> None:
 
 
 def train_policy(cfg: Config, p: PPOConfig, stage_dir: Path, plot_title: str, *, scorer: Callable | None = None,
-                 fault_at_iteration: int | None = None) -> Outcome:
+                 after_iteration: Callable[[int], None] | None = None) -> Outcome:
     """PPO with the settings `p` from the SFT policy against the RM into `<stage_dir>/model`, resuming from
     the latest checkpoint there; `plot_title` heads the curves' plot. The work of `ppo` and of `ppo_grpo`.
 
-    `scorer` and `fault_at_iteration` are for tests (see `trainer.train`)."""
+    `scorer` (a reward in place of the RM) and `after_iteration` (a driver-side callback) are
+    `trainer.train`'s."""
     policy_dir = resolve_model_dir(paths.ppo_policy(cfg))
     rm_dir = resolve_model_dir(paths.ppo_reward_model(cfg))
     source = paths.ppo_prompts(cfg)
@@ -91,7 +92,7 @@ def train_policy(cfg: Config, p: PPOConfig, stage_dir: Path, plot_title: str, *,
     plan_preflight(cfg.model_copy(update={"ppo": resolved}), "ppo")
     stage_dir.mkdir(parents=True, exist_ok=True)
     train(p, encoded, stage_dir, str(policy_dir), str(critic_dir), str(rm_dir), tokenizer, cfg.run_dir.name,
-          scorer=scorer, fault_at_iteration=fault_at_iteration)
+          scorer=scorer, after_iteration=after_iteration)
     plot_metrics(stage_dir / METRICS, stage_dir / "ppo.png", ["reward_mean", "kl"], title=plot_title,
                  x="iteration", xlabel="PPO iteration")
     counts = {"prompts": len(texts), "prompts_dropped_too_long": dropped, "iterations": p.iterations,
@@ -103,10 +104,11 @@ def title(p: PPOConfig) -> str:
     return "PPO (RLSF)" if p.advantage_estimator == "gae" else f"PPO (RLSF), {p.advantage_estimator} advantages"
 
 
-def work(cfg: Config, *, scorer: Callable | None = None, fault_at_iteration: int | None = None) -> Outcome:
-    """PPO as `cfg.ppo` says into `<run dir>/ppo/model`; `scorer` and `fault_at_iteration` are for tests."""
+def work(cfg: Config, *, scorer: Callable | None = None,
+         after_iteration: Callable[[int], None] | None = None) -> Outcome:
+    """PPO as `cfg.ppo` says into `<run dir>/ppo/model` (`scorer`, `after_iteration`: `train_policy`'s)."""
     return train_policy(cfg, cfg.ppo, paths.stage_dir(cfg, "ppo"), title(cfg.ppo),
-                        scorer=scorer, fault_at_iteration=fault_at_iteration)
+                        scorer=scorer, after_iteration=after_iteration)
 
 
 def _inputs(cfg: Config) -> dict[str, Path | str]:

@@ -274,20 +274,22 @@ def train(
     tokenizer,
     run_name: str,
     scorer: Callable | None = None,
-    fault_at_iteration: int | None = None,
+    after_iteration: Callable[[int], None] | None = None,
 ) -> Path:
     """Run (or resume) all iterations; returns the final policy's HF directory `stage_dir/model`.
 
     A dead role actor restarts every role from the latest checkpoint, at most `cfg.max_failures` times
     (rl/failures.py). `scorer` replaces the RM inside the reward actor (a planted reward in tests);
-    `fault_at_iteration` raises after that iteration (first attempt only) to exercise resume.
+    `after_iteration(n)` is called on the driver once iteration n is logged and its checkpoint (if due)
+    saved, as a Trainer callback's `on_step_end` is: whatever it raises ends the run there (the tests'
+    killed driver).
     """
     deaths = 0
     while True:
         attempt = failures.Attempt()
         try:
             return _attempt(cfg, prompts, stage_dir, policy_dir, critic_dir, rm_dir, tokenizer, run_name, scorer,
-                            fault_at_iteration, attempt)
+                            after_iteration, attempt)
         except Exception as err:
             if not failures.is_role_death(err, attempt):
                 raise
@@ -301,12 +303,11 @@ def train(
             failures.record_restart(stage_dir, err, attempt, resume_from, deaths)
             dashboard.add_counts(run_name, "ppo", {"role_restarts": 1})
             _say(failures.restart_line(err, attempt, resume_from, deaths, cfg.max_failures))
-            fault_at_iteration = None  # an injected fault is for the first attempt only
 
 
 def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir: str, critic_dir: str, rm_dir: str,
-             tokenizer, run_name: str, scorer: Callable | None, fault_at_iteration: int | None,
-             attempt: failures.Attempt) -> Path:
+             tokenizer, run_name: str, scorer: Callable | None,
+             after_iteration: Callable[[int], None] | None, attempt: failures.Attempt) -> Path:
     """Start the roles, restore the latest checkpoint, run the remaining iterations, save the policy."""
     import ray
     from ray.exceptions import RayError
@@ -333,8 +334,8 @@ def _attempt(cfg: PPOConfig, prompts: list[Prompt], stage_dir: Path, policy_dir:
             _say(progress_line(metrics, total))
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == total:
                 checkpoint.save(stage_dir, it + 1, trainables, cfg.checkpoints_to_keep)
-            if fault_at_iteration == it + 1 and start == 0 and it + 1 < total:
-                raise RuntimeError(f"fault injected after iteration {it + 1}")
+            if after_iteration is not None:
+                after_iteration(it + 1)
         attempt.iteration, attempt.phase = None, "while saving the final policy"
         ray.get([p.save_hf.remote(str(stage_dir / MODEL_DIR)) for p in roles["policy"]])
     except RayError:
