@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from side_by_side import add_ratios, is_idle, load_1m, machine, warn_if_busy
 from train import HH, select_data, step_timer
 
 from almost_ray.cluster.config import RayConfig
@@ -43,8 +43,6 @@ from almost_ray.models.loading import resolve_model_dir
 from almost_ray.models.reward import rm_text
 from almost_ray.prompts.templates import human_assistant
 from almost_ray.train.config import TrainDPOConfig
-
-BUSY_LOAD = 0.5  # a 1-minute load average above this on 2 cores: something else is running
 
 
 def trl_dpo(model_dir: Path, pairs, batch: int, max_length: int, gc: bool, precompute: bool, bf16: bool) -> dict:
@@ -109,22 +107,14 @@ def ours(pairs, batch: int, max_length: int, workers: int, bf16: bool, work: Pat
             "end_to_end_s": round(end_to_end, 2)}
 
 
-def add_ratios(results: list[dict]) -> None:
-    trl = next((r for r in results if "defaults" in r["method"]), None)
-    fastest = max((r["pairs_per_s"] for r in results if r["method"].startswith("TRL")), default=None)
-    for r in results:
-        r["ratio_vs_trl_defaults"] = round(r["pairs_per_s"] / trl["pairs_per_s"], 2) if trl else None
-        r["ratio_vs_trl_fastest"] = round(r["pairs_per_s"] / fastest, 2) if fastest else None
-
-
 def write_results(args, results: list[dict], loads: list, complete: bool) -> None:
-    add_ratios(results)
+    add_ratios(results, "pairs_per_s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "model": args.model, "data": str(args.data), "pairs": args.pairs, "batch": args.batch,
         "max_length": args.max_length, "workers": args.workers, "bf16": args.bf16, "complete": complete,
-        "load_average_1m_before_after": loads, "idle": all(x <= BUSY_LOAD for x in loads),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "load_average_1m_before_after": loads, "idle": is_idle(loads),
+        "machine": machine(),
         "results": results,
         "note": "pairs/s over the reference pass plus the training loop; ratios are to TRL with its defaults and to "
                 "the fastest TRL row, on the same data in this run",
@@ -147,10 +137,8 @@ def main() -> None:
     if not args.data.exists():
         raise SystemExit(f"{args.data} not found (pass --data with an HH-RLHF-format file)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    loads = [round(os.getloadavg()[0], 2)]
-    if loads[0] > BUSY_LOAD:
-        print(f"WARNING: load average {loads[0]:.2f}: the machine is busy, these timings are not worth quoting",
-              flush=True)
+    loads = [load_1m()]
+    warn_if_busy(loads)
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(args.model)
@@ -175,9 +163,9 @@ def main() -> None:
                 print(f"TRL DPOTrainer ({what}) ...", flush=True)
                 row = trl_dpo(model_dir, pairs, args.batch, args.max_length, a, precompute, args.bf16)
                 method = f"TRL 1.16 DPOTrainer ({what})"
-            results.append({"method": method, **row, "load_average_1m": round(os.getloadavg()[0], 2)})
+            results.append({"method": method, **row, "load_average_1m": load_1m()})
             write_results(args, results, loads, complete=False)  # a long bench leaves what it measured
-    loads.append(round(os.getloadavg()[0], 2))
+    loads.append(load_1m())
     write_results(args, results, loads, complete=True)
 
     head = (f"{'method':<60} {'pairs':>5} {'ref s':>6} {'loop s':>7} {'pairs/s':>8} {'steady/s':>8} {'e2e s':>6} "
@@ -189,8 +177,7 @@ def main() -> None:
         print(f"{r['method']:<60} {r['pairs']:>5} {ref} {r['loop_s']:>7.1f} {r['pairs_per_s']:>8.3f} "
               f"{r['steady_pairs_per_s'] or 0:>8.3f} {e2e} {r['ratio_vs_trl_defaults'] or 0:>6.2f} "
               f"{r['ratio_vs_trl_fastest'] or 0:>9.2f}")
-    if not all(x <= BUSY_LOAD for x in loads):
-        print(f"\nWARNING: load average {loads} during the run (> {BUSY_LOAD}): rerun on an idle machine to quote these")
+    warn_if_busy(loads)
     print(f"\nwrote {args.out}")
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from collections import defaultdict
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 from ppo import PROMPTS, phase_timer, reward_model_dir
+from side_by_side import add_ratios, is_idle, load_1m, machine, warn_if_busy
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.config import Config
@@ -49,7 +49,6 @@ from almost_ray.models.loading import resolve_model_dir
 from almost_ray.prompts.templates import human_assistant
 from almost_ray.rl.config import PPOConfig
 
-BUSY_LOAD = 0.5  # a 1-minute load average above this on 2 cores: something else is running
 LR = 1e-6
 
 
@@ -166,14 +165,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def add_ratios(results: list[dict]) -> None:
-    trl = next((r for r in results if "defaults" in r["method"]), None)
-    fastest = max((r["answers_per_s"] for r in results if r["method"].startswith("TRL")), default=None)
-    for r in results:
-        r["ratio_vs_trl_defaults"] = round(r["answers_per_s"] / trl["answers_per_s"], 2) if trl else None
-        r["ratio_vs_trl_fastest"] = round(r["answers_per_s"] / fastest, 2) if fastest else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct", help="policy reference (tiny:llama: smoke run)")
@@ -192,10 +183,8 @@ def main() -> None:
     if args.rollout_batch % args.group or args.rollout_batch % args.minibatch or args.answers % args.rollout_batch:
         ap.error("--rollout-batch must be a multiple of --group and --minibatch, --answers of --rollout-batch")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    loads = [round(os.getloadavg()[0], 2)]
-    if loads[0] > BUSY_LOAD:
-        print(f"WARNING: load average {loads[0]:.2f}: the machine is busy, these timings are not worth quoting",
-              flush=True)
+    loads = [load_1m()]
+    warn_if_busy(loads)
     policy = resolve_model_dir(args.model)
     rm = reward_model_dir(policy, args.reward_model)
     torch.set_num_threads(2)
@@ -210,18 +199,17 @@ def main() -> None:
                 ray.shutdown()  # no idle Ray processes during the next TRL run
             else:
                 results.append(trl_grpo(args, policy, rm, gc=kind == "trl-gc"))
-            results[-1]["load_average_1m"] = round(os.getloadavg()[0], 2)
-    loads.append(round(os.getloadavg()[0], 2))
-    add_ratios(results)
+            results[-1]["load_average_1m"] = load_1m()
+    loads.append(load_1m())
+    add_ratios(results, "answers_per_s")
     print(table(results))
-    if not all(x <= BUSY_LOAD for x in loads):
-        print(f"\nWARNING: load average {loads} during the run (> {BUSY_LOAD}): rerun on an idle machine to quote these")
+    warn_if_busy(loads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "settings": {k: v for k, v in vars(args).items() if k != "out"}, "policy": str(policy), "reward_model": str(rm),
-        "load_average_1m_before_after": loads, "idle": all(x <= BUSY_LOAD for x in loads),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "load_average_1m_before_after": loads, "idle": is_idle(loads),
+        "machine": machine(),
         "results": results,
         "note": "answers/s over the training loop; ratios are to TRL with its defaults and to the fastest TRL row, "
                 "on the same prompts in this run",

@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from side_by_side import add_ratios, machine
 
 from almost_ray.cluster.config import RayConfig
 from almost_ray.data.preferences import load_pairs
@@ -168,17 +168,12 @@ def ours(task: str, data, batch: int, max_length: int, workers: int, work: Path)
 
 
 def write_results(args, results: list[dict], complete: bool) -> None:
-    for r in results:
-        trl = next((x for x in results if x["task"] == r["task"] and "defaults" in x["method"]), None)
-        r["ratio_vs_trl_defaults"] = round(r["samples_per_s"] / trl["samples_per_s"], 2) if trl else None
-        fastest = max((x["samples_per_s"] for x in results if x["task"] == r["task"] and x["method"].startswith("TRL")),
-                      default=None)
-        r["ratio_vs_trl_fastest"] = round(r["samples_per_s"] / fastest, 2) if fastest else None
+    add_ratios(results, "samples_per_s", group="task")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "model": REF, "data": str(args.data), "pairs": args.pairs, "batch": args.batch, "max_length": args.max_length,
         "workers": args.workers, "complete": complete, "load_average": os.getloadavg(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine(),
         "results": results,
         "note": "samples/s over the training loop; ratios are to TRL with its defaults and to the fastest TRL row "
                 "of the same task, on the same data in this run",
