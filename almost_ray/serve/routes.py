@@ -1,6 +1,7 @@
 """What both ingresses answer alike: the OpenAI-style ingress of `app.py` (CPU, HF chat) and the one
 composed with Ray's LLM deployments (`llm_app.py`, GPU, vLLM): reading a bounded body, `POST /v1/reward`,
-`GET /health`, and the reward deployment they share. Both import this module; neither imports the other.
+`GET /health`, and the reward deployment they share. Both import this module, so `llm_app.py` needs nothing
+from `app.py` (which imports `llm_app.py` only when `chat.backend: vllm` asks for it).
 
 FastAPI reads the endpoints' annotations at run time, so this module does not use postponed annotations.
 """
