@@ -9,11 +9,11 @@ from __future__ import annotations
 def test_a_value_the_user_already_set_is_left_to_the_user(monkeypatch):
     from almost_ray.cluster.connect import WORKER_ENV_VARS, worker_runtime_env
 
-    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    for key in WORKER_ENV_VARS:
+        monkeypatch.delenv(key, raising=False)
     assert worker_runtime_env() == {"env_vars": WORKER_ENV_VARS}
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    assert worker_runtime_env() == {"env_vars": {"MALLOC_MMAP_MAX_": "0"}}
+    assert worker_runtime_env() == {"env_vars": {k: v for k, v in WORKER_ENV_VARS.items() if k != "MALLOC_TRIM_THRESHOLD_"}}
 
 
 def test_the_worker_env_merges_with_a_submitted_jobs_runtime_env(monkeypatch):

@@ -16,9 +16,14 @@ from almost_ray.data.atomic import atomic_open
 # back as fresh pages the kernel must fault in and zero, step after step: ~220k page faults and 0.5 s
 # of system time in every 4 s PPO step of SmolLM2-135M on one CPU thread (docs/performance.md "PPO").
 # With mmap off and trimming out of reach, a worker reuses the memory it freed: its resident size stays
-# at its peak, which a training or generation actor reaches on its first step anyway. mallopt(3) names
-# these variables; other allocators ignore them.
-WORKER_ENV_VARS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+# at its peak, which a training or generation actor reaches on its first step anyway.
+# That holds only for the main arena. Every other thread gets an arena of its own made of 64 MiB heaps;
+# a block larger than a heap is mmapped whatever MALLOC_MMAP_MAX_ says, and a heap that empties is
+# unmapped, so a loop run in a thread (a Ray Train worker's, a threaded actor's) faulted its large
+# tensors in again every step. One arena (MALLOC_ARENA_MAX=1) puts every thread on the main arena; small
+# blocks stay in each thread's lock-free tcache, so the shared arena's lock is taken rarely.
+# mallopt(3) names these variables; other allocators ignore them.
+WORKER_ENV_VARS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_ARENA_MAX": "1"}
 
 
 def worker_runtime_env() -> dict:
