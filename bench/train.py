@@ -136,29 +136,33 @@ def _trl_row(samples: int, batch: int, wall: float, times) -> dict:
 
 
 def ours(task: str, data, batch: int, max_length: int, workers: int, work: Path) -> dict:
+    """Our stage as a user runs it (`almost-ray train-rm` / `train-sft` on a config); `workers` 0 runs the loop
+    in this process (Ray Train's local mode)."""
+    from almost_ray.config import Config
     from almost_ray.data.metrics_log import read_metrics
     from almost_ray.train import rm as reward
     from almost_ray.train import sft
 
-    common = dict(model=REF, num_workers=workers, cpus_per_worker=2 / workers, global_batch_size=batch,
+    common = dict(model=REF, num_workers=workers, cpus_per_worker=2 / max(1, workers), global_batch_size=batch,
                   micro_batch_size=max(1, batch // max(1, workers)), max_length=max_length, epochs=1,
                   checkpoint_every=10_000, reshard_after_forward=False)
-    stage = work / task
     work.mkdir(parents=True, exist_ok=True)
     if task == "rm":
         path = work / "pairs.jsonl"
         write_jsonl(path, ({"chosen": rm_text(p.chosen), "rejected": rm_text(p.rejected)} for p in data))  # HH format
-        cfg = TrainRMConfig(**common, lr=1e-5)
-        start = time.perf_counter()
-        reward.run(cfg, RayConfig(num_cpus=2), path, stage)
+        cfg = Config(runs_dir=work, run_name="ours", ray=RayConfig(num_cpus=2),
+                     train_rm=TrainRMConfig(**common, comparisons=str(path), lr=1e-5))
+        stage_run = reward.run
     else:
         path = work / "dialogues.jsonl"
         write_jsonl(path, ({"messages": d} for d in data))
-        cfg = TrainSFTConfig(**common, lr=2e-5)
-        start = time.perf_counter()
-        sft.run(cfg, RayConfig(num_cpus=2), path, stage)
+        cfg = Config(runs_dir=work, run_name="ours", ray=RayConfig(num_cpus=2),
+                     train_sft=TrainSFTConfig(**common, dialogues=str(path), lr=2e-5))
+        stage_run = sft.run
+    start = time.perf_counter()
+    stage_dir = stage_run(cfg)
     end_to_end = time.perf_counter() - start
-    rows = read_metrics(stage / "metrics.jsonl")
+    rows = read_metrics(stage_dir / "metrics.jsonl")
     loop_s = sum(r["step_time_s"] for r in rows)
     steady = sum(r["step_time_s"] for r in rows[1:])
     samples = sum(r["samples"] for r in rows)
@@ -187,7 +191,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--workers", default="1,2",
-                    help="our rows: Ray Train worker counts sharing the 2 CPUs, comma-separated")
+                    help="our rows: Ray Train worker counts sharing the 2 CPUs, comma-separated; 0 runs the "
+                         "loop in this process (Ray Train's local mode)")
     ap.add_argument("--no-trl-gc-off", action="store_true",
                     help="skip the TRL rows with gradient checkpointing off (and padding-free SFT)")
     ap.add_argument("--out", default="bench/results/train.json")
@@ -217,7 +222,8 @@ def main() -> None:
                 print(f"almost_ray {task} ({n} workers) ...", flush=True)
                 row = ours(task, data[task], args.batch, args.max_length, n, Path(work) / kind)
                 ray.shutdown()  # no idle Ray processes during the next TRL run
-                method = f"almost_ray Ray Train {'FSDP2 ' if n > 1 else ''}({n} x {2 / n:g} CPU)"
+                method = (f"almost_ray Ray Train {'FSDP2 ' if n > 1 else ''}({n} x {2 / n:g} CPU)" if n
+                          else "almost_ray loop in this process (2 threads)")
             elif kind == "trl-padding-free":
                 print(f"TRL {task} (gradient checkpointing off, padding-free) ...", flush=True)
                 row = trl_sft(model_dir, data[task], args.batch, args.max_length, gc=False, padding_free=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from almost_ray.models.loading import resolve_model_dir
-from almost_ray.models.packing import pack_sequences, use_packed_attention
+from almost_ray.models.packing import pack_sequences, pack_sharing_prefixes, use_packed_attention
 from almost_ray.train import rm as reward
 from almost_ray.train import sft
 from almost_ray.train.data import pad_batch
@@ -31,6 +31,44 @@ def test_pack_sequences_restarts_positions_and_marks_the_ends():
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 4, 6] and kwargs["max_length_q"] == 3
     with pytest.raises(ValueError, match="non-empty"):
         pack_sequences([[1], []])
+
+
+def test_a_shared_prefix_is_laid_down_once_and_each_remainder_attends_to_it():
+    row = pack_sharing_prefixes([([7, 8, 9, 1], [7, 8, 2]), ([5], [6, 3]), ([4, 4], [4, 4, 4])])
+    # group 1 shares [7, 8]; group 2 shares nothing; in group 3 one sequence is the other's prefix, so one
+    # token stays its own (its score is read there)
+    assert row.input_ids.tolist() == [[7, 8, 9, 1, 2, 5, 6, 3, 4, 4, 4, 4]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 0, 1, 0, 1, 1, 2]]
+    assert row.starts == [0, 2, 4, 5, 6, 8, 9, 10, 12]
+    assert row.contexts == [(0, 0), (0, 2), (0, 2), (0, 0), (0, 0), (0, 0), (8, 9), (8, 9)]
+    assert row.ends.tolist() == [3, 4, 5, 7, 9, 11]
+    assert pack_sharing_prefixes([([1, 2], [1, 3])], min_shared=2).contexts is None
+
+
+def test_a_shared_prefix_row_gives_every_sequence_its_own_logits():
+    """Each sequence of a row with shared prefixes gets the logits it gets alone: its prefix's segment
+    followed by its own remainder's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny:llama"), dtype=torch.float32)
+    base = _sequences(2)
+    groups = [(base[0], np.concatenate([base[0][:9], base[1]])), (base[2], base[3]),
+              (base[4], np.concatenate([base[4][:20], base[5]]), base[4][:25])]
+    use_packed_attention(model)
+    with torch.no_grad():
+        row = pack_sharing_prefixes(groups)
+        shared = model(input_ids=row.input_ids, **row.attention_kwargs("cpu")).logits[0]
+        alone = [[model(input_ids=torch.as_tensor(s, dtype=torch.long)[None]).logits[0] for s in g] for g in groups]
+    assert row.input_ids.size(1) == sum(len(s) for g in groups for s in g) - 9 - 2 * 20  # each prefix once
+    segment = 0
+    for logits in alone:
+        prefix = row.contexts[segment + 1]  # the group's first remainder names its prefix, (0, 0) for none
+        segment += prefix != (0, 0)
+        for seq_logits in logits:
+            a, b = row.starts[segment], row.starts[segment + 1]
+            got = torch.cat([shared[prefix[0] : prefix[1]], shared[a:b]])
+            torch.testing.assert_close(got, seq_logits, rtol=1e-5, atol=1e-5, msg=f"segment {segment}")
+            segment += 1
 
 
 def test_a_packed_row_gives_every_sequence_its_own_logits():
@@ -125,5 +163,27 @@ def test_padding_free_loss_and_gradients_equal_the_padded_ones(task):
     for key in stats:
         torch.testing.assert_close(packed_stats[key], stats[key], rtol=1e-5, atol=1e-5, msg=key)
     assert packed_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rm_pairs_sharing_their_conversation_give_the_padded_loss_and_gradients():
+    """Padding-free RM pairs whose conversations share everything but the last reply compute the shared part
+    once (`pack_sharing_prefixes`): the loss, the rewards and every gradient equal the padded batch's."""
+    seqs = _sequences(3)
+    # the rejected conversation is the chosen one cut short: every token but its last is shared
+    rows = [{"chosen": np.concatenate([seqs[i], seqs[i + 1]]), "rejected": np.concatenate([seqs[i], seqs[i + 1][:3]])}
+            for i in range(0, len(seqs), 2)]
+
+    def load(model_dir):
+        model = reward.load_model(model_dir)
+        model.config.pad_token_id = 0
+        return model
+
+    loss, stats, grads = _loss_and_grads(reward, load, rows, padding_free=False)
+    packed_loss, packed_stats, packed_grads = _loss_and_grads(reward, load, rows, padding_free=True)
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-5)
+    for key in stats:
+        torch.testing.assert_close(packed_stats[key], stats[key], rtol=1e-5, atol=1e-5, msg=key)
     for name in grads:
         torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -7,7 +7,8 @@ import pytest
 
 from almost_ray.models import hf_backend
 from almost_ray.models.config import SamplingParams
-from almost_ray.models.hf_backend import common_prefix_length, pad_after_prefix
+from almost_ray.models.hf_backend import pad_after_prefix
+from almost_ray.models.packing import common_prefix_length
 
 HEADER = ("Below are conversations between a curious human and a helpful, honest and harmless assistant. "
           "The assistant answers carefully and says when it does not know.\n\n-----\n\nHuman: What is the "

@@ -20,6 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
+from almost_ray.models.packing import common_prefix_length
 from almost_ray.models.text import (
     FittedPrompt,
     OverlongPromptError,
@@ -72,18 +73,6 @@ class SeededSampler(LogitsProcessor):
 
 
 PREFIX_MIN_TOKENS = 32  # shorter shared prefixes are not worth a cache
-
-
-def common_prefix_length(rows: list[list[int]]) -> int:
-    """Tokens all rows share at the start, leaving each row at least one token of its own to feed."""
-    if not rows:
-        return 0
-    limit = min(len(r) for r in rows) - 1
-    first = rows[0]
-    n = 0
-    while n < limit and all(r[n] == first[n] for r in rows):
-        n += 1
-    return n
 
 
 def pad_after_prefix(rows: list[list[int]], prefix_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
