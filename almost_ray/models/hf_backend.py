@@ -46,7 +46,7 @@ class ReservedLayer(DynamicLayer):
 
     def __init__(self, room: int):
         super().__init__()
-        self.room = room  # tokens reserved beyond the ones an update brings when it has to reserve
+        self.room = room  # the most tokens still to come: reserved at once when the cache is at least as long
         self.reserved: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -70,7 +70,9 @@ class ReservedLayer(DynamicLayer):
                    and end <= r.shape[-2] for t, r in zip((self.keys, self.values), self.reserved))
 
     def _reserve(self, old: torch.Tensor, new: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        room = new.new_empty((*new.shape[:2], end + self.room, new.shape[-1]))
+        # at most double what is held, so a batch that stops early (every row at EOS) never held much more
+        # than it used; each reserve copies the cache once, as every step's concatenation did
+        room = new.new_empty((*new.shape[:2], end + min(self.room, max(end, 64)), new.shape[-1]))
         if start:
             room[..., :start, :] = old
         return room
