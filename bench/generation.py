@@ -2,13 +2,15 @@
 
 Same prompts, same sampling (top-p 0.9, T 1.0, 64 new tokens), four ways:
   (a) naive: one `model.generate` call per prompt;
-  (b) our HF backend, batched with left padding;
+  (b) our HF backend, batched with left padding, and where its time goes: prefill, the decode steps'
+      forward passes, and the rest of each step (sampling, logits processing, the loop), from hooks;
   (c) the Ray Data actor pool, 2 replicas x 1 CPU: wall time with actor start and model load, and after
       them (the same pool on 2 prompts and 1 new token, timed alone, is the start-up taken off);
   (d) the limit: batched teacher-forced forward passes over the same token count (no decode loop).
 Then a few-shot stage, the demo's `hhh-3shot` ladder rung (every prompt starts with the same few-shot
 header), through our HF backend (e) with plain left padding and (f) with the shared-prefix KV cache; the
-two must give the same text. Prints a table with ratios and writes JSON to bench/results/generation.json.
+two must give the same text. Prints a table with ratios and writes JSON to bench/results/generation.json
+(with the load average at the end: a busy machine's row is not comparable).
 Run: `make bench` or `.venv/bin/python bench/generation.py [--prompts 32 --max-new-tokens 64]`.
 """
 
@@ -57,6 +59,32 @@ def batched(gen: HFGenerator, prompts: list[str], params: SamplingParams) -> tup
     start = time.perf_counter()
     outs = gen.generate(prompts, params)
     return time.perf_counter() - start, [o[0] for o in outs]
+
+
+def batched_split(gen: HFGenerator, prompts: list[str], params: SamplingParams) -> tuple[float, list[str], dict]:
+    """`batched`, and where its time went: prefill, the decode steps' forward passes, and everything else
+    per decode step (sampling, logits processing, the loop around the model), from hooks on the forward."""
+    calls: list[tuple[int, float]] = []  # (tokens fed per row: the prompt, or 1 in a decode step; seconds)
+    started = [0.0]
+    hooks = [gen.model.register_forward_pre_hook(lambda *_: started.__setitem__(0, time.perf_counter())),
+             gen.model.register_forward_hook(
+                 lambda _m, _a, kw, _o: calls.append((kw["input_ids"].shape[1], time.perf_counter() - started[0])),
+                 with_kwargs=True)]
+    try:
+        wall, outs = batched(gen, prompts, params)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return wall, outs, decode_split(calls, wall)
+
+
+def decode_split(calls: list[tuple[int, float]], wall: float) -> dict:
+    prefill = sum(s for width, s in calls if width > 1)
+    decode = [s for width, s in calls if width == 1]
+    rest = wall - prefill - sum(decode)
+    return {"prefill_s": round(prefill, 3), "decode_steps": len(decode),
+            "forward_ms_per_step": round(sum(decode) / len(decode) * 1e3, 1),
+            "rest_ms_per_step": round(rest / len(decode) * 1e3, 1)}
 
 
 def ray_pool(queries: list[str], params: SamplingParams, batch_size: int) -> tuple[float, list[str], float]:
@@ -129,8 +157,9 @@ def main() -> None:
     rows = {}
     wall, outs = naive(gen, prompts, params)
     rows["(a) naive, one prompt at a time"] = (wall, count_tokens(gen.tokenizer, outs))
-    wall, outs = batched(gen, prompts, params)
+    wall, outs, split = batched_split(gen, prompts, params)
     rows[f"(b) HF backend, batch {args.batch_size}"] = (wall, count_tokens(gen.tokenizer, outs))
+    print(f"(b) where the time went: {split}")
     wall, pool_outs, startup = ray_pool(queries, params, batch_size=args.batch_size // 2)
     pool_tokens = count_tokens(gen.tokenizer, pool_outs)
     rows["(c) Ray Data pool, 2 x 1 CPU (incl. load)"] = (wall, pool_tokens)
@@ -162,6 +191,7 @@ def main() -> None:
         "model": REF, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
         "fewshot_prompt_tokens": round(prompt_tokens, 1), "shared_prefix_output_identical": same_text,
+        "batched_split": split, "load_average": os.getloadavg(),
         "results": results,
     }, indent=2))
     print(f"wrote {args.out}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from almost_ray.models.config import SamplingParams
-from almost_ray.models.hf_backend import SeededSampler
+from almost_ray.models.sampling import SeededSampler
 from almost_ray.models.text import encode_pair, prompt_seed, truncate_at_stop
 
 PROMPTS = ["Hello", "The capital of France is a city that", "Write a list:", "Q: What is two plus two?\nA:"]

@@ -15,12 +15,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 
 from almost_ray.adapters.rules import RulesLogitsProcessor, RuleTables
 from almost_ray.models.config import ModelConfig, SamplingParams
 from almost_ray.models.loading import eos_token_ids, load_causal_lm, load_tokenizer
 from almost_ray.models.packing import common_prefix_length
+from almost_ray.models.sampling import SeededSampler
 from almost_ray.models.text import (
     FittedPrompt,
     OverlongPromptError,
@@ -32,44 +34,62 @@ from almost_ray.models.text import (
 )
 
 
-class SeededSampler(LogitsProcessor):
-    """Temperature + top-p sampling with one `torch.Generator` per row.
+class ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` that writes each step's keys and values into room reserved for the whole generation
+    and gives attention a view of the filled part.
 
-    It runs last in the processor list and returns a one-hot score row, so HF's greedy step takes
-    exactly the token it drew. Per-row generators make each prompt's samples independent of the
-    other prompts in its batch (and so of sharding across Ray replicas).
-
-    With `record_logprobs`, it also keeps log softmax(scores / T) of each drawn token (before top-p, as
-    the PPO policy scores it): `logprobs` is then `[rows, steps]`, what PPO's rollout engine hands over
-    as pi_old instead of a second forward pass (rl/trainer.py).
+    `DynamicLayer` concatenates the whole cache with the new token at every step, a copy that grows with
+    the sequence (a tenth of a decode step for a batch of 16 on the embedded model). The view has the shape
+    and values the concatenation would have, so attention computes the same numbers. An operation that
+    replaces the tensors (crop keeps the view; batch selection and reordering do not) only makes the next
+    update reserve room again.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device,
-                 record_logprobs: bool = False):
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        self.temperature = temperature
-        self.top_p = top_p
-        self.record_logprobs = record_logprobs
-        self.steps: list[torch.Tensor] = []
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room  # the most tokens still to come: reserved at once when the cache is at least as long
+        self.reserved: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def logprobs(self) -> torch.Tensor:
-        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(self.generators), 0)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        if not self._writable(end):
+            self.reserved = tuple(self._reserve(old, new, start, end) for old, new in
+                                  ((self.keys, key_states), (self.values, value_states)))
+        keys, values = self.reserved
+        keys[..., start:end, :] = key_states
+        values[..., start:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        tempered = scores.float() / self.temperature
-        probs = torch.softmax(tempered, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # drop a token when the mass before it already reaches top_p (the first token always stays)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        picks = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        if self.record_logprobs:
-            self.steps.append(torch.log_softmax(tempered, dim=-1).gather(-1, picks).squeeze(-1).cpu())
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(-1, picks, 0.0)
+    def _writable(self, end: int) -> bool:
+        """Whether the current tensors are still views of the reserved room, and `end` tokens fit in it."""
+        if self.reserved is None:
+            return False
+        return all(t.data_ptr() == r.data_ptr() and t.stride() == r.stride() and t.shape[:2] == r.shape[:2]
+                   and end <= r.shape[-2] for t, r in zip((self.keys, self.values), self.reserved))
+
+    def _reserve(self, old: torch.Tensor, new: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        # at most double what is held, so a batch that stops early (every row at EOS) never held much more
+        # than it used; each reserve copies the cache once, as every step's concatenation did
+        room = new.new_empty((*new.shape[:2], end + min(self.room, max(end, 64)), new.shape[-1]))
+        if start:
+            room[..., :start, :] = old
+        return room
+
+
+def reserve_room(cache: DynamicCache, room: int) -> DynamicCache:
+    """`cache` with its plain `DynamicLayer`s turned into `ReservedLayer`s (sliding-window and other kinds of
+    layer stay as they are), keeping what they hold."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            reserved = ReservedLayer(room)
+            reserved.keys, reserved.values, reserved.is_initialized = layer.keys, layer.values, layer.is_initialized
+            if layer.is_initialized:
+                reserved.device = layer.device
+            cache.layers[i] = reserved
+    return cache
 
 
 PREFIX_MIN_TOKENS = 32  # shorter shared prefixes are not worth a cache
@@ -208,11 +228,12 @@ class HFGenerator:
         prefix_len, cache = (0, None) if use_rules else self.prefix_cache.for_batch(self.model, rows)
         if cache is not None:
             input_ids, mask = pad_after_prefix(rows, prefix_len, self.tokenizer.pad_token_id)
-            enc = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
-                   "cache": cache}
+            enc = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
         else:
             enc = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt").to(self.device)
             enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        enc["cache"] = reserve_room(DynamicCache(config=self.model.config) if cache is None else cache,
+                                    params.max_new_tokens)
         processors = LogitsProcessorList(extra or [])
         if use_rules:  # Hewitt et al.'s 3-rule adapter, before sampling
             processors.insert(0, self._rules_processor(enc["input_ids"], enc["attention_mask"]))
