@@ -193,23 +193,20 @@ def shares(events, wall_s: float) -> dict[str, float]:
 
 
 def select_examples(task: str, model: str, n: int, max_length: int) -> list[dict]:
-    """bench/train.py's data: the first n HH-RLHF pairs (RM) or single-turn chosen dialogues (SFT) that fit."""
-    from almost_ray.data.preferences import load_pairs
+    """bench/train.py's data (`train.select_data`: the first n HH-RLHF pairs, or single-turn chosen dialogues,
+    that fit), encoded as our RM and SFT stages encode it."""
+    from train import select_data
+
     from almost_ray.models.loading import resolve_model_dir
-    from almost_ray.models.reward import rm_text
     from almost_ray.train import rm, sft
     from almost_ray.train.config import TrainSFTConfig
 
     model_dir = resolve_model_dir(model)
-    pairs = load_pairs(HH)
+    tok = rm.load_tokenizer(model_dir) if task == "rm" else sft.load_tokenizer(model_dir)
+    pairs, dialogues = select_data(HH, tok, n, max_length)
     if task == "rm":
-        tok = rm.load_tokenizer(model_dir)
-        fits = [p for p in pairs if all(len(tok(rm_text(m), add_special_tokens=False).input_ids) < max_length
-                                        for m in (p.chosen, p.rejected))][:n]
-        return rm.encode_pairs(fits, tok, max_length)
-    tok = sft.load_tokenizer(model_dir)
-    dialogues = [p.chosen for p in pairs if len(p.chosen) == 2][: 4 * n]
-    return sft.encode_conversations(dialogues, tok, TrainSFTConfig(max_length=max_length))[:n]
+        return rm.encode_pairs(pairs, tok, max_length)
+    return sft.encode_conversations(dialogues, tok, TrainSFTConfig(max_length=max_length))
 
 
 def train_config(task: str, context: str, args):
