@@ -35,8 +35,8 @@ from almost_ray.models.text import (
 
 
 class ReservedLayer(DynamicLayer):
-    """A `DynamicLayer` that writes each step's keys and values into room reserved for the whole generation
-    and gives attention a view of the filled part.
+    """A `DynamicLayer` that writes each step's keys and values into room reserved ahead (the tokens still to
+    come, but never more than it already holds, `_reserve`) and gives attention a view of the filled part.
 
     `DynamicLayer` concatenates the whole cache with the new token at every step, a copy that grows with
     the sequence (a tenth of a decode step for a batch of 16 on the embedded model). The view has the shape
