@@ -114,7 +114,9 @@ def test_a_killed_ppo_role_actor_restarts_the_roles_from_the_last_checkpoint(
     assert len(found) == 1, said[-3000:]
     died_in, error, resumed_after = int(found[0][0]), found[0][1], int(found[0][2])
     assert error in ("ActorDiedError", "RayActorError", "ActorUnavailableError")
-    assert died_in > fault["logged"] and resumed_after == (died_in - 1) // 2 * 2 >= 2
+    # An iteration logs its metrics before it writes its checkpoint, so the kill can land in the checkpoint
+    # of the last iteration logged (then that checkpoint is incomplete and the one before it is used).
+    assert died_in >= fault["logged"] and resumed_after == (died_in - 1) // 2 * 2 >= 2
     assert f"resuming after iteration {resumed_after}" in said
     restarts = [json.loads(x) for x in (out / RESTARTS).read_text().splitlines()]
     assert [(r["iteration"], r["checkpoint"], r["dead"]) for r in restarts] == [
