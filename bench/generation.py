@@ -143,7 +143,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=ModelConfig.model_fields["max_batch_size"].default,
+                    help="rows per forward pass of (b) and (d); the pool's replicas take half each "
+                         "(default: the HF backend's own, models.config.ModelConfig)")
     ap.add_argument("--shots", type=int, default=3, help="demonstrations in the few-shot rung of (e) and (f)")
     ap.add_argument("--out", default="bench/results/generation.json")
     args = ap.parse_args()
