@@ -42,6 +42,11 @@ def test_a_shared_prefix_is_laid_down_once_and_each_remainder_attends_to_it():
     assert row.starts == [0, 2, 4, 5, 6, 8, 9, 10, 12]
     assert row.contexts == [(0, 0), (0, 2), (0, 2), (0, 0), (0, 0), (0, 0), (8, 9), (8, 9)]
     assert row.ends.tolist() == [3, 4, 5, 7, 9, 11]
+    # where each sequence's tokens are: its prefix's segment, then its own
+    assert [w.tolist() for w in row.token_rows()] == [[0, 1, 2, 3], [0, 1, 4], [5], [6, 7], [8, 9], [8, 10, 11]]
+    for seq, where in zip([[7, 8, 9, 1], [7, 8, 2], [5], [6, 3], [4, 4], [4, 4, 4]], row.token_rows()):
+        assert row.input_ids[0, where].tolist() == seq
+    assert [w.tolist() for w in pack_sequences([[7, 8], [4]]).token_rows()] == [[0, 1], [2]]
     assert pack_sharing_prefixes([([1, 2], [1, 3])], min_shared=2).contexts is None
 
 

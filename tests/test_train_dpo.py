@@ -52,14 +52,31 @@ def test_pairs_become_prompt_and_scored_reply(tmp_path):
     assert dpo.encode_pairs(long, tokenizer, TrainDPOConfig(max_length=16)) == []
 
 
-def test_reply_logps_padded_and_padding_free_equal_each_conversation_alone():
-    from almost_ray.models.packing import use_packed_attention
+def _sharing_rows(rng) -> list[dict]:
+    """Pairs as DPO sees them: one prompt, two replies; the second pair's replies share their first two
+    tokens, so a shared position also predicts a reply token."""
+    rows = []
+    for prompt_len, shared_reply, a, b in ((6, 0, 4, 7), (3, 2, 5, 3)):
+        prompt, common = rng.integers(5, 1000, prompt_len), rng.integers(5, 1000, shared_reply)
+        chosen = np.concatenate([prompt, common, rng.integers(5, 1000, a)]).astype(np.int32)
+        rejected = np.concatenate([prompt, common, rng.integers(5, 1000, b)]).astype(np.int32)
+        rows.append({"chosen": chosen, "chosen_start": prompt_len, "rejected": rejected, "rejected_start": prompt_len})
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["unrelated", "sharing"])
+def test_reply_logps_padded_and_padding_free_equal_each_conversation_alone(layout):
+    """Both layouts give every reply the log-prob it gets alone; padding-free pairs that share their prompt
+    (`pack_sharing_prefixes`) too."""
+    from almost_ray.models.packing import pack_sharing_prefixes, use_packed_attention
 
     model = _perturbed_tiny().eval()
     rng = np.random.default_rng(0)
     rows = [{"chosen": rng.integers(5, 1000, n).astype(np.int32), "chosen_start": s,
              "rejected": rng.integers(5, 1000, m).astype(np.int32), "rejected_start": t}
-            for n, s, m, t in ((9, 4, 6, 4), (5, 2, 11, 3))]
+            for n, s, m, t in ((9, 4, 6, 4), (5, 2, 11, 3))] if layout == "unrelated" else _sharing_rows(rng)
+    if layout == "sharing":
+        assert pack_sharing_prefixes([(r["chosen"], r["rejected"]) for r in rows]).contexts is not None
     with torch.no_grad():
         want, want_tokens = [], []
         for key in ("chosen", "rejected"):
@@ -75,6 +92,33 @@ def test_reply_logps_padded_and_padding_free_equal_each_conversation_alone():
     assert tokens.tolist() == want_tokens == packed_tokens.tolist()
     torch.testing.assert_close(padded, torch.tensor(want), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(packed, torch.tensor(want), atol=1e-4, rtol=1e-5)
+
+
+def test_pairs_sharing_their_prompt_give_the_padded_loss_and_gradients():
+    """Padding-free pairs lay their shared prompt down once: the DPO loss, its metrics and every gradient
+    equal the padded batch's, where each conversation is computed whole."""
+    from almost_ray.models.packing import use_packed_attention
+
+    rows = _sharing_rows(np.random.default_rng(1))
+    for r, (ref_c, ref_r) in zip(rows, ((-20.0, -21.5), (-17.0, -15.0))):
+        r["ref_chosen"], r["ref_rejected"] = ref_c, ref_r
+
+    def run(padding_free: bool):
+        model = _perturbed_tiny()
+        if padding_free:
+            use_packed_attention(model)
+        loss, stats = dpo.micro_loss(model, rows, torch.device("cpu"), padding_free)
+        loss.backward()
+        return loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, stats, grads = run(False)
+    shared_loss, shared_stats, shared_grads = run(True)
+    torch.testing.assert_close(shared_loss, loss, rtol=1e-5, atol=1e-5)
+    for key in stats:
+        torch.testing.assert_close(shared_stats[key], stats[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert shared_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(shared_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])

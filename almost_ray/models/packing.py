@@ -48,6 +48,15 @@ class PackedRow:
             return torch.tensor(self.last, dtype=torch.long)
         return torch.tensor(self.starts[1:], dtype=torch.long) - 1
 
+    def token_rows(self) -> list[np.ndarray]:
+        """Where each sequence's tokens are in the row, in the order the sequences were given: its shared
+        prefix's segment (if any), then its own. A prefix's last token is no sequence's last token (every
+        sequence keeps one of its own), which tells a prefix segment from a sequence's."""
+        contexts = self.contexts or [(0, 0)] * (len(self.starts) - 1)
+        ends = set(self.ends.tolist())
+        return [np.concatenate([np.arange(c, d), np.arange(a, b)])
+                for (c, d), a, b in zip(contexts, self.starts, self.starts[1:]) if b - 1 in ends]
+
     def attention_kwargs(self, device) -> dict:
         """The keyword arguments a transformers model forwards to its attention function."""
         cu = torch.tensor(self.starts, dtype=torch.int32, device=device)

@@ -32,7 +32,12 @@ from almost_ray.data.preferences import PreferencePair, load_pairs
 from almost_ray.data.records import RecordError
 from almost_ray.data.sources import require
 from almost_ray.models.loading import check_model_ref, resolve_model_dir
-from almost_ray.models.packing import pack_sequences, use_packed_attention
+from almost_ray.models.packing import (
+    pack_sequences,
+    pack_sharing_prefixes,
+    shares_prefixes,
+    use_packed_attention,
+)
 from almost_ray.runs import paths
 from almost_ray.runs.stage import Outcome, Stage
 from almost_ray.train import loop
@@ -89,36 +94,49 @@ def reply_logps(model, rows: list[dict], device: torch.device, padding_free: boo
     """log pi(reply | prompt), summed over each reply's tokens, and the reply's token count, for the chosen
     conversations of `rows` then the rejected ones (`[2 * len(rows)]` each), in one forward pass.
 
-    The vocabulary projection runs only at the positions that predict a reply token (`logits_to_keep`);
-    padding-free, all conversations are one packed row (`models.packing`) and no pad token is computed.
+    The vocabulary projection runs only at the positions that predict a reply token (`logits_to_keep`).
+    Padding-free, all conversations are one packed row (`models.packing`) and no pad token is computed;
+    where the attention allows it (`shares_prefixes`) a pair's two conversations lay down the tokens they
+    share (the prompt, at least) once (prefix sharing, Wang et al. 2024, "Accelerating Direct Preference
+    Optimization with Prefix Sharing"): a shared position that predicts a reply token of both (the prompt's
+    last) is projected once and read for each reply's own next token.
     """
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     starts = [r["chosen_start"] for r in rows] + [r["rejected_start"] for r in rows]
-    labels = [np.where(np.arange(len(s)) >= start, s, IGNORE_INDEX) for s, start in zip(seqs, starts)]
-    owner = [np.full(len(s), i) for i, s in enumerate(seqs)]  # which conversation each position belongs to
     if padding_free:
-        row = pack_sequences(seqs)
+        if shares_prefixes(model):
+            row = pack_sharing_prefixes([(r["chosen"], r["rejected"]) for r in rows])
+            where = row.token_rows()
+            where = where[0::2] + where[1::2]  # the row holds pairs; `seqs` all chosen, then all rejected
+        else:
+            row = pack_sequences(seqs)
+            where = row.token_rows()
         inputs = {"input_ids": row.input_ids.to(device), **row.attention_kwargs(device)}
-        label_rows = torch.from_numpy(np.concatenate(labels).astype(np.int64))[None, :]
-        owner_rows = torch.from_numpy(np.concatenate(owner))[None, :]
+        # position t of a conversation predicts its token t + 1: the reply's tokens, from the prompt's last
+        predict = torch.from_numpy(np.concatenate([w[start - 1 : len(s) - 1] for w, s, start in zip(where, seqs, starts)]))
+        keep = torch.zeros(row.input_ids.shape, dtype=torch.bool)
+        keep[0, predict] = True
+        at = (keep[0].cumsum(0) - 1)[predict]  # each prediction's place among the projected positions
+        wanted = torch.from_numpy(np.concatenate([s[start:] for s, start in zip(seqs, starts)]).astype(np.int64))
+        index = torch.from_numpy(np.concatenate([np.full(len(s) - start, i) for i, (s, start) in
+                                                 enumerate(zip(seqs, starts))]))
     else:
+        labels = [np.where(np.arange(len(s)) >= start, s, IGNORE_INDEX) for s, start in zip(seqs, starts)]
+        owner = [np.full(len(s), i) for i, s in enumerate(seqs)]  # which conversation each position belongs to
         pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         input_ids = pad_batch(seqs, pad).to(device)
         lens = torch.tensor([len(s) for s in seqs], device=device)
         attention_mask = (torch.arange(input_ids.size(1), device=device)[None, :] < lens[:, None]).long()
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         label_rows = pad_batch(labels, IGNORE_INDEX)
-        owner_rows = pad_batch(owner, 0)
-    targets = torch.full_like(label_rows, IGNORE_INDEX)  # position t predicts token t+1 of its own conversation
-    targets[:, :-1] = label_rows[:, 1:]
-    if padding_free:
-        targets[:, row.ends] = IGNORE_INDEX
-    keep = targets != IGNORE_INDEX
+        targets = torch.full_like(label_rows, IGNORE_INDEX)  # position t predicts token t+1 of its conversation
+        targets[:, :-1] = label_rows[:, 1:]
+        keep = targets != IGNORE_INDEX
+        at, wanted, index = torch.arange(int(keep.sum())), targets[keep], pad_batch(owner, 0)[keep]
     logits = model(**inputs, logits_to_keep=keep.to(device)).logits
-    logits = logits.reshape(-1, logits.size(-1))
-    wanted = targets[keep].to(device)
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, wanted[:, None]).squeeze(-1)
-    index = owner_rows[keep].to(device)
+    logprobs = torch.log_softmax(logits.reshape(-1, logits.size(-1)).float(), dim=-1)
+    token_logps = logprobs[at.to(device), wanted.to(device)]
+    index = index.to(device)
     logps = torch.zeros(len(seqs), device=device).index_add(0, index, token_logps)
     tokens = torch.zeros(len(seqs), device=device).index_add(0, index, torch.ones_like(token_logps))
     return logps, tokens
