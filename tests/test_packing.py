@@ -1,5 +1,5 @@
 """Padding-free batches (`models.packing`): a packed row gives each sequence exactly what it gets alone,
-and the RM and SFT losses, with their gradients, equal the padded path's."""
+and the RM, SFT and DPO losses, with their gradients, equal the padded path's."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from almost_ray.models.loading import resolve_model_dir
 from almost_ray.models.packing import pack_sequences, pack_sharing_prefixes, use_packed_attention
+from almost_ray.train import dpo, sft
 from almost_ray.train import rm as reward
-from almost_ray.train import sft
 from almost_ray.train.data import pad_batch
 from almost_ray.train.losses import IGNORE_INDEX
 
@@ -163,13 +163,7 @@ def test_padding_free_loss_and_gradients_equal_the_padded_ones(task):
         with torch.no_grad():
             pooled = plain(input_ids=ids, attention_mask=(torch.arange(ids.size(1))[None] < lens[:, None]).long())
         torch.testing.assert_close(stats["reward"], pooled.logits.sum(), rtol=1e-5, atol=1e-5)
-    packed_loss, packed_stats, packed_grads = _loss_and_grads(module, load, rows, padding_free=True)
-    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-5)
-    for key in stats:
-        torch.testing.assert_close(packed_stats[key], stats[key], rtol=1e-5, atol=1e-5, msg=key)
-    assert packed_grads.keys() == grads.keys()
-    for name in grads:
-        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same(_loss_and_grads(module, load, rows, padding_free=True), (loss, stats, grads))
 
 
 def test_rm_pairs_sharing_their_conversation_give_the_padded_loss_and_gradients():
@@ -185,10 +179,31 @@ def test_rm_pairs_sharing_their_conversation_give_the_padded_loss_and_gradients(
         model.config.pad_token_id = 0
         return model
 
-    loss, stats, grads = _loss_and_grads(reward, load, rows, padding_free=False)
-    packed_loss, packed_stats, packed_grads = _loss_and_grads(reward, load, rows, padding_free=True)
-    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-5)
-    for key in stats:
-        torch.testing.assert_close(packed_stats[key], stats[key], rtol=1e-5, atol=1e-5, msg=key)
-    for name in grads:
-        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same(_loss_and_grads(reward, load, rows, padding_free=True),
+                 _loss_and_grads(reward, load, rows, padding_free=False))
+
+
+def test_dpo_pairs_sharing_their_prompt_give_the_padded_loss_and_gradients():
+    """DPO's padding-free pairs lay their shared prompt down once, and where the replies begin alike, their
+    first tokens too: the loss, the metrics and every gradient equal the padded batch's."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for prompt_len, alike, a, b, refs in ((6, 0, 4, 7, (-20.0, -21.5)), (3, 2, 5, 3, (-17.0, -15.0))):
+        prompt, common = rng.integers(5, 1000, prompt_len), rng.integers(5, 1000, alike)
+        chosen, rejected = (np.concatenate([prompt, common, rng.integers(5, 1000, n)]).astype(np.int32) for n in (a, b))
+        rows.append({"chosen": chosen, "chosen_start": prompt_len, "rejected": rejected,
+                     "rejected_start": prompt_len, "ref_chosen": refs[0], "ref_rejected": refs[1]})
+    assert pack_sharing_prefixes([(r["chosen"], r["rejected"]) for r in rows]).contexts is not None
+    _assert_same(_loss_and_grads(dpo, dpo.load_model, rows, padding_free=True),
+                 _loss_and_grads(dpo, dpo.load_model, rows, padding_free=False))
+
+
+def _assert_same(got, want) -> None:
+    """Two (loss, stats, gradients) of `_loss_and_grads` agree."""
+    (loss, stats, grads), (want_loss, want_stats, want_grads) = got, want
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    for key in want_stats:
+        torch.testing.assert_close(stats[key], want_stats[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)

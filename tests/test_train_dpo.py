@@ -94,33 +94,6 @@ def test_reply_logps_padded_and_padding_free_equal_each_conversation_alone(layou
     torch.testing.assert_close(packed, torch.tensor(want), atol=1e-4, rtol=1e-5)
 
 
-def test_pairs_sharing_their_prompt_give_the_padded_loss_and_gradients():
-    """Padding-free pairs lay their shared prompt down once: the DPO loss, its metrics and every gradient
-    equal the padded batch's, where each conversation is computed whole."""
-    from almost_ray.models.packing import use_packed_attention
-
-    rows = _sharing_rows(np.random.default_rng(1))
-    for r, (ref_c, ref_r) in zip(rows, ((-20.0, -21.5), (-17.0, -15.0))):
-        r["ref_chosen"], r["ref_rejected"] = ref_c, ref_r
-
-    def run(padding_free: bool):
-        model = _perturbed_tiny()
-        if padding_free:
-            use_packed_attention(model)
-        loss, stats = dpo.micro_loss(model, rows, torch.device("cpu"), padding_free)
-        loss.backward()
-        return loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    loss, stats, grads = run(False)
-    shared_loss, shared_stats, shared_grads = run(True)
-    torch.testing.assert_close(shared_loss, loss, rtol=1e-5, atol=1e-5)
-    for key in stats:
-        torch.testing.assert_close(shared_stats[key], stats[key], rtol=1e-5, atol=1e-5, msg=key)
-    assert shared_grads.keys() == grads.keys()
-    for name in grads:
-        torch.testing.assert_close(shared_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
 def test_loss_and_metrics_equal_trl_dpo_trainer(tmp_path, loss_type, padding_free):
