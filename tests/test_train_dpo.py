@@ -65,9 +65,10 @@ def _sharing_rows(rng) -> list[dict]:
 
 
 @pytest.mark.parametrize("layout", ["unrelated", "sharing"])
-def test_reply_logps_padded_and_padding_free_equal_each_conversation_alone(layout):
-    """Both layouts give every reply the log-prob it gets alone; padding-free pairs that share their prompt
-    (`pack_sharing_prefixes`) too."""
+def test_reply_logps_padded_and_padding_free_equal_each_conversation_alone(layout, monkeypatch):
+    """Both layouts give every reply the log-prob it gets alone: padded, packed with each pair's shared
+    prompt laid down once (`pack_sharing_prefixes`), and packed whole (as under flash-attention, whose
+    varlen kernel takes no shared prefix)."""
     from almost_ray.models.packing import pack_sharing_prefixes, use_packed_attention
 
     model = _perturbed_tiny().eval()
@@ -89,9 +90,11 @@ def test_reply_logps_padded_and_padding_free_equal_each_conversation_alone(layou
         padded, tokens = dpo.reply_logps(model, rows, torch.device("cpu"), padding_free=False)
         use_packed_attention(model)
         packed, packed_tokens = dpo.reply_logps(model, rows, torch.device("cpu"), padding_free=True)
-    assert tokens.tolist() == want_tokens == packed_tokens.tolist()
-    torch.testing.assert_close(padded, torch.tensor(want), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(packed, torch.tensor(want), atol=1e-4, rtol=1e-5)
+        monkeypatch.setattr(dpo, "shares_prefixes", lambda _model: False)
+        whole, whole_tokens = dpo.reply_logps(model, rows, torch.device("cpu"), padding_free=True)
+    assert tokens.tolist() == want_tokens == packed_tokens.tolist() == whole_tokens.tolist()
+    for got in (padded, packed, whole):
+        torch.testing.assert_close(got, torch.tensor(want), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
