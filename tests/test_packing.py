@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from almost_ray.models.loading import resolve_model_dir
-from almost_ray.models.packing import pack_sequences, pack_sharing_prefixes, use_packed_attention
+from almost_ray.models.packing import pack_pairs, pack_sequences, pack_sharing_prefixes, use_packed_attention
 from almost_ray.train import dpo, sft
 from almost_ray.train import rm as reward
 from almost_ray.train.data import pad_batch
@@ -47,6 +47,12 @@ def test_a_shared_prefix_is_laid_down_once_and_each_remainder_attends_to_it():
     for seq, where in zip([[7, 8, 9, 1], [7, 8, 2], [5], [6, 3], [4, 4], [4, 4, 4]], row.token_rows()):
         assert row.input_ids[0, where].tolist() == seq
     assert [w.tolist() for w in pack_sequences([[7, 8], [4]]).token_rows()] == [[0, 1], [2]]
+    # pairs come back every first, then every second, whichever way they are packed
+    pairs = [([7, 8, 9, 1], [7, 8, 2]), ([5], [6, 3])]
+    shared, whole = pack_pairs(pairs, share=True), pack_pairs(pairs, share=False)
+    assert shared.ends.tolist() == [3, 5, 4, 7] and whole.ends.tolist() == [3, 4, 7, 9]
+    for row in (shared, whole):
+        assert [row.input_ids[0, w].tolist() for w in row.token_rows()] == [[7, 8, 9, 1], [5], [7, 8, 2], [6, 3]]
     assert pack_sharing_prefixes([([1, 2], [1, 3])], min_shared=2).contexts is None
 
 

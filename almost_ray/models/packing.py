@@ -49,13 +49,13 @@ class PackedRow:
         return torch.tensor(self.starts[1:], dtype=torch.long) - 1
 
     def token_rows(self) -> list[np.ndarray]:
-        """Where each sequence's tokens are in the row, in the order the sequences were given: its shared
-        prefix's segment (if any), then its own. A prefix's last token is no sequence's last token (every
-        sequence keeps one of its own), which tells a prefix segment from a sequence's."""
+        """Where each sequence's tokens are in the row, in the order of `ends`: its shared prefix's segment
+        (if any), then its own. A prefix's last token is no sequence's last token (every sequence keeps one
+        of its own), so a segment ending at a sequence's last token is that sequence's."""
         contexts = self.contexts or [(0, 0)] * (len(self.starts) - 1)
-        ends = set(self.ends.tolist())
-        return [np.concatenate([np.arange(c, d), np.arange(a, b)])
-                for (c, d), a, b in zip(contexts, self.starts, self.starts[1:]) if b - 1 in ends]
+        own = {b - 1: np.concatenate([np.arange(c, d), np.arange(a, b)])
+               for (c, d), a, b in zip(contexts, self.starts, self.starts[1:])}
+        return [own[end] for end in self.ends.tolist()]
 
     def attention_kwargs(self, device) -> dict:
         """The keyword arguments a transformers model forwards to its attention function."""
@@ -128,6 +128,17 @@ def pack_sharing_prefixes(groups: Sequence[Sequence[Sequence[int] | np.ndarray]]
     return PackedRow(torch.from_numpy(np.concatenate(segments))[None, :],
                      torch.from_numpy(np.concatenate(positions))[None, :], [int(s) for s in starts], last,
                      contexts if any(b > a for a, b in contexts) else None)
+
+
+def pack_pairs(pairs: Sequence[tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]], share: bool) -> PackedRow:
+    """Both sequences of every pair (a preference pair's chosen and rejected) in one row, ordered every pair's
+    first, then every pair's second (`ends`, `token_rows`); with `share` (`shares_prefixes`), each pair's
+    common prefix is laid down once (`pack_sharing_prefixes`), else every sequence whole (`pack_sequences`)."""
+    if not share:
+        return pack_sequences([a for a, _ in pairs] + [b for _, b in pairs])
+    row = pack_sharing_prefixes(pairs)
+    row.last = row.last[0::2] + row.last[1::2]  # the row holds pair after pair
+    return row
 
 
 def shares_prefixes(model: torch.nn.Module) -> bool:

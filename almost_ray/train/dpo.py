@@ -32,12 +32,7 @@ from almost_ray.data.preferences import PreferencePair, load_pairs
 from almost_ray.data.records import RecordError
 from almost_ray.data.sources import require
 from almost_ray.models.loading import check_model_ref, resolve_model_dir
-from almost_ray.models.packing import (
-    pack_sequences,
-    pack_sharing_prefixes,
-    shares_prefixes,
-    use_packed_attention,
-)
+from almost_ray.models.packing import pack_pairs, shares_prefixes, use_packed_attention
 from almost_ray.runs import paths
 from almost_ray.runs.stage import Outcome, Stage
 from almost_ray.train import loop
@@ -104,13 +99,8 @@ def reply_logps(model, rows: list[dict], device: torch.device, padding_free: boo
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     starts = [r["chosen_start"] for r in rows] + [r["rejected_start"] for r in rows]
     if padding_free:
-        if shares_prefixes(model):
-            row = pack_sharing_prefixes([(r["chosen"], r["rejected"]) for r in rows])
-            where = row.token_rows()
-            where = where[0::2] + where[1::2]  # the row holds pairs; `seqs` all chosen, then all rejected
-        else:
-            row = pack_sequences(seqs)
-            where = row.token_rows()
+        row = pack_pairs([(r["chosen"], r["rejected"]) for r in rows], shares_prefixes(model))
+        where = row.token_rows()  # as `seqs`: all chosen, then all rejected
         inputs = {"input_ids": row.input_ids.to(device), **row.attention_kwargs(device)}
         # position t of a conversation predicts its token t + 1: the reply's tokens, from the prompt's last
         predict = torch.from_numpy(np.concatenate([w[start - 1 : len(s) - 1] for w, s, start in zip(where, seqs, starts)]))

@@ -21,7 +21,7 @@ from almost_ray.data.preferences import PreferencePair, load_pairs, split_by_que
 from almost_ray.data.sources import require
 from almost_ray.models import loading
 from almost_ray.models.loading import check_model_ref, resolve_model_dir
-from almost_ray.models.packing import pack_sequences, pack_sharing_prefixes, shares_prefixes
+from almost_ray.models.packing import pack_pairs, shares_prefixes
 from almost_ray.models.reward import classifier_config, empty_classifier, expose_token_scores, rm_text
 from almost_ray.runs import paths
 from almost_ray.runs.stage import Outcome, Stage
@@ -82,15 +82,10 @@ def micro_loss(model, rows: list[dict], device: torch.device,
     """
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     if padding_free:
-        if shares_prefixes(model):  # both scores read the same prefix: the same rewards, less arithmetic
-            row = pack_sharing_prefixes([(r["chosen"], r["rejected"]) for r in rows])
-            order = [2 * i for i in range(len(rows))] + [2 * i + 1 for i in range(len(rows))]
-            last = row.ends[order]
-        else:
-            row = pack_sequences(seqs)
-            last = row.ends
+        # both scores read the same prefix: laid down once, the same rewards for less arithmetic
+        row = pack_pairs([(r["chosen"], r["rejected"]) for r in rows], shares_prefixes(model))
         scores = model(input_ids=row.input_ids.to(device), **row.attention_kwargs(device)).logits[0, :, 0]
-        rewards = scores[last.to(device)]
+        rewards = scores[row.ends.to(device)]
     else:
         input_ids = pad_batch(seqs, model.config.pad_token_id).to(device)
         lens = torch.tensor([len(s) for s in seqs], device=device)
